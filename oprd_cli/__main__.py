@@ -1,0 +1,3 @@
+from oprd_cli.cli import main
+
+main()

@@ -1,0 +1,204 @@
+"""Loading HF models and tokenizers, devices and dtypes, digests, layer selection.
+
+Models are hub ids or local ``save_pretrained`` folders loaded through
+``AutoModelForCausalLM``/``AutoTokenizer``; ``trust_remote_code`` is off unless
+asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from oprd_cli.errors import OprdError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OprdError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OprdError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on GPU and fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise OprdError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _load_error(kind: str, name: str, e: Exception) -> OprdError:
+    path = Path(os.path.expanduser(str(name)))
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            return OprdError(f"{name} is a folder but not a {kind} saved with save_pretrained (no config.json)")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return OprdError(f"could not load {kind} from {name}: {first}")
+    looks_local = str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
+    if looks_local:
+        return OprdError(f"{kind} path {name} does not exist")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return OprdError(
+        f"could not load {kind} {name!r}: not a local folder, and the hub could not provide it "
+        f"(no network, a typo, or a gated repo?): {first}"
+    )
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """Tokenizer with a pad token (EOS when it has none) and left padding for generation."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError, ValueError, HF hub errors
+        raise _load_error("tokenizer", name, e) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise OprdError(f"tokenizer {name} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    config_overrides: dict | None = None,
+):
+    """A causal LM in eval mode on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+        for k, v in (config_overrides or {}).items():
+            setattr(config, k, v)
+        kwargs = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(str(name), **kwargs)
+    except OprdError:
+        raise
+    except Exception as e:
+        raise _load_error("model", name, e) from None
+    model.to(device)
+    model.eval()
+    return model
+
+
+def num_layers(config) -> int:
+    cfg = getattr(config, "text_config", None) or config
+    return int(cfg.num_hidden_layers)
+
+
+def hidden_size(config) -> int:
+    cfg = getattr(config, "text_config", None) or config
+    return int(cfg.hidden_size)
+
+
+def context_length(model, tokenizer=None) -> int | None:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+# ---------------------------------------------------------------------- digests
+def tokenizer_digest(tok) -> str:
+    """Identity of a tokenizer's token<->id mapping (vocabulary, merges, special tokens).
+
+    Two tokenizers with equal digests tokenize text into the same ids, which is what
+    sharing rollouts between a student and a teacher requires. Chat templates and
+    padding settings are deliberately not part of it.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode())
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model", {})
+        h.update(json.dumps(model.get("merges"), ensure_ascii=False).encode())
+        h.update(json.dumps(model.get("type")).encode())
+    h.update(json.dumps([tok.bos_token_id, tok.eos_token_id]).encode())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def weights_digest(model, samples_per_tensor: int = 4096) -> str:
+    """A fast fingerprint of a model's weights: names, shapes, dtypes and up to
+    ``samples_per_tensor`` evenly spaced values of every tensor (bit patterns).
+
+    It changes whenever training changes the weights, and costs milliseconds even
+    for large models (it never hashes whole tensors).
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel() > samples_per_tensor:
+            idx = torch.linspace(0, flat.numel() - 1, samples_per_tensor, device=flat.device).long()
+            flat = flat[idx]
+        flat = flat.cpu().contiguous()
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.dtype != torch.bool else flat.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def config_digest(config) -> str:
+    d = config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
+        d.pop(k, None)
+    return "sha256:" + hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# --------------------------------------------------------------- layer selection
+LAYER_MODES = ("last", "all", "even", "odd")
+
+
+def select_layers(spec: str, n_layers: int) -> list[int]:
+    """HF ``hidden_states`` indices for a layer spec.
+
+    ``hidden_states[0]`` is the embedding output and ``1..L`` are the block outputs.
+    ``last`` = [L]; ``all`` = 1..L; ``even``/``odd`` = the even/odd block indices in
+    1..L; or an explicit comma-separated list such as ``"4,8,12"`` (0..L allowed).
+    """
+    spec = str(spec).strip()
+    if spec == "last":
+        return [n_layers]
+    if spec == "all":
+        return list(range(1, n_layers + 1))
+    if spec == "even":
+        return list(range(2, n_layers + 1, 2))
+    if spec == "odd":
+        return list(range(1, n_layers + 1, 2))
+    try:
+        layers = [int(x) for x in spec.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise OprdError(
+            f"--layers {spec!r} is neither one of {', '.join(LAYER_MODES)} nor a comma-separated list of "
+            "hidden_states indices"
+        ) from None
+    if not layers:
+        raise OprdError("--layers is empty")
+    bad = [i for i in layers if i < 0 or i > n_layers]
+    if bad:
+        raise OprdError(
+            f"--layers {spec} asks for hidden_states index {bad[0]}, but the model has {n_layers} layers "
+            f"(valid indices 0..{n_layers}; 0 is the embedding output)"
+        )
+    if len(set(layers)) != len(layers):
+        raise OprdError(f"--layers {spec} repeats a layer")
+    return sorted(layers)

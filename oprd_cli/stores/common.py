@@ -1,0 +1,222 @@
+"""Pieces shared by every Zarr store: formats, completion markers, digests, codecs.
+
+A store is a Zarr v3 group. Its root attributes hold ``{"oprd": {"kind": ...,
+"format_version": ..., ...}}``. It is *complete* exactly when the marker object
+``oprd_complete.json`` exists at its root; the marker is the last write of a
+store and is written atomically (temp file + rename on a local disk, a single
+PUT on object storage), so a store being written is invisible to readers.
+
+Paths may be local paths or fsspec URLs (``s3://...``, ``gs://...``), wherever
+zarr accepts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import fsspec
+import numpy as np
+import zarr
+
+from oprd_cli.errors import OprdError
+
+COMPLETE_MARKER = "oprd_complete.json"
+ATTR_KEY = "oprd"
+
+
+# --------------------------------------------------------------------------- paths
+def _fs(path: str):
+    fs, root = fsspec.core.url_to_fs(str(path))
+    return fs, root.rstrip("/")
+
+
+def is_local(path: str) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def exists(path: str) -> bool:
+    fs, root = _fs(path)
+    return fs.exists(root)
+
+
+def remove_store(path: str) -> None:
+    fs, root = _fs(path)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write a small JSON object so that readers see either nothing or all of it."""
+    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    fs, target = _fs(path)
+    if is_local(path):
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        tmp = f"{target}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    else:  # object stores: one PUT is atomic
+        fs.pipe_file(target, data)
+
+
+def read_json(path: str) -> Any | None:
+    fs, target = _fs(path)
+    try:
+        with fs.open(target, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def join(path: str, *parts: str) -> str:
+    return "/".join([str(path).rstrip("/"), *parts])
+
+
+# ----------------------------------------------------------------- completion state
+def completion(path: str) -> dict | None:
+    """The completion marker's content, or None while the store is incomplete."""
+    return read_json(join(path, COMPLETE_MARKER))
+
+
+def is_complete(path: str) -> bool:
+    fs, target = _fs(join(path, COMPLETE_MARKER))
+    return fs.exists(target)
+
+
+def mark_complete(path: str, content_digest: str, **extra: Any) -> None:
+    write_json_atomic(
+        join(path, COMPLETE_MARKER),
+        {"content_digest": content_digest, "completed_at": now_iso(), **extra},
+    )
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# -------------------------------------------------------------------- format/kind
+@dataclass(frozen=True)
+class StoreFormat:
+    kind: str
+    version: int
+
+
+def read_meta(path: str) -> dict:
+    """Root metadata of an oprd store (``kind``, ``format_version`` and the rest)."""
+    if not exists(path):
+        raise OprdError(f"no store at {path}")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as e:  # not a zarr group at all
+        raise OprdError(f"{path} is not a Zarr store ({type(e).__name__}: {e})") from None
+    meta = dict(group.attrs.get(ATTR_KEY) or {})
+    if not meta.get("kind"):
+        raise OprdError(f"{path} is a Zarr store but not one written by oprd (no 'oprd' attributes)")
+    return meta
+
+
+def check_format(meta: dict, expected: StoreFormat, path: str) -> None:
+    kind, version = meta.get("kind"), meta.get("format_version")
+    if kind != expected.kind:
+        raise OprdError(f"{path} is a {kind!r} store, expected a {expected.kind!r} store")
+    if version != expected.version:
+        raise OprdError(
+            f"{path} has {kind} format version {version}; this oprd reads version {expected.version} "
+            "(upgrade or downgrade oprd to match the store)"
+        )
+
+
+def prepare_output(path: str, overwrite: bool, what: str) -> None:
+    """Refuse to replace a complete store unless asked; clear an incomplete leftover."""
+    if exists(path):
+        if is_complete(path) and not overwrite:
+            raise OprdError(f"{what} {path} already exists and is complete; pass --overwrite to replace it")
+        remove_store(path)
+
+
+# ---------------------------------------------------------------------- digests
+class Digest:
+    """Streaming sha256 over named arrays: name, dtype, shape and raw bytes."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def add_array(self, name: str, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values)
+        self._h.update(f"{name}|{values.dtype.str}|{values.shape}|".encode())
+        self._h.update(values.tobytes())
+
+    def add_bytes(self, data: bytes) -> None:
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self._h.hexdigest()
+
+
+def digest_group_arrays(group: zarr.Group, names: Iterable[str], rows_per_read: int = 1 << 20) -> str:
+    """Content digest of the named arrays of a group, read in blocks of rows."""
+    d = Digest()
+    for name in sorted(names):
+        arr = group[name]
+        d.add_bytes(f"{name}|{arr.dtype}|{arr.shape}|".encode())
+        n = arr.shape[0] if arr.ndim else 0
+        row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+        step = max(1, min(n, (64 << 20) // row_bytes, rows_per_read)) if n else 1
+        for start in range(0, n, step):
+            d.add_bytes(np.ascontiguousarray(arr[start : start + step]).tobytes())
+    return d.hexdigest()
+
+
+# ----------------------------------------------------------------------- codecs
+COMPRESSORS = ("zstd", "lz4", "blosc-lz4", "blosc-zstd", "blosc-lz4hc", "gzip", "none")
+
+
+def compressor_codecs(name: str = "zstd", level: int | None = None, typesize: int | None = None) -> list:
+    """Zarr v3 bytes-to-bytes codecs for a compressor name (see COMPRESSORS)."""
+    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+
+    if name == "none":
+        return []
+    if name == "zstd":
+        return [ZstdCodec(level=3 if level is None else level)]
+    if name == "gzip":
+        return [GzipCodec(level=5 if level is None else level)]
+    if name == "lz4":
+        from numcodecs.zarr3 import LZ4
+
+        return [LZ4(acceleration=1 if level is None else max(1, level))]
+    if name.startswith("blosc-"):
+        cname = name.split("-", 1)[1]
+        kwargs: dict[str, Any] = {"cname": cname, "clevel": 5 if level is None else level, "shuffle": "shuffle"}
+        if typesize:
+            kwargs["typesize"] = typesize
+        return [BloscCodec(**kwargs)]
+    raise OprdError(f"unknown compressor {name!r}; choose one of {', '.join(COMPRESSORS)}")
+
+
+# ------------------------------------------------------------------ ragged helpers
+def offsets_from_lengths(lengths: Iterable[int]) -> np.ndarray:
+    lengths = np.asarray(list(lengths), dtype=np.int64)
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def encode_strings(texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 strings as one flat uint8 array plus int64 offsets (ragged, never padded)."""
+    blobs = [t.encode("utf-8") for t in texts]
+    offsets = offsets_from_lengths(len(b) for b in blobs)
+    flat = np.frombuffer(b"".join(blobs), dtype=np.uint8).copy()
+    return flat, offsets
+
+
+def decode_strings(flat: np.ndarray, offsets: np.ndarray) -> list[str]:
+    data = np.asarray(flat, dtype=np.uint8).tobytes()
+    return [data[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]

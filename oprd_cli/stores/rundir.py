@@ -1,0 +1,143 @@
+"""The run directory layout (see docs/architecture.md)::
+
+    RUN/
+      oprd.toml                 run configuration (optional; CLI flags override)
+      rollouts/r000001.zarr     one round of student samples
+      cache/r000001.zarr        teacher activations for that round
+      checkpoints/step-000050/  save_pretrained folder + trainer state
+      metrics.jsonl             one JSON object per optimizer step
+      eval/                     one JSON report per (benchmark, checkpoint)
+
+"Latest" always means the newest store (or checkpoint) whose completion marker
+exists. A checkpoint is complete once ``oprd_checkpoint.json`` exists in it
+(the trainer writes it last).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from oprd_cli.stores.common import is_complete, read_json
+
+ROUND_RE = re.compile(r"^r(\d{6})\.zarr$")
+STEP_RE = re.compile(r"^step-(\d+)$")
+CHECKPOINT_MARKER = "oprd_checkpoint.json"
+
+
+def round_name(index: int) -> str:
+    return f"r{index:06d}.zarr"
+
+
+def round_index(path: str | Path) -> int | None:
+    m = ROUND_RE.match(Path(str(path).rstrip("/")).name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+
+    @property
+    def state(self) -> dict:
+        return read_json(str(self.path / CHECKPOINT_MARKER)) or {}
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / CHECKPOINT_MARKER).exists()
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ---- fixed paths
+    @property
+    def config_path(self) -> Path:
+        return self.root / "oprd.toml"
+
+    @property
+    def rollouts_dir(self) -> Path:
+        return self.root / "rollouts"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    # ---- rounds
+    def _rounds(self, folder: Path, complete_only: bool) -> list[tuple[int, Path]]:
+        if not folder.is_dir():
+            return []
+        out = []
+        for p in folder.iterdir():
+            idx = round_index(p)
+            if idx is not None and (not complete_only or is_complete(str(p))):
+                out.append((idx, p))
+        return sorted(out)
+
+    def rollout_rounds(self, complete_only: bool = True) -> list[tuple[int, Path]]:
+        return self._rounds(self.rollouts_dir, complete_only)
+
+    def cache_rounds(self, complete_only: bool = True) -> list[tuple[int, Path]]:
+        return self._rounds(self.cache_dir, complete_only)
+
+    def next_rollout_path(self) -> Path:
+        """The first round number after every existing rollout store (complete or not)."""
+        existing = self.rollout_rounds(complete_only=False)
+        nxt = (existing[-1][0] + 1) if existing else 1
+        return self.rollouts_dir / round_name(nxt)
+
+    def cache_path_for(self, rollout_path: str | Path) -> Path:
+        idx = round_index(rollout_path)
+        if idx is None:
+            raise ValueError(f"{rollout_path} is not a round store (rNNNNNN.zarr)")
+        return self.cache_dir / round_name(idx)
+
+    def rollout_path_for(self, cache_path: str | Path) -> Path:
+        idx = round_index(cache_path)
+        if idx is None:
+            raise ValueError(f"{cache_path} is not a round store (rNNNNNN.zarr)")
+        return self.rollouts_dir / round_name(idx)
+
+    # ---- checkpoints
+    def checkpoints(self) -> list[Checkpoint]:
+        if not self.checkpoints_dir.is_dir():
+            return []
+        out = []
+        for p in self.checkpoints_dir.iterdir():
+            m = STEP_RE.match(p.name)
+            if m and is_checkpoint(p):
+                out.append(Checkpoint(int(m.group(1)), p))
+        return sorted(out, key=lambda c: c.step)
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        cks = self.checkpoints()
+        return cks[-1] if cks else None
+
+    def checkpoint(self, name_or_step: str | int) -> Checkpoint | None:
+        step = int(str(name_or_step).removeprefix("step-"))
+        for c in self.checkpoints():
+            if c.step == step:
+                return c
+        return None
