@@ -1,0 +1,26 @@
+"""Loss functions: pure functions of tensors (no file I/O, no model calls).
+
+- :func:`oprd_loss`: OPRD-Vanilla representation loss (METHOD.md Eq. 6), raw ``1/d`` MSE or
+  L2-normalised form.
+- :func:`opd_top1_loss`, :func:`opd_topk_loss`, :func:`opd_full_loss`: output-space OPD baselines
+  (sampled-token policy gradient with optional PPO importance ratio, top-k renormalised KL, full KL).
+- Diagnostics: :func:`entropy_from_logits`, :func:`topk_overlap`, :func:`topk_overlap_from_logits`,
+  :func:`masked_mean`.
+"""
+
+from oprd_cli.losses.diagnostics import entropy_from_logits, masked_mean, topk_overlap, topk_overlap_from_logits
+from oprd_cli.losses.opd import OpdOutput, opd_full_loss, opd_top1_loss, opd_topk_loss
+from oprd_cli.losses.oprd import OprdOutput, oprd_loss
+
+__all__ = [
+    "OprdOutput",
+    "oprd_loss",
+    "OpdOutput",
+    "opd_top1_loss",
+    "opd_topk_loss",
+    "opd_full_loss",
+    "entropy_from_logits",
+    "masked_mean",
+    "topk_overlap",
+    "topk_overlap_from_logits",
+]
