@@ -20,6 +20,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def quiet_transformers() -> None:
+    """Keep transformers' own progress bars and advisory warnings off our terminal."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,6 +71,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     """Tokenizer with a pad token (EOS when it has none) and left padding for generation."""
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
     except Exception as e:  # OSError, ValueError, HF hub errors
@@ -82,9 +92,18 @@ def load_model(
     attn_implementation: str | None = None,
     config_overrides: dict | None = None,
 ):
-    """A causal LM in eval mode on ``device``."""
+    """A causal LM in eval mode on ``device``.
+
+    On CPU the eager attention is used unless asked otherwise: with this torch CPU
+    build, SDPA pays a large one-off cost for every new sequence shape, which makes
+    generation 5-20x slower (measured on the 2-core CI machine).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if attn_implementation is None and device.type == "cpu":
+        attn_implementation = "eager"
+
+    quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)
         for k, v in (config_overrides or {}).items():

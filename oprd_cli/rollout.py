@@ -1,0 +1,356 @@
+"""``oprd rollout``: the student samples responses to a prompt set.
+
+Generation sits behind a small backend interface (:class:`GenerationBackend`) so that
+a vLLM backend can be added for GPUs; the transformers backend (:class:`HFBackend`)
+runs ``model.generate`` with the KV cache. Sampling itself (temperature, top-k,
+top-p) is done by our own logits processor, so that what is recorded is exactly
+defined and a model's ``generation_config`` defaults never change it silently:
+
+* ``logprobs``: log-probability of each sampled token under the policy's raw
+  distribution (``log_softmax`` of the logits at temperature 1, before top-k/top-p),
+  i.e. the ``pi_old(y_t)`` that importance ratios need;
+* ``topk_ids`` (``--record-topk K``): the K most likely ids under that same
+  distribution, the support of top-k OPD.
+
+The same generation code serves ``oprd eval``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from oprd_cli.config import DataConfig, SamplingConfig, TemplateConfig
+from oprd_cli.console import err_console, progress, warn
+from oprd_cli.data import Record, load_records, render_prompt
+from oprd_cli.errors import OprdError
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class GeneratedSample:
+    response_ids: np.ndarray  # int32 [T], EOS included when generation stopped on it
+    logprobs: np.ndarray  # float32 [T]
+    finish_reason: str  # "eos" | "length"
+    topk_ids: np.ndarray | None = None  # int32 [T, K]
+    text: str = ""
+
+
+@dataclass
+class GenerationResult:
+    prompts: list[tuple[Record, list[int]]]  # kept prompts and their token ids
+    samples: list[list[GeneratedSample]]  # per kept prompt, num_samples samples
+    skipped: list[Record] = field(default_factory=list)  # prompts too long for the model's context
+    seconds: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.response_ids) for group in self.samples for s in group)
+
+
+class GenerationBackend(Protocol):
+    name: str
+    context_length: int | None
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
+                 on_sequences_done: Callable[[int, int], None] | None = None) -> list[list[GeneratedSample]]:
+        """For each prompt (token ids), ``sampling.num_samples`` samples."""
+
+
+class _SampleAndRecord:
+    """Logits processor that records raw log-probs / top-k ids and applies the sampling warp.
+
+    At step s it receives the logits that produce token s; the token chosen at step
+    s-1 is the last column of ``input_ids``, so the log-prob of that token is gathered
+    from the previous step's log-softmax (only one ``[B, V]`` tensor is kept).
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, record_topk: int):
+        self.temperature, self.top_k, self.top_p, self.record_topk = temperature, top_k, top_p, record_topk
+        self.prev: torch.Tensor | None = None
+        self.logprobs: list[torch.Tensor] = []
+        self.topk: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.collect(input_ids[:, -1])
+        raw = torch.log_softmax(scores.float(), dim=-1)
+        self.prev = raw
+        if self.record_topk:
+            self.topk.append(raw.topk(self.record_topk, dim=-1).indices.to(torch.int32).cpu())
+        if self.temperature == 0:
+            return scores
+        warped = scores.float() / self.temperature
+        if self.top_k and self.top_k < warped.shape[-1]:
+            kth = warped.topk(self.top_k, dim=-1).values[..., -1:]
+            warped = warped.masked_fill(warped < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, idx = warped.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            remove = cum - sorted_logits.softmax(dim=-1) >= self.top_p  # keep the token that crosses top_p
+            remove[..., 0] = False
+            warped = warped.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+        return warped
+
+    def collect(self, chosen: torch.Tensor) -> None:
+        if self.prev is not None:
+            self.logprobs.append(self.prev.gather(-1, chosen[:, None].to(self.prev.device))[:, 0].cpu())
+            self.prev = None
+
+
+class HFBackend:
+    """transformers ``generate`` with the KV cache, batched by ``sampling.batch_size`` sequences."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer):
+        from transformers import GenerationConfig
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        gc = getattr(model, "generation_config", None)
+        eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids = sorted(set(self.eos_ids) | {int(tokenizer.eos_token_id)})
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # Our processor does all the warping; a clean generation config keeps model defaults
+        # (e.g. a checkpoint's temperature=0.6, top_p=0.95) out of the sampling.
+        self.gen_config = GenerationConfig(
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, bos_token_id=tokenizer.bos_token_id,
+            temperature=1.0, top_p=1.0, top_k=None,
+        )
+        from oprd_cli.models import context_length
+
+        self.context_length = context_length(model)
+
+    @torch.no_grad()
+    def _generate_batch(self, seqs: list[list[int]], sampling: SamplingConfig, max_new: int):
+        from transformers import LogitsProcessorList
+
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):  # left padding
+            input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            attn[i, width - len(s):] = 1
+        proc = _SampleAndRecord(sampling.temperature, sampling.top_k, sampling.top_p, sampling.record_topk)
+        config = copy.deepcopy(self.gen_config)
+        config.do_sample, config.max_new_tokens, config.use_cache = sampling.temperature > 0, max_new, True
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
+            generation_config=config, logits_processor=LogitsProcessorList([proc]),
+        )
+        new = out[:, width:]
+        proc.collect(new[:, -1])
+        logprobs = torch.stack(proc.logprobs, dim=1) if proc.logprobs else torch.zeros((len(seqs), 0))
+        topk = torch.stack(proc.topk, dim=1) if proc.topk else None
+        new = new.cpu()
+        results = []
+        eos = torch.tensor(self.eos_ids)
+        for i in range(len(seqs)):
+            row = new[i]
+            hits = torch.isin(row, eos).nonzero()
+            if len(hits):
+                n, reason = int(hits[0]) + 1, "eos"
+            else:
+                n, reason = row.shape[0], "length"
+            ids = row[:n].numpy().astype(np.int32)
+            results.append(GeneratedSample(
+                response_ids=ids,
+                logprobs=logprobs[i, :n].numpy().astype(np.float32),
+                finish_reason=reason,
+                topk_ids=None if topk is None else topk[i, :n].numpy().astype(np.int32),
+                text=self.tokenizer.decode(ids.tolist(), skip_special_tokens=True),
+            ))
+        return results
+
+    def generate(self, prompts, sampling, on_sequences_done=None):
+        n = sampling.num_samples
+        # Longest prompts first, so padding stays low and memory peaks early.
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        jobs = [(p, j) for p in order for j in range(n)]
+        out: list[list[GeneratedSample | None]] = [[None] * n for _ in prompts]
+        for b, start in enumerate(range(0, len(jobs), sampling.batch_size)):
+            batch = jobs[start:start + sampling.batch_size]
+            seqs = [prompts[p] for p, _ in batch]
+            max_new = sampling.max_new_tokens
+            if self.context_length:
+                max_new = max(1, min(max_new, self.context_length - max(len(s) for s in seqs)))
+            torch.manual_seed(sampling.seed * 1_000_003 + b)  # each batch seeded: reproducible
+            results = self._generate_batch(seqs, sampling, max_new)
+            for (p, j), sample in zip(batch, results):
+                out[p][j] = sample
+            if on_sequences_done:
+                on_sequences_done(len(batch), sum(len(s.response_ids) for s in results))
+        return out  # type: ignore[return-value]
+
+
+def make_backend(name: str, model, tokenizer) -> GenerationBackend:
+    if name == "hf":
+        return HFBackend(model, tokenizer)
+    if name == "vllm":
+        raise OprdError("the vllm backend is not available in this version of oprd yet; use --backend hf")
+    raise OprdError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def generate_for_records(backend: GenerationBackend, tokenizer, records: list[Record], template: TemplateConfig,
+                         sampling: SamplingConfig, description: str = "sampling") -> GenerationResult:
+    """Render each record's prompt, skip those that do not fit the context, and sample."""
+    kept: list[tuple[Record, list[int]]] = []
+    skipped: list[Record] = []
+    ctx = backend.context_length
+    for r in records:
+        ids = render_prompt(r, tokenizer, template)
+        if ctx is not None and len(ids) >= ctx:
+            skipped.append(r)
+        else:
+            kept.append((r, ids))
+    if skipped:
+        warn(f"skipped {len(skipped)} of {len(records)} prompts longer than the model's context ({ctx} tokens)")
+    if not kept:
+        raise OprdError(f"every prompt is longer than the model's context ({ctx} tokens); nothing to sample")
+    total = len(kept) * sampling.num_samples
+    t0 = time.perf_counter()
+    from rich.progress import TextColumn
+
+    with progress(TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task(description, total=total, rate="")
+        tokens = [0]
+
+        def done(n_seqs: int, n_tokens: int) -> None:
+            tokens[0] += n_tokens
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=n_seqs, rate=f"{tokens[0] / dt:,.0f} tok/s")
+
+        samples = backend.generate([ids for _, ids in kept], sampling, on_sequences_done=done)
+    return GenerationResult(prompts=kept, samples=samples, skipped=skipped, seconds=time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------- the command
+@dataclass
+class RolloutSummary:
+    path: str
+    num_prompts: int
+    num_samples: int
+    num_tokens: int
+    num_truncated: int
+    skipped_prompts: int
+    content_digest: str
+    seconds: float
+
+
+def resolve_student(model: str | None, run_dir: str | Path | None) -> tuple[str, int]:
+    """The policy to sample from, and its training step (0 for an initial model)."""
+    from oprd_cli.config import load_run_config
+    from oprd_cli.stores.rundir import RunDir
+
+    if run_dir is not None:
+        run = RunDir(Path(run_dir))
+        latest = run.latest_checkpoint()
+        if model is not None:
+            return model, 0 if latest is None or Path(model).resolve() != latest.path.resolve() else latest.step
+        if latest is not None:
+            return str(latest.path), latest.step
+        student = (load_run_config(run_dir).get("models") or {}).get("student")
+        if student:
+            return str(student), 0
+        raise OprdError(f"run {run_dir} has no checkpoint and its oprd.toml names no student; pass --model")
+    if model is None:
+        raise OprdError("pass --model (a hub id or a save_pretrained folder) or --run-dir")
+    return model, 0
+
+
+def run_rollout(
+    *,
+    model: str | None,
+    data: DataConfig,
+    sampling: SamplingConfig,
+    template: TemplateConfig,
+    out: str | None = None,
+    run_dir: str | None = None,
+    overwrite: bool = False,
+    backend: str = "hf",
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> RolloutSummary:
+    """Sample ``sampling.num_samples`` responses per prompt and write one rollout store."""
+    from oprd_cli import models as M
+    from oprd_cli.config import write_initial_config
+    from oprd_cli.stores import common
+    from oprd_cli.stores.rollouts import RolloutWriter
+    from oprd_cli.stores.rundir import RunDir
+
+    if backend not in BACKENDS:
+        raise OprdError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if out is None and run_dir is None:
+        raise OprdError("pass --out STORE.zarr or --run-dir RUN")
+    model_name, step = resolve_student(model, run_dir)
+    if data.prompts is None:
+        raise OprdError("pass --prompts (a hub dataset id or a .jsonl/.json/.parquet file)")
+    if out is None:
+        out_path = str(RunDir(Path(run_dir)).next_rollout_path())
+    else:
+        out_path = str(out)
+        if common.exists(out_path) and common.is_complete(out_path) and not overwrite:
+            raise OprdError(f"rollout store {out_path} already exists and is complete; pass --overwrite to replace it")
+
+    records = load_records(data.prompts, data.split, data.prompt_field, data.answer_field, data.id_field, data.limit)
+    dev = M.resolve_device(device)
+    tok = M.load_tokenizer(model_name, trust_remote_code)
+    lm = M.load_model(model_name, dev, M.resolve_dtype(dtype, dev), trust_remote_code)
+    gen = make_backend(backend, lm, tok)
+    if run_dir is not None:
+        write_initial_config(run_dir, {"models": {"student": model_name}, "data": {"prompts": data.prompts}})
+
+    result = generate_for_records(gen, tok, records, template, sampling, description="rollout")
+    meta = {
+        "policy": {"model": model_name, "step": step, "weights_digest": M.weights_digest(lm),
+                   "config_digest": M.config_digest(lm.config)},
+        "tokenizer": {"name": model_name, "digest": M.tokenizer_digest(tok), "eos_token_ids": gen_eos(gen)},
+        "sampling": {k: v for k, v in asdict(sampling).items() if k != "batch_size"},
+        "template": asdict(template),
+        "prompts": {"source": data.prompts, "split": data.split, "prompt_field": data.prompt_field,
+                    "answer_field": data.answer_field, "limit": data.limit, "num_records": len(records)},
+        "seed": sampling.seed,
+        "record_topk": sampling.record_topk,
+        "backend": backend,
+        "device": str(dev),
+        "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
+        "logprobs": "raw policy log-probabilities of the sampled tokens (temperature 1, before top-k/top-p)",
+        "skipped_prompts": len(result.skipped),
+        "generation_seconds": round(result.seconds, 3),
+    }
+    writer = RolloutWriter(out_path, meta, record_topk=sampling.record_topk, overwrite=overwrite)
+    for (record, ids), group in zip(result.prompts, result.samples):
+        row = writer.add_prompt(ids, record.index, record.id, record.answer)
+        for j, s in enumerate(group):
+            writer.add_sample(row, j, s.response_ids, s.logprobs, s.finish_reason, s.text, s.topk_ids)
+    digest = writer.finish()
+    n_trunc = sum(s.finish_reason == "length" for g in result.samples for s in g)
+    return RolloutSummary(path=out_path, num_prompts=len(result.prompts),
+                          num_samples=sum(len(g) for g in result.samples), num_tokens=result.num_tokens,
+                          num_truncated=n_trunc, skipped_prompts=len(result.skipped), content_digest=digest,
+                          seconds=result.seconds)
+
+
+def gen_eos(gen) -> list[int]:
+    return list(getattr(gen, "eos_ids", []))
+
+
+def print_summary(s: RolloutSummary) -> None:
+    err_console.print(
+        f"[green]wrote[/] {s.path}: {s.num_samples} samples of {s.num_prompts} prompts, {s.num_tokens:,} response "
+        f"tokens ({s.num_tokens / max(s.seconds, 1e-9):,.0f} tok/s), {s.num_truncated} truncated at the length limit"
+        + (f", {s.skipped_prompts} prompts skipped (too long)" if s.skipped_prompts else "")
+    )
+    err_console.print(f"content digest {s.content_digest}")
