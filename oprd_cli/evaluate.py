@@ -1,0 +1,993 @@
+"""Evaluation: answer extraction, grading, metrics and reports.
+
+The pipeline is ``records`` (from :mod:`oprd_cli.data`) + per-sample responses
+-> :func:`evaluate_responses` -> a report dict -> :func:`write_report` /
+:func:`print_report`. Sampling from a model is a thin layer on top
+(:func:`sample_responses`, wired by the CLI on :mod:`oprd_cli.rollout`); graded
+responses generated elsewhere come in through :func:`load_responses_file`.
+
+Grading
+    The answer is the content of the last complete ``\\boxed{...}`` / ``\\fbox{...}``
+    (nested braces allowed), else the last ``Answer: ...`` line. It is compared
+    with the reference by a cheap exact/numeric check first (``025`` == ``25``,
+    ``142.0`` == ``142``, ``\\frac{1}{2}`` == ``0.5``) and by ``math-verify``
+    otherwise, under a time limit per comparison. A comparison that times out or
+    raises counts as wrong and is counted in ``grading.timeouts`` /
+    ``grading.errors``; it never stops the run.
+
+Metrics (fractions in [0, 1], per benchmark and per problem)
+    ``avg_at_n``  mean accuracy over samples (per problem, then averaged over problems;
+                  the plain sample mean when every problem has n samples);
+    ``pass_at_k`` the unbiased estimator ``1 - C(n-c, k) / C(n, k)`` for k = 1, 2, 4, ..., n;
+    ``best_at_n`` a problem counts when any of its samples is correct;
+    ``maj_at_n``  the most frequent extracted answer is correct (equivalence-aware: all
+                  answers graded correct form one vote group);
+    ``dist_4g``   unique 4-grams / all 4-grams over the responses (token ids when every
+                  sample has them, whitespace words otherwise);
+    ``mean_response_tokens`` and ``truncated_fraction`` (stopped by the length limit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from oprd_cli.console import console as default_console
+from oprd_cli.console import progress, warn
+from oprd_cli.data import BENCHMARKS, Record, get_benchmark, load_records
+from oprd_cli.errors import OprdError
+from oprd_cli.stores.rundir import STEP_RE
+
+REPORT_VERSION = 1
+DEFAULT_TIMEOUT_S = 5.0
+
+# ============================================================================ extraction
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_ANSWER_LINE_RE = re.compile(
+    r"^[ \t>#*_\-]*(?:final[ \t]+)?answer[ \t]*(?:is)?[ \t]*[*_]*[ \t]*[:：][ \t]*(?P<ans>.*?)[ \t]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_MINERVA_RE = re.compile(r"^the final answer is\s*(?P<ans>.+?)(?:\.\s*I hope it is correct\.?)?$", re.IGNORECASE)
+
+
+def _balanced(text: str, start: int) -> str | None:
+    """Content of the brace group opening at ``text[start] == '{'``, or None if it never closes."""
+    depth = 0
+    i = start
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":  # \{ and \} are literal braces
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1:i]
+        i += 1
+    return None
+
+
+def _clean_answer(ans: str) -> str:
+    ans = ans.strip()
+    for _ in range(3):
+        before = ans
+        ans = ans.strip().rstrip(".").strip().strip("*_").strip()
+        if ans.startswith("$$") and ans.endswith("$$") and len(ans) >= 4:
+            ans = ans[2:-2]
+        elif ans.startswith("$") and ans.endswith("$") and len(ans) >= 2:
+            ans = ans[1:-1]
+        if ans.startswith("\\(") and ans.endswith("\\)"):
+            ans = ans[2:-2]
+        if ans.startswith("\\[") and ans.endswith("\\]"):
+            ans = ans[2:-2]
+        if ans == before:
+            break
+    return ans.strip()
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The final answer of a response: the last complete ``\\boxed{}``/``\\fbox{}``, else the
+    last ``Answer: ...`` line; None when there is neither.
+
+    Empty boxes (``\\boxed{}``, e.g. the echoed instruction) and a box cut off by the
+    length limit are skipped in favour of the previous complete one.
+    """
+    if not text:
+        return None
+    for m in reversed(list(_BOX_RE.finditer(text))):
+        pos = m.end()
+        while pos < len(text) and text[pos] in " \t":
+            pos += 1
+        if pos < len(text) and text[pos] == "{":
+            content = _balanced(text, pos)
+            if content is None:
+                continue
+        elif m.end() < len(text) and text[m.end()] in " \t":  # "\boxed 5"
+            content = re.match(r"[^\s$]*", text[pos:]).group(0)
+        else:
+            continue
+        content = _clean_answer(content)
+        if content:
+            return content
+    lines = list(_ANSWER_LINE_RE.finditer(text))
+    for m in reversed(lines):
+        ans = _clean_answer(m.group("ans"))
+        mm = _MINERVA_RE.match(ans)
+        if mm:
+            ans = _clean_answer(mm.group("ans"))
+        if ans:
+            return ans
+    return None
+
+
+# ============================================================================ fast exact / numeric check
+_WRAP_RE = re.compile(r"^\\(?:text|textbf|mathrm|mathbf|textit|mbox)\{(.*)\}$")
+_SPACES_RE = re.compile(r"\\[,;:! ]|~|\s+")
+_NUM_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
+_THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_FRAC_RE = re.compile(r"^([+-]?)\\frac(?:\{([+-]?\d+)\}|(\d))(?:\{(\d+)\}|(\d))$")
+_SLASH_RE = re.compile(r"^([+-]?)(\d+)/(\d+)$")
+
+
+def normalize_answer(ans: str) -> str:
+    """A cheap canonical string for exact comparison and vote grouping."""
+    s = ans.strip().replace("\u2212", "-")
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _SPACES_RE.sub("", s)
+    s = s.strip("$").rstrip(".")
+    for _ in range(2):
+        m = _WRAP_RE.match(s)
+        if m and _balanced("{" + m.group(1) + "}", 0) == m.group(1):
+            s = m.group(1)
+    return s
+
+
+def parse_number(ans: str) -> Fraction | None:
+    """An exact value for plain numbers: ``025``, ``-3``, ``142.0``, ``1,000``, ``\\frac{1}{2}``, ``3/4``."""
+    s = normalize_answer(ans)
+    if len(s) > 200:
+        return None
+    if _THOUSANDS_RE.match(s):
+        s = s.replace(",", "")
+    try:
+        if _NUM_RE.match(s):
+            return Fraction(s)
+        m = _FRAC_RE.match(s)
+        if m:
+            sign, num, den = m.group(1), m.group(2) or m.group(3), m.group(4) or m.group(5)
+        else:
+            m = _SLASH_RE.match(s)
+            if m:
+                sign, num, den = m.groups()
+        if m:
+            value = Fraction(int(num), int(den))
+            return -value if sign == "-" else value
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def vote_key(ans: str) -> str:
+    """The key majority voting groups answers by: the exact value of numbers, else the normalised text."""
+    v = parse_number(ans)
+    if v is not None:
+        return f"num:{v}"
+    return "str:" + normalize_answer(ans)
+
+
+def quick_compare(pred: str, gold: str, integer_answers: bool = False) -> bool | None:
+    """True/False when a cheap check decides, None when math-verify has to."""
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    if p and p == g:
+        return True
+    pv, gv = parse_number(pred), parse_number(gold)
+    if pv is not None and gv is not None:
+        if pv == gv:
+            return True
+        if integer_answers or (pv.denominator == 1 and gv.denominator == 1):
+            return False
+    return None
+
+
+# ============================================================================ math-verify with a time limit
+class GradeTimeout(BaseException):
+    """Raised by the alarm; a BaseException so math-verify's ``except Exception`` cannot swallow it."""
+
+
+_mv = None  # math_verify, imported on first use (sympy is slow to import)
+
+
+def _math_verify():
+    global _mv
+    if _mv is None:
+        import math_verify
+        import math_verify.grader
+        import math_verify.parser
+
+        # Our own timer covers parse + verify; math-verify's signal.alarm would cancel it, so
+        # its timeouts are off, and its "timeout disabled" warning is not for our users.
+        math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+        math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
+        logging.getLogger("latex2sympy2_extended").setLevel(logging.ERROR)
+        _mv = math_verify
+    return _mv
+
+
+def _parse(text: str):
+    return _math_verify().parse(text, parsing_timeout=None)
+
+
+def _verify(gold, pred) -> bool:
+    return _math_verify().verify(gold, pred, timeout_seconds=None)
+
+
+_gold_cache: dict[str, Any] = {}
+
+
+def math_verify_equal(pred: str, gold: str) -> bool:
+    """math-verify's verdict on two extracted answers (no time limit; see :class:`Grader`)."""
+    gold_parsed = _gold_cache.get(gold)
+    if gold_parsed is None:
+        gold_parsed = _parse("\\boxed{" + gold.strip().strip("$") + "}")
+        if len(_gold_cache) > 10000:
+            _gold_cache.clear()
+        _gold_cache[gold] = gold_parsed
+    pred_parsed = _parse("\\boxed{" + pred + "}")
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(_verify(gold_parsed, pred_parsed))
+
+
+def _raise_timeout(signum, frame):
+    raise GradeTimeout()
+
+
+def _with_alarm(fn, timeout: float):
+    """Run ``fn()`` in the main thread with a SIGALRM deadline; raises GradeTimeout."""
+    old = signal.signal(signal.SIGALRM, _raise_timeout)
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, max(timeout, 0.001))
+            return fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+
+
+def _compare_inline(pred: str, gold: str, timeout: float) -> tuple[bool, str]:
+    """(correct, status) with status "ok", "timeout" or "error"; main thread only."""
+    try:
+        return _with_alarm(lambda: math_verify_equal(pred, gold), timeout), "ok"
+    except GradeTimeout:
+        return False, "timeout"
+    except Exception:  # noqa: BLE001 - a grader crash is a wrong answer, never a crashed run
+        return False, "error"
+
+
+def _worker_main(conn, timeout: float) -> None:  # pragma: no cover - runs in the child process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            item = conn.recv()
+        except (EOFError, OSError):
+            return
+        if item is None:
+            return
+        pred, gold = item
+        try:
+            conn.send(_compare_inline(pred, gold, timeout))
+        except (BrokenPipeError, OSError):
+            return
+
+
+class _Worker:
+    """One grading process. It enforces the limit itself (SIGALRM in its main thread); the parent
+    kills it when it does not answer in time (a hang in C code that no signal interrupts)."""
+
+    def __init__(self, timeout: float):
+        import multiprocessing as mp
+
+        methods = mp.get_all_start_methods()
+        ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, timeout), daemon=True, name="oprd-grader")
+        self.proc.start()
+        child.close()
+
+    def compare(self, pred: str, gold: str, deadline: float) -> tuple[bool, str]:
+        try:
+            self.conn.send((pred, gold))
+            if self.conn.poll(deadline):
+                return self.conn.recv()
+            return False, "killed"
+        except (EOFError, OSError):
+            return False, "crashed"
+
+    def close(self, kill: bool = False) -> None:
+        try:
+            if not kill:
+                self.conn.send(None)
+        except OSError:
+            pass
+        if not kill:
+            self.proc.join(1.0)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5.0)
+        self.conn.close()
+
+
+@dataclass
+class Grade:
+    correct: bool
+    status: str  # "ok", "no_answer", "timeout", "error"
+
+
+class Grader:
+    """Grades extracted answers against references with a time limit per comparison.
+
+    mode: ``"inline"`` grades in this process with a SIGALRM timer (main thread only);
+    ``"process"`` grades in a helper process that is killed and restarted when a comparison
+    overruns (robust even against hangs in C code); ``"auto"`` (default) is inline in the main
+    thread and a process elsewhere. Cheap checks (equal strings, plain numbers) never reach
+    math-verify. Results are cached per (reference, answer).
+    """
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT_S, mode: str = "auto", integer_answers: bool = False):
+        if timeout is None or timeout <= 0:
+            raise OprdError(f"grading timeout must be > 0 seconds, got {timeout}")
+        if mode not in ("auto", "inline", "process"):
+            raise ValueError(f"unknown grader mode {mode!r}")
+        self.timeout = float(timeout)
+        self.mode = mode
+        self.integer_answers = integer_answers
+        self.timeouts = 0
+        self.errors = 0
+        self.math_verify_calls = 0
+        self._cache: dict[tuple[str, str, bool], Grade] = {}
+        self._worker: _Worker | None = None
+
+    # -- lifecycle
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - nothing to do at interpreter exit
+            pass
+
+    # -- grading
+    def _inline_ok(self) -> bool:
+        if self.mode == "inline":
+            return True
+        if self.mode == "process":
+            return False
+        return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+    def _slow(self, pred: str, gold: str) -> tuple[bool, str]:
+        self.math_verify_calls += 1
+        if self._inline_ok():
+            return _compare_inline(pred, gold, self.timeout)
+        if self._worker is None:
+            _math_verify()  # imported once here, inherited by forked workers
+            self._worker = _Worker(self.timeout)
+        correct, status = self._worker.compare(pred, gold, deadline=self.timeout + max(1.0, 0.5 * self.timeout))
+        if status in ("killed", "crashed"):
+            self._worker.close(kill=True)
+            self._worker = None
+            status = "timeout" if status == "killed" else "error"
+        return correct, status
+
+    def grade(self, pred: str | None, gold: str) -> Grade:
+        """Whether the extracted answer ``pred`` (None: nothing extracted) equals ``gold``."""
+        if pred is None or not pred.strip():
+            return Grade(False, "no_answer")
+        key = (pred, gold, self.integer_answers)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        try:
+            quick = quick_compare(pred, gold, self.integer_answers)
+        except Exception:  # noqa: BLE001
+            quick = None
+        if quick is not None:
+            result = Grade(quick, "ok")
+        else:
+            correct, status = self._slow(pred, gold)
+            result = Grade(correct, status)
+        if result.status == "timeout":
+            self.timeouts += 1
+        elif result.status == "error":
+            self.errors += 1
+        self._cache[key] = result
+        return result
+
+    def is_correct(self, response: str, gold: str) -> bool:
+        """Extract the answer of a full response and grade it."""
+        return self.grade(extract_answer(response), gold).correct
+
+
+# ============================================================================ metrics
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: ``1 - C(n-c, k) / C(n, k)``."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def k_values(n: int) -> list[int]:
+    """1, 2, 4, ... below n, and n itself."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    if n >= 1:
+        ks.append(n)
+    return ks
+
+
+def _ngram_rows(seq: Sequence[int], n: int):
+    """The n-grams of one id sequence as rows of an opaque byte dtype (hashable by numpy)."""
+    import numpy as np
+
+    arr = np.asarray(seq, dtype=np.int64)
+    if arr.size < n:
+        return np.empty(0, dtype=np.dtype((np.void, 8 * n)))
+    win = np.lib.stride_tricks.sliding_window_view(arr, n)
+    return np.ascontiguousarray(win).view(np.dtype((np.void, 8 * n))).ravel()
+
+
+def _as_ids(sequences: Iterable[Sequence], vocab: dict) -> list[list[int]]:
+    out = []
+    for seq in sequences:
+        if len(seq) and isinstance(seq[0], (int,)) and not isinstance(seq[0], bool):
+            out.append(list(seq))
+        else:
+            out.append([vocab.setdefault(w, len(vocab)) for w in seq])
+    return out
+
+
+def _count_unique(rows: list) -> tuple[int, int]:
+    import numpy as np
+
+    rows = [r for r in rows if r.size]
+    if not rows:
+        return 0, 0
+    allrows = np.concatenate(rows)
+    return int(np.unique(allrows).size), int(allrows.size)
+
+
+def distinct_ngrams(sequences: Iterable[Sequence], n: int = 4) -> tuple[int, int]:
+    """(unique n-grams, all n-grams) over sequences of tokens (ids or strings); n-grams never cross
+    sequences."""
+    ids = _as_ids(list(sequences), {})
+    return _count_unique([_ngram_rows(s, n) for s in ids])
+
+
+def dist_n(sequences: Iterable[Sequence], n: int = 4) -> float | None:
+    """Unique n-grams over all n-grams (None when there are none)."""
+    return _ratio(*distinct_ngrams(sequences, n))
+
+
+def majority_vote(answers: Sequence[str | None], correct: Sequence[bool]) -> tuple[str | None, bool]:
+    """(winning answer, whether it is correct). Answers graded correct form one group (they all equal
+    the reference); the others group by :func:`vote_key`. Samples without an answer do not vote; ties
+    go to the group whose first member came first."""
+    groups: dict[str, list[int]] = {}
+    for i, (a, ok) in enumerate(zip(answers, correct)):
+        if a is None:
+            continue
+        key = "__correct__" if ok else vote_key(a)
+        groups.setdefault(key, []).append(i)
+    if not groups:
+        return None, False
+    best = max(groups.items(), key=lambda kv: (len(kv[1]), -kv[1][0]))
+    return answers[best[1][0]], best[0] == "__correct__"
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+# ============================================================================ evaluation
+def _sample_index(s: Mapping, by_index: Mapping[int, Record], by_id: Mapping[str, Record]) -> int:
+    if "index" in s and s["index"] is not None:
+        idx = int(s["index"])
+        if idx not in by_index:
+            raise OprdError(f"response for problem index {idx}, but the dataset has no such row")
+        return idx
+    if "id" in s and s["id"] is not None:
+        rid = _id_str(s["id"])
+        if rid not in by_id:
+            raise OprdError(f"response for id {rid!r}, which is not in the dataset")
+        return by_id[rid].index
+    raise OprdError("a response names neither a problem index nor an id")
+
+
+def evaluate_responses(
+    records: Sequence[Record],
+    responses: Sequence[Mapping[str, Any]],
+    bench_name: str,
+    model_name: str,
+    *,
+    integer_answers: bool | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    max_new_tokens: int | None = None,
+    tokenizer=None,
+    run_dir: str | Path | None = None,
+    step: int | None = None,
+    data_source: str | None = None,
+    sampling: Mapping[str, Any] | None = None,
+    grader: Grader | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Grade per-sample responses and compute every metric.
+
+    ``responses``: one dict per sample with ``index`` (the problem's ``Record.index``; or ``id``,
+    its ``Record.id``), ``response`` (text), optional ``num_tokens``, ``finished_by``
+    (``"eos"``/``"length"``/``"stop"``) and ``token_ids`` (used for Dist-4g when every sample has them).
+    ``integer_answers`` defaults to the registry's value for ``bench_name`` (AIME: True).
+    ``tokenizer`` (optional) counts tokens of samples without ``num_tokens``; without it those
+    are counted in whitespace words. A sample without ``finished_by`` counts as truncated when
+    ``num_tokens >= max_new_tokens``. Problems without responses are left out with a warning.
+
+    Returns the report dict (schema in the module docs of :func:`write_report`); the per-sample
+    rows are under ``"samples"`` (``write_report`` moves them to the responses jsonl).
+    """
+    if not records:
+        raise OprdError("no problems to evaluate")
+    if not responses:
+        raise OprdError("no responses to grade (did sampling produce nothing, or is the responses file empty?)")
+    if integer_answers is None:
+        integer_answers = BENCHMARKS[bench_name].integer_answers if bench_name in BENCHMARKS else False
+    by_index = {r.index: r for r in records}
+    by_id = {r.id: r for r in records}
+    missing_answer = {r.id for r in records if r.answer is None or not str(r.answer).strip()}
+
+    grouped: dict[int, list[Mapping]] = {}
+    for s in responses:
+        if not isinstance(s.get("response"), str):
+            raise OprdError(f"a response is not text: {str(s)[:120]}")
+        grouped.setdefault(_sample_index(s, by_index, by_id), []).append(s)
+    evaluated = [r for r in records if r.index in grouped]
+    skipped = len(records) - len(evaluated)
+    if skipped:
+        warn(f"{skipped} of {len(records)} problems have no responses and are left out")
+    bad = [r.id for r in evaluated if r.id in missing_answer]
+    if bad:
+        raise OprdError(f"problems without a reference answer: {', '.join(bad[:10])}"
+                        f"{' ...' if len(bad) > 10 else ''}; fix the data or pass --answer-field")
+
+    own_grader = grader is None
+    if grader is None:
+        grader = Grader(timeout=timeout, integer_answers=integer_answers)
+    t0 = time.perf_counter()
+    timeouts0, errors0, calls0 = grader.timeouts, grader.errors, grader.math_verify_calls
+
+    use_ids = all(s.get("token_ids") is not None for s in responses)
+    vocab: dict[str, int] = {}  # words -> ids for Dist-4g
+    word_counted = 0  # samples whose length fell back to whitespace words
+    samples_out: list[dict[str, Any]] = []
+    per_problem: list[dict[str, Any]] = []
+    total = sum(len(grouped[r.index]) for r in evaluated)
+    try:
+        bar = progress(transient=True) if show_progress else None
+        task = bar.add_task("grading", total=total) if bar else None
+        if bar:
+            bar.start()
+        try:
+            for rec in evaluated:
+                gold = str(rec.answer).strip()
+                answers, correct, lengths, truncs, seqs = [], [], [], [], []
+                for j, s in enumerate(grouped[rec.index]):
+                    text = s["response"]
+                    try:
+                        ans = extract_answer(text)
+                    except Exception:  # noqa: BLE001
+                        ans = None
+                    g = grader.grade(ans, gold)
+                    ntok = s.get("num_tokens")
+                    if ntok is None and s.get("token_ids") is not None:
+                        ntok = len(s["token_ids"])
+                    if ntok is None and tokenizer is not None:
+                        ntok = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                    if ntok is None:
+                        ntok = len(text.split())
+                        word_counted += 1
+                    finished = s.get("finished_by")
+                    if finished is not None:
+                        trunc = finished == "length"
+                    elif max_new_tokens is not None and s.get("num_tokens") is not None:
+                        trunc = int(s["num_tokens"]) >= max_new_tokens
+                    else:
+                        trunc = None
+                    answers.append(ans)
+                    correct.append(g.correct)
+                    lengths.append(int(ntok))
+                    truncs.append(trunc)
+                    seq = [int(t) for t in s["token_ids"]] if use_ids else \
+                        [vocab.setdefault(w, len(vocab)) for w in text.split()]
+                    seqs.append(_ngram_rows(seq, 4))
+                    samples_out.append({
+                        "index": rec.index, "id": rec.id, "sample": j, "extracted": ans, "correct": g.correct,
+                        "grade": g.status, "num_tokens": int(ntok), "finished_by": finished, "response": text,
+                    })
+                    if bar:
+                        bar.advance(task)
+                n, c = len(correct), sum(correct)
+                maj_answer, maj_ok = majority_vote(answers, correct)
+                known = [t for t in truncs if t is not None]
+                per_problem.append({
+                    "index": rec.index, "id": rec.id, "answer": gold, "n": n, "num_correct": c,
+                    "accuracy": c / n, "best": c > 0, "maj_answer": maj_answer, "maj_correct": maj_ok,
+                    "pass_at_k": {str(k): pass_at_k(n, c, k) for k in k_values(n)},
+                    "no_answer": sum(a is None for a in answers),
+                    "dist_4g": _ratio(*_count_unique(seqs)), "mean_response_tokens": _mean(lengths),
+                    "truncated_fraction": _mean([float(t) for t in known]) if known else None,
+                    "_seqs": seqs, "_truncs": known, "_lengths": lengths,
+                })
+        finally:
+            if bar:
+                bar.stop()
+    finally:
+        if own_grader:
+            grader.close()
+    seconds = time.perf_counter() - t0
+
+    n_min = min(p["n"] for p in per_problem)
+    n_max = max(p["n"] for p in per_problem)
+    if n_min != n_max:
+        warn(f"problems have between {n_min} and {n_max} samples; pass@k uses k <= {n_min}")
+    unique, all_grams = _count_unique([rows for p in per_problem for rows in p["_seqs"]])
+    all_truncs = [t for p in per_problem for t in p["_truncs"]]
+    all_lengths = [x for p in per_problem for x in p["_lengths"]]
+    for p in per_problem:
+        for key in ("_seqs", "_truncs", "_lengths"):
+            del p[key]
+
+    report: dict[str, Any] = {
+        "oprd_report_version": REPORT_VERSION,
+        "bench": bench_name,
+        "model": model_name,
+        "run_dir": str(run_dir) if run_dir is not None else None,
+        "step": int(step) if step is not None else None,
+        "data": data_source,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "num_problems": len(per_problem),
+        "num_samples": len(samples_out),
+        "n": n_min,
+        "avg_at_n": _mean([p["accuracy"] for p in per_problem]),
+        "pass_at_k": {str(k): _mean([pass_at_k(p["n"], p["num_correct"], k) for p in per_problem])
+                      for k in k_values(n_min)},
+        "best_at_n": _mean([float(p["best"]) for p in per_problem]),
+        "maj_at_n": _mean([float(p["maj_correct"]) for p in per_problem]),
+        "dist_4g": unique / all_grams if all_grams else None,
+        "dist_4g_unit": "token_ids" if use_ids else "words",
+        "mean_response_tokens": _mean(all_lengths),
+        "length_unit": "tokens" if not word_counted else ("words" if word_counted == len(samples_out)
+                                                           else "tokens+words"),
+        "truncated_fraction": _mean([float(t) for t in all_truncs]) if all_truncs else None,
+        "no_answer_fraction": sum(p["no_answer"] for p in per_problem) / len(samples_out),
+        "sampling": dict(sampling) if sampling else None,
+        "grading": {
+            "integer_answers": bool(integer_answers),
+            "timeout_s": grader.timeout,
+            "timeouts": grader.timeouts - timeouts0,
+            "errors": grader.errors - errors0,
+            "math_verify_calls": grader.math_verify_calls - calls0,
+            "seconds": round(seconds, 3),
+        },
+        "per_problem": per_problem,
+        "samples": samples_out,
+    }
+    g = report["grading"]
+    if g["timeouts"] or g["errors"]:
+        warn(f"grading: {g['timeouts']} comparisons timed out and {g['errors']} raised; they count as wrong")
+    return report
+
+
+# ============================================================================ inputs
+def _id_str(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return str(v).strip()
+
+
+def load_responses_file(path: str | Path, records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Read responses generated elsewhere: jsonl (or a json list) of ``{"id": ..., "response": "..."}``
+    (optional ``num_tokens``, ``finished_by``, ``token_ids``). ``id`` is the dataset's id field, or the
+    row number when the dataset has none (row numbers are accepted when no id matches). Several lines
+    may share an id. Returns sample dicts for :func:`evaluate_responses` (with ``index`` set).
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise OprdError(f"responses file {path} does not exist")
+    text = p.read_text(encoding="utf-8")
+    rows: list[tuple[int, Any]] = []
+    stripped = text.lstrip()
+    if p.suffix.lower() == ".json" and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise OprdError(f"{path} is not valid JSON: {e}") from None
+        rows = [(i + 1, r) for i, r in enumerate(data)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise OprdError(f"{path} line {lineno} is not valid JSON ({e.msg}); expected "
+                                '{"id": ..., "response": "..."} per line') from None
+    if not rows:
+        raise OprdError(f"responses file {path} is empty")
+    for lineno, r in rows:
+        if not isinstance(r, dict):
+            raise OprdError(f"{path} line {lineno}: expected an object like {{\"id\": ..., \"response\": \"...\"}}")
+        if "id" not in r or r["id"] is None:
+            raise OprdError(f"{path} line {lineno} has no \"id\" (the dataset id or row number); fields: "
+                            f"{', '.join(r) or 'none'}")
+        if not isinstance(r.get("response"), str):
+            raise OprdError(f"{path} line {lineno} has no text \"response\"; fields: {', '.join(r)}")
+        fb = r.get("finished_by")
+        if fb is not None and fb not in ("eos", "length", "stop"):
+            raise OprdError(f"{path} line {lineno}: finished_by must be \"eos\", \"stop\" or \"length\", got {fb!r}")
+
+    by_id = {r.id: r for r in records}
+    by_row = {str(r.index): r for r in records}
+    ids = [_id_str(r["id"]) for _, r in rows]
+    table = by_id
+    unknown = sorted({i for i in ids if i not in by_id}, key=lambda x: (len(x), x))
+    if unknown and all(i in by_row for i in ids):
+        table, unknown = by_row, []
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        example = ", ".join(repr(r.id) for r in records[:3])
+        raise OprdError(f"{path}: {len(unknown)} ids are not in the dataset: {shown} "
+                        f"(dataset ids look like {example}; with --limit, only the first {len(records)} rows count)")
+    out = []
+    for (_, r), rid in zip(rows, ids):
+        s = {"index": table[rid].index, "response": r["response"]}
+        for key in ("num_tokens", "finished_by", "token_ids"):
+            if r.get(key) is not None:
+                s[key] = r[key]
+        out.append(s)
+    return out
+
+
+@dataclass(frozen=True)
+class EvalData:
+    records: list[Record]
+    bench: str  # the benchmark's registry name, or the data file's stem
+    integer_answers: bool
+    source: str  # hub id or file path
+
+
+def load_eval_data(
+    bench: str | None = None,
+    data: str | None = None,
+    limit: int | None = None,
+    prompt_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    split: str | None = None,
+) -> EvalData:
+    """Problems with reference answers: a registered benchmark (``--bench``), or a local/hub dataset
+    (``--data``, plain or verl; ``--bench`` then only names it)."""
+    if limit is not None and limit < 1:
+        raise OprdError(f"--limit must be at least 1, got {limit}")
+    if data is None and bench is None:
+        raise OprdError(f"pass --bench NAME ({', '.join(BENCHMARKS)}) or --data FILE")
+    known = BENCHMARKS.get(bench) if bench else None
+    if data is None:
+        b = get_benchmark(bench)  # unknown names fail here, listing the known ones
+        records = load_records(b.hub_id, split or b.split, prompt_field or b.problem_field,
+                               answer_field or b.answer_field, id_field or b.id_field, limit,
+                               config=b.config, require_answer=True)
+        return EvalData(records, b.name, b.integer_answers, b.hub_id)
+    records = load_records(data, split or "train", prompt_field, answer_field, id_field, limit, require_answer=True)
+    name = bench or Path(str(data)).name.split(".")[0]
+    return EvalData(records, name, known.integer_answers if known else False, str(data))
+
+
+def validate_num_samples(num_samples: int) -> int:
+    if num_samples is None or int(num_samples) < 1:
+        raise OprdError(f"--num-samples must be at least 1, got {num_samples}")
+    return int(num_samples)
+
+
+def checkpoint_info(model: str | Path) -> tuple[str | None, int | None]:
+    """(run_dir, step) when ``model`` is ``RUN/checkpoints/step-N``; (None, None) otherwise."""
+    p = Path(os.path.expanduser(str(model)))
+    m = STEP_RE.match(p.name)
+    if m and p.parent.name == "checkpoints" and p.exists():
+        return str(p.resolve().parent.parent), int(m.group(1))
+    return None, None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def default_report_path(bench: str, model: str, run_dir: str | Path | None = None, step: int | None = None,
+                        out_dir: str | Path | None = None) -> Path:
+    """``RUN/eval/<bench>-step-NNNNNN.json`` for a run's checkpoint, else ``eval/<bench>-<model>.json``."""
+    if run_dir is not None and step is not None:
+        return Path(out_dir or Path(run_dir) / "eval") / f"{_slug(bench)}-step-{int(step):06d}.json"
+    name = Path(str(model)).name if os.path.exists(os.path.expanduser(str(model))) else str(model)
+    return Path(out_dir or "eval") / f"{_slug(bench)}-{_slug(name)}.json"
+
+
+def sample_responses(*args, **kwargs) -> list[dict[str, Any]]:  # pragma: no cover
+    """STUB - to be written on top of :mod:`oprd_cli.rollout` (the generation code).
+
+    Contract: sample ``num_samples`` responses per record with the given sampling config and
+    return one dict per sample ``{"index": record.index, "response": text, "num_tokens": int,
+    "finished_by": "eos" | "length", "token_ids": [...] (optional)}`` for :func:`evaluate_responses`.
+    """
+    raise NotImplementedError("sample_responses is wired by the CLI on oprd_cli.rollout")
+
+
+# ============================================================================ outputs
+def responses_path_for(report_path: str | Path) -> Path:
+    p = Path(report_path)
+    stem = p.name.removesuffix(".json")
+    return p.with_name(stem + ".responses.jsonl")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_report(report: Mapping[str, Any], out_path: str | Path) -> tuple[Path, Path | None]:
+    """Write the JSON report (without the per-sample rows) and the per-sample rows to
+    ``<stem>.responses.jsonl`` next to it; both atomically, the report last. Existing files are
+    replaced. Returns (report path, responses path or None when there are no rows).
+
+    Report schema (v1): ``oprd_report_version``, ``bench``, ``model``, ``run_dir``, ``step``,
+    ``data``, ``created``, ``num_problems``, ``num_samples``, ``n``, ``avg_at_n``,
+    ``pass_at_k`` ({"1": .., "2": .., ..., str(n): ..}), ``best_at_n``, ``maj_at_n``, ``dist_4g``,
+    ``dist_4g_unit``, ``mean_response_tokens``, ``length_unit``, ``truncated_fraction``,
+    ``no_answer_fraction``, ``sampling``, ``grading`` {integer_answers, timeout_s, timeouts,
+    errors, math_verify_calls, seconds}, ``responses_file``, ``per_problem`` [{index, id, answer, n,
+    num_correct, accuracy, best, maj_answer, maj_correct, pass_at_k, no_answer, dist_4g,
+    mean_response_tokens, truncated_fraction}].
+    """
+    out = Path(os.path.expanduser(str(out_path)))
+    if out.is_dir():
+        raise OprdError(f"{out_path} is a folder; pass a file name like {Path(out_path) / 'report.json'}")
+    body = {k: v for k, v in report.items() if k != "samples"}
+    samples = report.get("samples")
+    rpath = None
+    if samples:
+        rpath = responses_path_for(out)
+        _atomic_write_text(rpath, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        body["responses_file"] = rpath.name
+    _atomic_write_text(out, json.dumps(body, indent=2, ensure_ascii=False) + "\n")
+    return out, rpath
+
+
+def summary(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The report without per-sample rows and per-problem entries (for ``--json`` on stdout)."""
+    return {k: v for k, v in report.items() if k not in ("samples", "per_problem")}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def print_report(report: Mapping[str, Any], console=None, per_problem: bool = False) -> None:
+    """A rich summary table (percentages), optionally with one row per problem."""
+    from rich.table import Table
+
+    con = console or default_console
+    n = report.get("n")
+    title = f"{report.get('bench')} - {report.get('model')}"
+    if report.get("step") is not None:
+        title += f" (step {report['step']})"
+    t = Table(title=title, title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("problems", str(report.get("num_problems")))
+    t.add_row("samples", f"{report.get('num_samples')} ({n} per problem)")
+    t.add_row(f"Avg@{n}", _pct(report.get("avg_at_n")))
+    for k, v in (report.get("pass_at_k") or {}).items():
+        t.add_row(f"Pass@{k}", _pct(v))
+    t.add_row(f"Best@{n}", _pct(report.get("best_at_n")))
+    t.add_row(f"maj@{n}", _pct(report.get("maj_at_n")))
+    t.add_row("Dist-4g", _pct(report.get("dist_4g")))
+    mrt = report.get("mean_response_tokens")
+    unit = report.get("length_unit", "tokens")
+    t.add_row(f"mean length ({unit})", "-" if mrt is None else f"{mrt:.0f}")
+    t.add_row("truncated", _pct(report.get("truncated_fraction")))
+    t.add_row("no answer", _pct(report.get("no_answer_fraction")))
+    g = report.get("grading") or {}
+    if g.get("timeouts") or g.get("errors"):
+        t.add_row("grader timeouts / errors", f"{g.get('timeouts', 0)} / {g.get('errors', 0)}")
+    con.print(t)
+    if per_problem and report.get("per_problem"):
+        pt = Table(title="per problem", title_justify="left")
+        for col, just in (("id", "left"), ("answer", "left"), ("correct", "right"), ("acc", "right"),
+                          ("maj", "left"), ("tokens", "right")):
+            pt.add_column(col, justify=just)
+        for p in report["per_problem"]:
+            mrt = p.get("mean_response_tokens")
+            pt.add_row(str(p["id"]), str(p["answer"]), f"{p['num_correct']}/{p['n']}", _pct(p["accuracy"]),
+                       f"{p.get('maj_answer')} {'ok' if p.get('maj_correct') else 'x'}",
+                       "-" if mrt is None else f"{mrt:.0f}")
+        con.print(pt)
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "REPORT_VERSION",
+    "EvalData",
+    "Grade",
+    "Grader",
+    "checkpoint_info",
+    "default_report_path",
+    "dist_n",
+    "distinct_ngrams",
+    "evaluate_responses",
+    "extract_answer",
+    "k_values",
+    "load_eval_data",
+    "load_responses_file",
+    "majority_vote",
+    "math_verify_equal",
+    "normalize_answer",
+    "parse_number",
+    "pass_at_k",
+    "print_report",
+    "quick_compare",
+    "responses_path_for",
+    "sample_responses",
+    "summary",
+    "validate_num_samples",
+    "vote_key",
+    "write_report",
+]
