@@ -1,0 +1,227 @@
+"""Batches for training: which samples form each optimizer step, how they split into micro-batches,
+and a bounded background prefetcher that reads the teacher cache ahead of the step.
+
+A step's plan is a pure function of (cache, seed, epoch, batch size), so a resumed run replays the
+exact same batches. Rows of the rollout store and of the cache correspond one to one.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from oprd_cli.errors import OprdError
+from oprd_cli.train.step import MicroBatch
+
+
+@dataclass
+class RolloutData:
+    """The per-sample token data of one rollout store, held in memory (ids and log-probs are small
+    next to the cache)."""
+
+    prompt_ids: list[np.ndarray]
+    response_ids: list[np.ndarray]
+    logprobs: list[np.ndarray]
+    topk_ids: list[np.ndarray] | None
+
+    @classmethod
+    def load(cls, store) -> "RolloutData":
+        p, r, lp, tk = [], [], [], []
+        for s in store.samples(0, store.num_samples):
+            p.append(np.asarray(s.prompt_ids, dtype=np.int64))
+            r.append(np.asarray(s.response_ids, dtype=np.int64))
+            lp.append(np.asarray(s.logprobs, dtype=np.float32))
+            if s.topk_ids is not None:
+                tk.append(np.asarray(s.topk_ids, dtype=np.int64))
+        return cls(p, r, lp, tk if tk else None)
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    def seq_len(self, row: int) -> int:
+        """Input length of a sample: prompt + response[:-1]."""
+        return len(self.prompt_ids[row]) + max(len(self.response_ids[row]) - 1, 0)
+
+    def response_tokens(self, rows: Sequence[int]) -> int:
+        return int(sum(len(self.response_ids[i]) for i in rows))
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, cache_digest: str, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(num_samples)
+    tag = int(str(cache_digest).split(":")[-1][:8] or "0", 16)
+    return np.random.default_rng([int(seed), int(epoch), tag]).permutation(num_samples)
+
+
+def plan_steps(num_samples: int, batch_size: int, epochs: int, seed: int, cache_digest: str,
+               shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
+    """``[(epoch, rows)]`` for every optimizer step on one cache: each epoch is one pass over the
+    samples in ``batch_size`` groups (the last group may be smaller)."""
+    out = []
+    for e in range(epochs):
+        order = epoch_order(num_samples, seed, e, cache_digest, shuffle)
+        for i in range(0, num_samples, batch_size):
+            out.append((e, order[i:i + batch_size]))
+    return out
+
+
+def split_micro_batches(rows: Sequence[int], seq_lens: Sequence[int], budget: int) -> list[list[int]]:
+    """Split one step's rows into micro-batches whose padded size ``len(rows) * max(seq_len)`` stays
+    within ``budget`` tokens (a sample longer than the budget gets a micro-batch of its own). Rows
+    are sorted by length first (less padding); the result is deterministic."""
+    order = sorted(range(len(rows)), key=lambda i: (-int(seq_lens[i]), i))
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        n = int(seq_lens[i])
+        width = max(cur_max, n)
+        if cur and (len(cur) + 1) * width > budget:
+            groups.append(cur)
+            cur, cur_max = [], 0
+            width = n
+        cur.append(int(rows[i]))
+        cur_max = width
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What the objective reads from the rollout and the cache."""
+
+    hidden: bool
+    teacher_logprobs: bool
+    support: bool
+
+
+def assemble(rows: Sequence[int], rollout: RolloutData, cache, needs: Needs,
+             hidden_dtype: torch.dtype | None = None) -> MicroBatch:
+    """One micro-batch: token tensors from the rollout, teacher tensors from ``cache.read(rows)``."""
+    rows = [int(r) for r in rows]
+    b = len(rows)
+    plen = [len(rollout.prompt_ids[r]) for r in rows]
+    rlen = [len(rollout.response_ids[r]) for r in rows]
+    S = max(p + max(t - 1, 0) for p, t in zip(plen, rlen))
+    T = max(max(rlen), 1)
+    input_ids = torch.zeros((b, max(S, 1)), dtype=torch.long)
+    response_ids = torch.zeros((b, T), dtype=torch.long)
+    response_mask = torch.zeros((b, T), dtype=torch.bool)
+    behaviour = torch.zeros((b, T), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        seq = np.concatenate([rollout.prompt_ids[r], rollout.response_ids[r][:-1]])
+        input_ids[i, :len(seq)] = torch.from_numpy(seq)
+        response_ids[i, :rlen[i]] = torch.from_numpy(rollout.response_ids[r])
+        response_mask[i, :rlen[i]] = True
+        behaviour[i, :rlen[i]] = torch.from_numpy(rollout.logprobs[r])
+    support_ids = None
+    if needs.support:
+        if rollout.topk_ids is None:
+            raise OprdError("the rollout store has no top-k ids; re-run `oprd rollout --record-topk K`")
+        K = rollout.topk_ids[rows[0]].shape[-1]
+        support_ids = torch.zeros((b, T, K), dtype=torch.long)
+        for i, r in enumerate(rows):
+            support_ids[i, :rlen[i]] = torch.from_numpy(rollout.topk_ids[r])
+    mb = MicroBatch(rows=np.asarray(rows), input_ids=input_ids, prompt_lens=torch.tensor(plen, dtype=torch.long),
+                    response_ids=response_ids, response_mask=response_mask, behaviour_logprobs=behaviour,
+                    support_ids=support_ids)
+    if cache is None:
+        return mb
+    cb = cache.read(rows, dtype=hidden_dtype) if hidden_dtype is not None else cache.read(rows)
+    got = cb.response_mask.sum(dim=-1).tolist()
+    if [int(x) for x in got] != rlen:
+        raise OprdError(f"cache {cache.path} does not match its rollout store: response lengths of rows "
+                        f"{rows[:4]}... differ ({got[:4]} vs {rlen[:4]})")
+    if needs.hidden:
+        mb.teacher_hidden = cb.hidden
+        mb.hidden_mask = cb.mask.bool()
+        mb.hidden_positions = cb.positions.long()
+    if needs.teacher_logprobs:
+        mb.teacher_logprobs = _pad_to(cb.teacher_logprobs, T)
+    if needs.support:
+        mb.support_logprobs = _pad_to(cb.support_logprobs, T)
+        if cb.teacher_topk_ids is not None:
+            mb.teacher_topk_ids = _pad_to(cb.teacher_topk_ids, T).long()
+    return mb
+
+
+def _pad_to(x: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """The cache's ``[b, T', ...]`` per-token tensors on the micro-batch's ``T`` (they agree whenever
+    the lengths match; this only guards a reader that pads differently)."""
+    if x is None or x.shape[1] == T:
+        return x
+    if x.shape[1] > T:
+        return x[:, :T]
+    pad = torch.zeros((x.shape[0], T - x.shape[1], *x.shape[2:]), dtype=x.dtype)
+    return torch.cat([x, pad], dim=1)
+
+
+class Prefetcher:
+    """Runs ``produce(i)`` for ``i = 0..n-1`` on a background thread, at most ``depth`` items ahead of
+    the consumer, so the training step does not wait on the disk. Exceptions in the producer reach
+    the consumer at the item where they happened. Use as an iterator; :meth:`close` stops early."""
+
+    _DONE = object()
+
+    def __init__(self, produce: Callable[[int], object], n: int, depth: int = 2, name: str = "oprd-prefetch"):
+        self._produce = produce
+        self._n = n
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self.wait_s = 0.0  # time the consumer spent blocked on the queue (last item)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for i in range(self._n):
+                if self._stop.is_set():
+                    return
+                if not self._put(("ok", self._produce(i))):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put(("err", e))
+            return
+        self._put(("done", self._DONE))
+
+    def __iter__(self) -> Iterator[object]:
+        while True:
+            t0 = time.perf_counter()
+            kind, item = self._q.get()
+            self.wait_s = time.perf_counter() - t0
+            if kind == "done":
+                return
+            if kind == "err":
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,142 @@
+"""Checkpoints: ``checkpoints/step-NNNNNN/``, a ``save_pretrained`` folder plus the trainer state.
+
+Layout of one checkpoint::
+
+    step-000050/
+      config.json, generation_config.json, model.safetensors   the student (transformers loads it as is)
+      tokenizer.json, tokenizer_config.json, ...               its tokenizer
+      trainer_state.pt        optimizer, scheduler, step and RNG states (torch.save)
+      oprd_checkpoint.json    the marker, written LAST: step, consumed caches, progress, config, digests
+
+Everything is written into a hidden temporary folder next to the final one (``.step-000050.tmp-PID``),
+the marker last, and the folder is then renamed into place, so a crash never leaves a folder that
+looks complete (readers only trust folders with the marker, see :mod:`oprd_cli.stores.rundir`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from oprd_cli.errors import OprdError
+from oprd_cli.stores.common import now_iso, read_json, write_json_atomic
+from oprd_cli.stores.rundir import CHECKPOINT_MARKER, STEP_RE, checkpoint_name, is_checkpoint
+
+TRAINER_STATE = "trainer_state.pt"
+CHECKPOINT_FORMAT = 1
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if not state:
+        return
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except (RuntimeError, IndexError):  # another number of GPUs: not fatal
+            pass
+
+
+def save_checkpoint(checkpoints_dir: Path, step: int, model, tokenizer, trainer_state: dict,
+                    marker: dict[str, Any]) -> Path:
+    """Write ``checkpoints_dir/step-NNNNNN`` atomically (temp folder, marker last, rename)."""
+    checkpoints_dir = Path(checkpoints_dir)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / checkpoint_name(step)
+    tmp = checkpoints_dir / f".{final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save({**trainer_state, "rng": rng_state()}, tmp / TRAINER_STATE)
+        write_json_atomic(str(tmp / CHECKPOINT_MARKER),
+                          {"format_version": CHECKPOINT_FORMAT, "step": step, "created_at": now_iso(), **marker})
+        if final.exists():  # an older write of the same step (complete or not): replace it
+            old = checkpoints_dir / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OprdError(f"cannot write checkpoint {final}: {e.strerror or e}") from None
+    return final
+
+
+def clean_temporaries(checkpoints_dir: Path) -> None:
+    """Remove temporary folders that an interrupted writer left behind."""
+    d = Path(checkpoints_dir)
+    if not d.is_dir():
+        return
+    for p in d.iterdir():
+        if p.name.startswith(".step-") and (".tmp-" in p.name or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep_last: int | None, protect: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; returns what was deleted."""
+    if not keep_last:
+        return []
+    d = Path(checkpoints_dir)
+    found = []
+    for p in d.iterdir() if d.is_dir() else []:
+        m = STEP_RE.match(p.name)
+        if m and is_checkpoint(p):
+            found.append((int(m.group(1)), p))
+    found.sort()
+    removed = []
+    for _, p in found[:-keep_last]:
+        if protect is not None and p.resolve() == Path(protect).resolve():
+            continue
+        # drop the marker first so that a half-deleted folder never looks complete
+        try:
+            (p / CHECKPOINT_MARKER).unlink()
+        except OSError:
+            pass
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The marker of a complete checkpoint; a folder without one is refused with a message."""
+    path = Path(path)
+    if not path.is_dir():
+        raise OprdError(f"checkpoint {path} does not exist")
+    if not is_checkpoint(path):
+        raise OprdError(f"{path} is not a complete oprd checkpoint (no {CHECKPOINT_MARKER}; an interrupted save "
+                        "or not a checkpoint at all)")
+    marker = read_json(str(path / CHECKPOINT_MARKER)) or {}
+    if marker.get("format_version") not in (None, CHECKPOINT_FORMAT):
+        raise OprdError(f"checkpoint {path} has format version {marker.get('format_version')}; this oprd reads "
+                        f"version {CHECKPOINT_FORMAT}")
+    return marker
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    f = Path(path) / TRAINER_STATE
+    if not f.exists():
+        raise OprdError(f"checkpoint {path} has no {TRAINER_STATE}; it cannot be resumed (it can still be used as "
+                        "--model for a new run)")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise OprdError(f"cannot read {f}: {type(e).__name__}: {e}") from None

@@ -1,0 +1,348 @@
+"""One optimizer step of the student: micro-batches -> loss -> backward -> clip -> AdamW -> schedule.
+
+This is the only implementation of the actor update; ``oprd train`` and ``oprd bench loss`` both call
+:meth:`Trainer.train_step`.
+
+Per micro-batch (:meth:`Trainer.micro_loss`):
+
+- OPRD term (Eq. 6): the student's decoder runs WITHOUT the LM head and only as deep as the deepest
+  cached layer (:func:`~oprd_cli.train.forward.backbone_hidden`); its states are gathered at the
+  cached positions (response position ``t`` of a sample with prompt length ``Lp`` is sequence index
+  ``Lp - 1 + t``) and compared with the teacher's per layer (:func:`~oprd_cli.losses.oprd_loss`,
+  called one layer at a time so the float32 copies stay ``[b, P, d]``).
+- OPD terms: the final (post-norm) states are gathered at the valid response positions first
+  (``[N, d]``, no padding, no prompt), then the LM head runs on those rows only: full-vocabulary
+  log-probs of the sampled tokens for top-1 (chunked, checkpointed), ``h @ W[S].T`` at the rollout's
+  top-k ids for top-k (or, with ``topk_logits="full"``, the verl way: full logits, log-softmax,
+  gather).
+
+Gradient accumulation gives exactly the optimizer-batch loss: with ``reduction="sample"`` each
+micro-batch contributes ``sum(per_sample) / B_step``; with ``"token"`` it contributes its token
+(position) sum over the step's total tokens (positions).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, fields
+from functools import partial
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from oprd_cli.errors import OprdError
+from oprd_cli.losses import oprd_loss, opd_top1_loss, opd_topk_loss, topk_overlap
+from oprd_cli.train import memory
+from oprd_cli.train.config import TrainConfig
+from oprd_cli.train.forward import (
+    autocast_context,
+    backbone_hidden,
+    chunked_entropy,
+    full_logits,
+    support_logits,
+    token_logprobs,
+)
+
+
+class NonFiniteLoss(OprdError):
+    """The loss or the gradient norm of a step is NaN or infinite (the step is not applied)."""
+
+    def __init__(self, step: int, what: str, value: float):
+        self.step, self.what, self.value = step, what, value
+        super().__init__(f"step {step}: {what} is {value}; training stopped before applying it")
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward unit (all tensors on CPU until :meth:`to`).
+
+    ``T`` is the longest response and ``P`` the most cached positions of the micro-batch; ``S`` is the
+    longest ``prompt + response[:-1]`` (the last response token is never an input whose output we
+    need)."""
+
+    rows: np.ndarray  # [b] sample rows (row i of the cache = row i of the rollout)
+    input_ids: Tensor  # [b, S] int64, right-padded
+    prompt_lens: Tensor  # [b] int64
+    response_ids: Tensor  # [b, T] int64, 0 at padding
+    response_mask: Tensor  # [b, T] bool
+    behaviour_logprobs: Tensor | None = None  # [b, T] float32, pi_old(y_t) at rollout time
+    support_ids: Tensor | None = None  # [b, T, K] int64, the rollout's student top-k ids
+    teacher_hidden: Tensor | None = None  # [b, Lyr, P, d]
+    hidden_mask: Tensor | None = None  # [b, P] bool
+    hidden_positions: Tensor | None = None  # [b, P] int64 response position t, -1 at padding
+    teacher_logprobs: Tensor | None = None  # [b, T] log q(y_t)
+    support_logprobs: Tensor | None = None  # [b, T, K] log q at the support ids
+    teacher_topk_ids: Tensor | None = None  # [b, T, K'] the teacher's own top-k ids
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.hidden_mask.sum()) if self.hidden_mask is not None else 0
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        nb = device.type == "cuda"
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v.to(device, non_blocking=nb) if isinstance(v, Tensor) else v
+        return MicroBatch(**kw)
+
+    def pin_memory(self) -> "MicroBatch":
+        kw = {f.name: (getattr(self, f.name).pin_memory() if isinstance(getattr(self, f.name), Tensor)
+                       else getattr(self, f.name)) for f in fields(self)}
+        return MicroBatch(**kw)
+
+
+@dataclass
+class StepTotals:
+    """Denominators of the optimizer-batch loss (known before the first micro-batch runs)."""
+
+    samples: int
+    tokens: int
+    positions: int
+
+    @staticmethod
+    def of(micro_batches: list[MicroBatch]) -> "StepTotals":
+        return StepTotals(samples=sum(m.size for m in micro_batches),
+                          tokens=sum(m.num_tokens for m in micro_batches),
+                          positions=sum(m.num_positions for m in micro_batches))
+
+
+@dataclass
+class _Acc:
+    """Weighted sums of detached per-step statistics."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+
+def lr_factor(step: int, warmup: int, total: int | None, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up over ``warmup``
+    steps (reaching 1 at step ``warmup - 1``), then cosine decay to ``min_ratio`` at step ``total``.
+    With no planned total the lr is constant."""
+    if total is None:
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(total: int | None, ratio: float) -> int:
+    return 0 if total is None else int(round(ratio * total))
+
+
+def gather_positions(h: Tensor, seq_index: Tensor) -> Tensor:
+    """``h`` ``[b, S, d]``, ``seq_index`` ``[b, P]`` (valid indices) -> ``[b, P, d]``."""
+    return h.gather(1, seq_index[:, :, None].expand(-1, -1, h.shape[-1]))
+
+
+class Trainer:
+    """The student, its AdamW optimizer and warm-up + cosine schedule, and the step function."""
+
+    def __init__(self, model, config: TrainConfig, layers: list[int], device: torch.device,
+                 total_steps: int | None, autocast_dtype: torch.dtype | None = None):
+        self.model = model
+        self.cfg = config
+        self.layers = list(layers)
+        self.device = device
+        self.total_steps = total_steps
+        self.autocast_dtype = autocast_dtype
+        self.step = 0  # optimizer steps taken so far (global)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                           eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.warmup = warmup_steps(total_steps, config.warmup_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_factor, warmup=self.warmup, total=total_steps, min_ratio=config.min_lr_ratio))
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+
+    # ------------------------------------------------------------------ loss of one micro-batch
+    def micro_loss(self, mb: MicroBatch, totals: StepTotals, on_policy: bool, acc: _Acc) -> Tensor:
+        """The micro-batch's share of the optimizer-batch loss (differentiable scalar); detached
+        statistics go into ``acc`` with the same weights."""
+        cfg = self.cfg
+        sample_w = 1.0 / max(1, totals.samples)
+        coef = cfg.oprd_coef
+        need_lm = cfg.uses_opd
+        need_hidden = cfg.uses_oprd
+        if need_hidden and mb.teacher_hidden is None:
+            raise OprdError("the OPRD term needs teacher hidden states, and this batch has none")
+
+        with autocast_context(self.device, self.autocast_dtype):
+            out = backbone_hidden(self.model, mb.input_ids, self.layers if need_hidden else [], need_final=need_lm)
+
+        total = torch.zeros((), device=self.device, dtype=torch.float32)
+        b = mb.size
+        lp = mb.prompt_lens
+
+        # ---------------------------------------------------------------- OPRD (Eq. 6)
+        if need_hidden:
+            mask = mb.hidden_mask.bool()
+            pos = mb.hidden_positions.clamp_min(0)
+            seq_index = (lp[:, None] - 1 + pos).clamp(0, mb.input_ids.shape[1] - 1)
+            n_layers = len(self.layers)
+            per_sample = torch.zeros(b, device=self.device, dtype=torch.float32)
+            n_pos = mask.sum(dim=-1).float()
+            if cfg.reduction == "sample":
+                w_samples = torch.full((b,), sample_w, device=self.device)
+            else:
+                w_samples = n_pos / max(1, totals.positions)
+            pos_w = mask.sum().item() / max(1, totals.positions)  # this micro-batch's share of positions
+            for j, layer in enumerate(self.layers):
+                s = gather_positions(out.hidden[layer], seq_index)[:, None]  # [b, 1, P, d]
+                o = oprd_loss(s, mb.teacher_hidden[:, j:j + 1], mask, normalize=cfg.oprd_form == "normalized",
+                              reduction="sample")
+                per_sample = per_sample + o.per_sample / n_layers
+                layer_loss = float((o.per_sample.detach() * w_samples).sum())
+                acc.add(f"rep/loss/layer_{layer:02d}", layer_loss)
+                acc.add(f"rep/cosine/layer_{layer:02d}", float(o.cosine) * pos_w)
+                acc.add("rep/cosine_similarity", float(o.cosine) * pos_w / n_layers)
+            oprd_part = (per_sample * w_samples).sum()
+            acc.add("rep/loss", float(oprd_part.detach()))
+            total = total + coef * oprd_part
+
+        # ---------------------------------------------------------------- OPD
+        if need_lm:
+            rmask = mb.response_mask.bool()
+            bi, ti = rmask.nonzero(as_tuple=True)  # valid response tokens, [N]
+            h = out.final[bi, lp[bi] - 1 + ti]  # [N, d]: only the rows the loss needs
+            T = rmask.shape[1]
+            chunk = cfg.logits_chunk_tokens
+            tok_w = rmask.sum().item() / max(1, totals.tokens)
+            with autocast_context(self.device, self.autocast_dtype):
+                if cfg.objective == "opd-top1":
+                    if mb.teacher_logprobs is None:
+                        raise OprdError("opd-top1 needs teacher log-probs of the sampled tokens")
+                    lp_flat = token_logprobs(self.model, h, mb.response_ids[bi, ti], chunk)
+                    student_lp = torch.zeros((b, T), device=self.device, dtype=torch.float32)
+                    student_lp = student_lp.index_put((bi, ti), lp_flat.float())
+                    behaviour = None if on_policy else mb.behaviour_logprobs
+                    o = opd_top1_loss(student_lp, mb.teacher_logprobs, rmask, behaviour_logprobs=behaviour,
+                                      clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, reduction="sample")
+                else:
+                    if mb.support_ids is None or mb.support_logprobs is None:
+                        raise OprdError("opd-topk needs the rollout's top-k ids and the teacher's log-probs on them")
+                    ids = mb.support_ids[bi, ti]  # [N, K]
+                    if cfg.topk_logits == "full":  # verl / the paper's baseline: full logits, log-softmax, gather
+                        logits = full_logits(self.model, h)
+                        z = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids)
+                    else:
+                        z = support_logits(self.model, h, ids, chunk).float()
+                    K = ids.shape[-1]
+                    student_z = torch.zeros((b, T, K), device=self.device, dtype=torch.float32)
+                    student_z = student_z.index_put((bi, ti), z)
+                    o = opd_topk_loss(student_z, mb.support_logprobs, rmask, reduction="sample")
+            if cfg.reduction == "sample":
+                w_samples = torch.full((b,), sample_w, device=self.device)
+            else:
+                w_samples = o.num_tokens / max(1, totals.tokens)
+            opd_part = (o.per_sample * w_samples).sum()
+            acc.add("opd/loss", float(opd_part.detach()))
+            acc.add("opd/pg_loss", float(opd_part.detach()))
+            acc.add("opd/kl", float(o.kl) * tok_w)
+            acc.add("opd/clip_frac", float(o.clip_frac) * tok_w)
+            if mb.support_ids is not None and mb.teacher_topk_ids is not None \
+                    and mb.support_ids.shape[-1] == mb.teacher_topk_ids.shape[-1]:
+                ov = topk_overlap(mb.support_ids[bi, ti], mb.teacher_topk_ids[bi, ti].to(mb.support_ids.dtype))
+                acc.add("opd/topk_overlap", float(ov.mean()) * tok_w if ov.numel() else 0.0)
+            total = total + opd_part
+            if cfg.log_entropy:
+                ent = chunked_entropy(self.model, h, chunk or 2048)
+                acc.add("actor/entropy", float(ent.mean()) * tok_w if ent.numel() else 0.0)
+        elif cfg.log_entropy:  # OPRD only, asked for explicitly: one LM-head pass without grad
+            rmask = mb.response_mask.bool()
+            bi, ti = rmask.nonzero(as_tuple=True)
+            with torch.no_grad():
+                final = out.final
+                if final is None:
+                    final = backbone_hidden(self.model, mb.input_ids, [], need_final=True).final
+                ent = chunked_entropy(self.model, final[bi, lp[bi] - 1 + ti], cfg.logits_chunk_tokens or 2048)
+            acc.add("actor/entropy", float(ent.mean()) * rmask.sum().item() / max(1, totals.tokens)
+                    if ent.numel() else 0.0)
+        return total
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, micro_batches: list[MicroBatch], on_policy: bool = False) -> dict:
+        """Forward + backward over the micro-batches, gradient clipping, AdamW step, schedule step.
+
+        Raises :class:`NonFiniteLoss` (without touching the weights) when the loss or the gradient
+        norm is not finite. Returns the step's metrics (without run bookkeeping such as the cache)."""
+        if not micro_batches:
+            raise ValueError("train_step needs at least one micro-batch")
+        dev = self.device
+        step_no = self.step + 1
+        totals = StepTotals.of(micro_batches)
+        memory.reset_peak(dev)
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        acc = _Acc()
+        loss_sum = 0.0
+        lr = self.optimizer.param_groups[0]["lr"]
+        for mb in micro_batches:
+            mb = mb.to(dev)
+            loss = self.micro_loss(mb, totals, on_policy, acc)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(step_no, "the loss", value)
+            loss.backward()
+            loss_sum += value
+            del loss, mb
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)) if params else 0.0
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(step_no, "the gradient norm", grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dt = time.perf_counter() - t0
+        self.step = step_no
+        metrics = {
+            "step": step_no,
+            "loss": loss_sum,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_time_s": dt,
+            "tokens_per_s": totals.tokens / max(dt, 1e-9),
+            "peak_mem_bytes": memory.peak_bytes(dev),
+            "num_samples": totals.samples,
+            "num_tokens": totals.tokens,
+            "num_positions": totals.positions,
+            "num_micro_batches": len(micro_batches),
+        }
+        metrics.update(acc.sums)
+        return metrics
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step, "total_steps": self.total_steps, "warmup": self.warmup}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+
+    def params_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
