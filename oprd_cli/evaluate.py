@@ -226,8 +226,26 @@ def _math_verify():
         math_verify.grader.TIMEOUT_WARNING_SHOWN = True
         logging.getLogger("math_verify").setLevel(logging.ERROR)
         logging.getLogger("latex2sympy2_extended").setLevel(logging.ERROR)
+        _warm_up(math_verify)
         _mv = math_verify
     return _mv
+
+
+# One comparison of each common kind. The first parse/verify of a kind in a process pays one-off
+# lazy initialisation in sympy and the LaTeX parser (0.3-1 s, more on a loaded machine); done here,
+# before any timed comparison and before a grading worker is forked, so it is never charged
+# against a comparison's time limit.
+_WARM_UP = ((r"\frac{\sqrt{2}}{2}", r"\sqrt{2}/2"), (r"x^2+1", r"1+x^2"), (r"(1,2)", r"(1, 2)"),
+            (r"\{1,2\}", r"\{2,1\}"), (r"[0,1)", r"[0,1)"), (r"x=3", r"3"))
+
+
+def _warm_up(mv) -> None:
+    for pred, gold in _WARM_UP:
+        try:
+            mv.verify(mv.parse("\\boxed{" + gold + "}", parsing_timeout=None),
+                      mv.parse("\\boxed{" + pred + "}", parsing_timeout=None), timeout_seconds=None)
+        except Exception:  # noqa: BLE001, S112 - a warm-up failure only means a slower first comparison
+            continue
 
 
 def _parse(text: str):
@@ -284,6 +302,7 @@ def _compare_inline(pred: str, gold: str, timeout: float) -> tuple[bool, str]:
 
 def _worker_main(conn, timeout: float) -> None:  # pragma: no cover - runs in the child process
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _math_verify()  # a no-op when forked from a parent that loaded it; untimed under spawn
     while True:
         try:
             item = conn.recv()
@@ -393,10 +412,10 @@ class Grader:
 
     def _slow(self, pred: str, gold: str) -> tuple[bool, str]:
         self.math_verify_calls += 1
+        _math_verify()  # import and warm-up happen here, untimed, and are inherited by forked workers
         if self._inline_ok():
             return _compare_inline(pred, gold, self.timeout)
         if self._worker is None:
-            _math_verify()  # imported once here, inherited by forked workers
             self._worker = _Worker(self.timeout)
         correct, status = self._worker.compare(pred, gold, deadline=self.timeout + max(1.0, 0.5 * self.timeout))
         if status in ("killed", "crashed"):
@@ -777,7 +796,7 @@ def load_responses_file(path: str | Path, records: Sequence[Record]) -> list[dic
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
         example = ", ".join(repr(r.id) for r in records[:3])
-        raise OprdError(f"{path}: {len(unknown)} ids are not in the dataset: {shown} "
+        raise OprdError(f"{path}: {len(unknown)} {'id is' if len(unknown) == 1 else 'ids are'} not in the dataset: {shown} "
                         f"(dataset ids look like {example}; with --limit, only the first {len(records)} rows count)")
     out = []
     for (_, r), rid in zip(rows, ids):
@@ -815,9 +834,19 @@ def load_eval_data(
     known = BENCHMARKS.get(bench) if bench else None
     if data is None:
         b = get_benchmark(bench)  # unknown names fail here, listing the known ones
-        records = load_records(b.hub_id, split or b.split, prompt_field or b.problem_field,
-                               answer_field or b.answer_field, id_field or b.id_field, limit,
-                               config=b.config, require_answer=True)
+        try:
+            records = load_records(b.hub_id, split or b.split, prompt_field or b.problem_field,
+                                   answer_field or b.answer_field, id_field or b.id_field, limit,
+                                   config=b.config, require_answer=True)
+        except OprdError as e:
+            if "from the hub" not in str(e):
+                raise
+            reason = str(e).split("?): ", 1)[-1].split("; a local", 1)[0]
+            raise OprdError(
+                f"could not load benchmark {b.name} ({b.hub_id}) from the hub (no network?): {reason}; "
+                f"evaluate a local copy instead: oprd eval --data FILE --bench {b.name} ... "
+                "(FILE: .jsonl/.json/.parquet, plain problem/answer or verl layout)"
+            ) from None
         return EvalData(records, b.name, b.integer_answers, b.hub_id)
     records = load_records(data, split or "train", prompt_field, answer_field, id_field, limit, require_answer=True)
     name = bench or Path(str(data)).name.split(".")[0]
@@ -852,14 +881,27 @@ def default_report_path(bench: str, model: str, run_dir: str | Path | None = Non
     return Path(out_dir or "eval") / f"{_slug(bench)}-{_slug(name)}.json"
 
 
-def sample_responses(*args, **kwargs) -> list[dict[str, Any]]:  # pragma: no cover
-    """STUB - to be written on top of :mod:`oprd_cli.rollout` (the generation code).
+def sample_responses(backend, tokenizer, records: Sequence[Record], sampling, template,
+                     description: str = "sampling") -> tuple[list[dict[str, Any]], Any]:
+    """Sample ``sampling.num_samples`` responses per record with the rollout generation code
+    (:func:`oprd_cli.rollout.generate_for_records`: same prompt rendering, same sampler).
 
-    Contract: sample ``num_samples`` responses per record with the given sampling config and
-    return one dict per sample ``{"index": record.index, "response": text, "num_tokens": int,
-    "finished_by": "eos" | "length", "token_ids": [...] (optional)}`` for :func:`evaluate_responses`.
+    Returns (one dict per sample for :func:`evaluate_responses`, the ``GenerationResult``).
+    ``num_tokens`` counts every generated token, the final EOS included (as the rollout store
+    does); ``token_ids`` (for Dist-4g) leave the final EOS out.
     """
-    raise NotImplementedError("sample_responses is wired by the CLI on oprd_cli.rollout")
+    from oprd_cli.rollout import generate_for_records
+
+    result = generate_for_records(backend, tokenizer, list(records), template, sampling, description=description)
+    eos = {int(e) for e in getattr(backend, "eos_ids", [])}
+    out: list[dict[str, Any]] = []
+    for (rec, _ids), group in zip(result.prompts, result.samples):
+        for s in group:
+            ids = [int(t) for t in s.response_ids]
+            body = ids[:-1] if s.finish_reason == "eos" and ids and ids[-1] in eos else ids
+            out.append({"index": rec.index, "response": s.text, "num_tokens": len(ids),
+                        "finished_by": s.finish_reason, "token_ids": body})
+    return out, result
 
 
 # ============================================================================ outputs
@@ -962,10 +1004,376 @@ def print_report(report: Mapping[str, Any], console=None, per_problem: bool = Fa
         con.print(pt)
 
 
+# ============================================================================ the eval command
+# The paper's protocol (Avg@16 at temperature 0.7); oprd.toml's [eval] section and flags override.
+EVAL_SAMPLING_DEFAULTS: dict[str, Any] = {"num_samples": 16, "temperature": 0.7, "top_p": 1.0, "top_k": 0,
+                                          "max_new_tokens": 16384, "seed": 0, "batch_size": 16}
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """One model to evaluate: what is loaded, and where it sits in a run (``step`` 0 = initial student)."""
+
+    model: str
+    run_dir: str | None = None
+    step: int | None = None
+    tokenizer_fallback: str | None = None  # the run's student, for checkpoints saved without a tokenizer
+
+    @property
+    def tokenizer(self) -> str:
+        p = Path(os.path.expanduser(self.model))
+        if self.tokenizer_fallback and p.is_dir() and not any((p / f).exists() for f in _TOKENIZER_FILES):
+            return self.tokenizer_fallback
+        return self.model
+
+    @property
+    def label(self) -> str:
+        if self.step is not None and self.run_dir is not None:
+            return f"{Path(self.run_dir).name} step {self.step}"
+        return self.model
+
+
+def parse_checkpoint_name(name: str) -> int:
+    """``step-50``, ``step-000050`` or ``50`` -> 50."""
+    m = re.fullmatch(r"(?:step-)?(\d+)", Path(str(name).strip().rstrip("/")).name)
+    if not m:
+        raise OprdError(f"--checkpoint {name!r} is not a checkpoint name like step-000050 (or a step number)")
+    return int(m.group(1))
+
+
+def resolve_targets(model: str | None = None, run_dir: str | Path | None = None, checkpoint: str | None = None,
+                    all_checkpoints: bool = False, need_model: bool = True) -> list[EvalTarget]:
+    """The models ``oprd eval`` evaluates.
+
+    ``--model M``: M (a checkpoint folder ``RUN/checkpoints/step-N`` keeps its run and step).
+    ``--run-dir R``: its latest complete checkpoint, else its initial student (``[models] student`` in
+    ``R/oprd.toml``, step 0); ``--checkpoint step-N`` that one; ``--all-checkpoints`` every complete
+    checkpoint in step order, preceded by the initial student when there are several checkpoints.
+    """
+    from oprd_cli.config import load_run_config
+    from oprd_cli.stores.rundir import RunDir, checkpoint_name
+
+    if checkpoint is not None and all_checkpoints:
+        raise OprdError("pass either --checkpoint or --all-checkpoints, not both")
+    if (checkpoint is not None or all_checkpoints) and run_dir is None:
+        flag = "--checkpoint" if checkpoint is not None else "--all-checkpoints"
+        raise OprdError(f"{flag} needs --run-dir RUN (or pass a checkpoint folder as --model)")
+    if model is not None and run_dir is not None:
+        raise OprdError("pass either --model (one model) or --run-dir (a run's checkpoints), not both")
+    if run_dir is None:
+        if model is None:
+            if need_model:
+                raise OprdError("pass --model (a hub id or a save_pretrained folder) or --run-dir RUN")
+            return []
+        rd, step = checkpoint_info(model)
+        return [EvalTarget(str(model), rd, step)]
+
+    root = Path(os.path.expanduser(str(run_dir)))
+    if not root.is_dir():
+        raise OprdError(f"run directory {run_dir} does not exist")
+    run = RunDir(root.resolve())
+    cks = run.checkpoints()
+    student = (load_run_config(root).get("models") or {}).get("student")
+    rd = str(root.resolve())
+    fallback = str(student) if student else None
+    if checkpoint is not None:
+        step = parse_checkpoint_name(checkpoint)
+        found = next((c for c in cks if c.step == step), None)
+        if found is None:
+            have = ", ".join(c.path.name for c in cks) or "none"
+            pending = (run.checkpoints_dir / checkpoint_name(step)).is_dir()
+            why = " is not complete yet (no oprd_checkpoint.json)" if pending else f" has no checkpoint {checkpoint}"
+            raise OprdError(f"{run_dir}{'/checkpoints/' + checkpoint_name(step) if pending else ''}{why}; "
+                            f"complete checkpoints: {have}")
+        return [EvalTarget(str(found.path), rd, found.step, fallback)]
+    if all_checkpoints:
+        targets = [EvalTarget(str(c.path), rd, c.step, fallback) for c in cks]
+        if len(cks) != 1 and student and not any(c.step == 0 for c in cks):
+            targets.insert(0, EvalTarget(str(student), rd, 0))
+        if not targets:
+            raise OprdError(f"run {run_dir} has no complete checkpoint and its oprd.toml names no student")
+        return targets
+    if cks:
+        return [EvalTarget(str(cks[-1].path), rd, cks[-1].step, fallback)]
+    if student:
+        return [EvalTarget(str(student), rd, 0)]
+    raise OprdError(f"run {run_dir} has no complete checkpoint (checkpoints/step-N with oprd_checkpoint.json) "
+                    "and its oprd.toml names no student; pass --model")
+
+
+def eval_sampling(run_config: Mapping[str, Any] | None = None, **flags: Any):
+    """The sampling config for eval: flags > ``[eval]`` in oprd.toml > :data:`EVAL_SAMPLING_DEFAULTS`."""
+    from dataclasses import fields
+
+    from oprd_cli.config import SamplingConfig, merge
+
+    names = {f.name for f in fields(SamplingConfig)} - {"record_topk"}
+    section = dict(EVAL_SAMPLING_DEFAULTS)
+    section.update({k: v for k, v in ((run_config or {}).get("eval") or {}).items() if k in names})
+    return merge(SamplingConfig, section, **flags)
+
+
+def _free() -> None:
+    """Return a dropped model's memory (call after the last reference is gone)."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001, S110
+        pass
+
+
+def evaluate_target(target: EvalTarget, data: EvalData, sampling, template, *, grader: Grader,
+                    backend: str = "hf", device: str = "auto", dtype: str = "auto",
+                    trust_remote_code: bool = False, tokenizer: str | None = None,
+                    show_progress: bool = True) -> dict[str, Any]:
+    """Load one model, sample with the rollout generation code, grade, and return the report.
+    ``tokenizer`` overrides where the tokenizer comes from (default: the model's folder, or the run's
+    student for checkpoints saved without one)."""
+    from oprd_cli import models as M
+    from oprd_cli.rollout import make_backend
+
+    dev = M.resolve_device(device)
+    dt = M.resolve_dtype(dtype, dev)
+    tok_name = tokenizer or target.tokenizer
+    if tokenizer is None and tok_name != target.model:
+        warn(f"{target.model} has no tokenizer files; using the run's student tokenizer {tok_name}")
+    tok = M.load_tokenizer(tok_name, trust_remote_code)
+    lm = M.load_model(target.model, dev, dt, trust_remote_code)
+    try:
+        gen = make_backend(backend, lm, tok)
+        what = f"step {target.step}" if target.step is not None else Path(target.model).name
+        responses, result = sample_responses(gen, tok, data.records, sampling, template,
+                                             description=f"eval {data.bench} {what}")
+        dtype_name = str(next(lm.parameters()).dtype).replace("torch.", "")
+    finally:
+        gen = lm = None
+        _free()
+    info = {k: getattr(sampling, k) for k in ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens",
+                                              "seed", "batch_size")}
+    info.update({"backend": backend, "device": str(dev), "dtype": dtype_name, "tokenizer": tok_name,
+                 "template": {k: getattr(template, k) for k in ("chat_template", "system_prompt", "instruction")}})
+    report = evaluate_responses(
+        data.records, responses, data.bench, target.model, integer_answers=data.integer_answers,
+        max_new_tokens=sampling.max_new_tokens, tokenizer=tok, run_dir=target.run_dir, step=target.step,
+        data_source=data.source, sampling=info, grader=grader, show_progress=show_progress,
+    )
+    report["generation"] = {
+        "seconds": round(result.seconds, 3), "tokens": result.num_tokens,
+        "tokens_per_s": round(result.num_tokens / max(result.seconds, 1e-9), 1),
+        "skipped_problems": [r.id for r in result.skipped],
+    }
+    return report
+
+
+def _same_protocol(old: Mapping[str, Any], target: EvalTarget, data: EvalData, sampling) -> bool:
+    """Whether an existing report answers the same question (for --skip-existing)."""
+    s = old.get("sampling") or {}
+    keys = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "seed")
+    return (old.get("bench") == data.bench and old.get("data") == data.source and old.get("model") == target.model
+            and old.get("step") == target.step and all(s.get(k) == getattr(sampling, k) for k in keys)
+            and old.get("num_problems", 0) + len((old.get("generation") or {}).get("skipped_problems") or [])
+            == len(data.records))
+
+
+def _report_path(out: str | None, target: EvalTarget | None, bench: str, model: str, many: bool) -> Path:
+    run_dir = target.run_dir if target else None
+    step = target.step if target else None
+    if out is None:
+        return default_report_path(bench, model, run_dir, step)
+    o = Path(os.path.expanduser(str(out)))
+    if many or o.is_dir() or str(out).endswith(("/", os.sep)):
+        return default_report_path(bench, model, run_dir, step, out_dir=o)
+    return o
+
+
+def _counting_tokenizer(name: str | None, target: EvalTarget | None, trust_remote_code: bool):
+    """For --responses lines without num_tokens: --tokenizer, else the tokenizer in a local --model /
+    checkpoint folder (never a hub download), else None (lengths in whitespace words)."""
+    from oprd_cli import models as M
+
+    if name is None and target is not None:
+        local = Path(os.path.expanduser(target.tokenizer))
+        if local.is_dir() and any((local / f).exists() for f in _TOKENIZER_FILES):
+            name = str(local)
+    return M.load_tokenizer(name, trust_remote_code) if name else None
+
+
+def _responses_label(path: str | Path) -> str:
+    name = Path(str(path)).name
+    for suffix in (".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name.removesuffix(".responses") or "responses"
+
+
+def _headline(report: Mapping[str, Any]) -> str:
+    n = report.get("n")
+    mrt = report.get("mean_response_tokens")
+    return (f"Avg@{n} {_pct(report.get('avg_at_n'))}  Best@{n} {_pct(report.get('best_at_n'))}  "
+            f"maj@{n} {_pct(report.get('maj_at_n'))}  Dist-4g {_pct(report.get('dist_4g'))}  "
+            f"mean length {'-' if mrt is None else f'{mrt:.0f}'}  truncated {_pct(report.get('truncated_fraction'))}")
+
+
+def run_eval(
+    *,
+    bench: str | None = None,
+    data: str | None = None,
+    responses: str | None = None,
+    model: str | None = None,
+    run_dir: str | None = None,
+    checkpoint: str | None = None,
+    all_checkpoints: bool = False,
+    out: str | None = None,
+    limit: int | None = None,
+    split: str | None = None,
+    prompt_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    sampling_flags: Mapping[str, Any] | None = None,
+    template_flags: Mapping[str, Any] | None = None,
+    backend: str = "hf",
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    tokenizer: str | None = None,
+    timeout: float | None = None,
+    skip_existing: bool = False,
+    per_problem: bool = False,
+    plot: str | None = None,
+    json_output: bool = False,
+    console=None,
+) -> dict[str, Any]:
+    """``oprd eval``: resolve the models, load the problems, sample (or read ``responses``), grade, write
+    one report per model and print it (``json_output``: the summary JSON on stdout). With several models
+    (``--all-checkpoints``) the reports are tabulated and plotted against step as ``oprd report`` does.
+    Returns ``{"reports": [summary + report_path, ...], "table": ..., "plot": ...}``.
+    """
+    from oprd_cli.config import TemplateConfig, load_run_config, merge
+    from oprd_cli.console import err_console
+
+    con = console or default_console
+    sampling_flags = dict(sampling_flags or {})
+    template_flags = dict(template_flags or {})
+    timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    if timeout <= 0:
+        raise OprdError(f"--grade-timeout must be > 0 seconds, got {timeout}")
+    if data is None and bench is None:
+        raise OprdError(f"pass --bench NAME ({', '.join(BENCHMARKS)}) or --data FILE")
+    if data is None:
+        get_benchmark(bench)  # an unknown name fails before anything is loaded
+
+    if responses is not None:
+        if all_checkpoints:
+            raise OprdError("--responses grades one set of responses; it cannot be combined with --all-checkpoints")
+        if run_dir is not None and checkpoint is None and model is None:
+            raise OprdError("with --responses and --run-dir, name the checkpoint that wrote them: --checkpoint step-N")
+        if sampling_flags.get("num_samples") is not None:
+            validate_num_samples(sampling_flags["num_samples"])
+        ignored = sorted(k for k, v in {**sampling_flags, **template_flags}.items() if v is not None)
+        if ignored:
+            warn(f"--responses: no sampling happens, so {', '.join('--' + k.replace('_', '-') for k in ignored)} "
+                 "are ignored")
+        targets = resolve_targets(model, run_dir, checkpoint, False, need_model=False)
+        sampling = template = None
+    else:
+        targets = resolve_targets(model, run_dir, checkpoint, all_checkpoints)
+        cfg = load_run_config(targets[0].run_dir if run_dir is not None else None)
+        sampling = eval_sampling(cfg, **sampling_flags)
+        template = merge(TemplateConfig, cfg.get("template"), **template_flags)
+    many = len(targets) > 1
+    if out is not None and many and Path(os.path.expanduser(str(out))).suffix.lower() == ".json":
+        raise OprdError(f"--all-checkpoints writes one report per checkpoint; --out must be a folder, got {out}")
+
+    ed = load_eval_data(bench, data, limit, prompt_field, answer_field, id_field, split)
+    show = not json_output
+    results: list[dict[str, Any]] = []
+    paths: list[Path] = []
+    with Grader(timeout=timeout, integer_answers=ed.integer_answers) as grader:
+        if responses is not None:
+            samples = load_responses_file(responses, ed.records)
+            target = targets[0] if targets else None
+            name = target.model if target else _responses_label(responses)
+            tok = _counting_tokenizer(tokenizer, target, trust_remote_code) \
+                if any(s.get("num_tokens") is None and s.get("token_ids") is None for s in samples) else None
+            report = evaluate_responses(
+                ed.records, samples, ed.bench, name, integer_answers=ed.integer_answers,
+                max_new_tokens=sampling_flags.get("max_new_tokens"), tokenizer=tok,
+                run_dir=target.run_dir if target else None, step=target.step if target else None,
+                data_source=ed.source, sampling=None, grader=grader, show_progress=show,
+            )
+            report["graded_from"] = str(responses)
+            path, rpath = write_report(report, _report_path(out, target, ed.bench, name, False))
+            results.append((report, path, rpath))
+        else:
+            for i, target in enumerate(targets):
+                path = _report_path(out, target, ed.bench, target.model, many)
+                if skip_existing and path.is_file():
+                    try:
+                        old = json.loads(path.read_text(encoding="utf-8"))
+                    except (OSError, json.JSONDecodeError):
+                        old = None
+                    if isinstance(old, dict) and _same_protocol(old, target, ed, sampling):
+                        err_console.print(f"[{i + 1}/{len(targets)}] {target.label}: kept {path} (--skip-existing)",
+                                          markup=False)
+                        results.append((old, path, None))
+                        continue
+                if many:
+                    err_console.print(f"[{i + 1}/{len(targets)}] {target.label}: {target.model}", markup=False)
+                report = evaluate_target(target, ed, sampling, template, grader=grader, backend=backend,
+                                         device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                         tokenizer=tokenizer, show_progress=show)
+                path, rpath = write_report(report, path)
+                if many:
+                    err_console.print(f"  {_headline(report)}  -> {path}", markup=False)
+                results.append((report, path, rpath))
+
+    summaries = []
+    for report, path, rpath in results:
+        s = summary(report)
+        s["report_path"] = str(path)
+        s["responses_path"] = str(rpath) if rpath else None
+        summaries.append(s)
+    outcome: dict[str, Any] = {"reports": summaries, "table": None, "plot": None}
+    paths = [p for _, p, _ in results]
+
+    if not many:
+        report, path, rpath = results[0]
+        if json_output:
+            con.out(json.dumps(summaries[0], indent=2, ensure_ascii=False, default=str), highlight=False)
+        else:
+            print_report(report, console=con, per_problem=per_problem)
+            g = report.get("generation")
+            if g:
+                err_console.print(f"generated {g['tokens']:,} tokens in {g['seconds']:.1f}s "
+                                  f"({g['tokens_per_s']:,.0f} tok/s)", markup=False)
+            err_console.print(f"wrote {path}" + (f" and {rpath}" if rpath else ""), markup=False)
+        return outcome
+
+    from io import StringIO
+
+    from rich.console import Console
+
+    from oprd_cli.report import run_report
+
+    quiet = Console(file=StringIO()) if json_output else con
+    res = run_report(paths, plot=plot, console=quiet)
+    outcome["table"], outcome["plot"] = res["table"], res["plot"]
+    if json_output:
+        con.out(json.dumps(outcome, indent=2, ensure_ascii=False, default=str), highlight=False)
+    return outcome
+
+
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "EVAL_SAMPLING_DEFAULTS",
     "REPORT_VERSION",
     "EvalData",
+    "EvalTarget",
     "Grade",
     "Grader",
     "checkpoint_info",
@@ -973,6 +1381,8 @@ __all__ = [
     "dist_n",
     "distinct_ngrams",
     "evaluate_responses",
+    "evaluate_target",
+    "eval_sampling",
     "extract_answer",
     "k_values",
     "load_eval_data",
@@ -981,10 +1391,13 @@ __all__ = [
     "math_verify_equal",
     "normalize_answer",
     "parse_number",
+    "parse_checkpoint_name",
     "pass_at_k",
     "print_report",
     "quick_compare",
+    "resolve_targets",
     "responses_path_for",
+    "run_eval",
     "sample_responses",
     "summary",
     "validate_num_samples",
