@@ -1,0 +1,371 @@
+"""``oprd bench cache``: what the teacher-cache pass costs on this machine.
+
+One run, side by side, on the same batches:
+- ``full``: the usual teacher forward, ``model(ids, output_hidden_states=True)`` with logits for every
+  position, then the same hidden-state gather to the host as the cache pass.
+- ``truncated``: the cache pass's forward alone (blocks up to the deepest requested layer, no LM
+  head), gather to the host, nothing written. ``truncated_speedup`` = full / truncated.
+- ``cache``: the complete teacher-cache pass (:func:`oprd_cli.teacher.cache_rollouts`): forward plus
+  the background encode/compress/write. ``writer_overhead`` = (cache - truncated) / truncated.
+- read-back throughput, bytes per stored value, compression ratio, and a sweep of encodings (store
+  dtype, lossy mantissa bits) and compressors on the same activations: bytes per value against cosine
+  similarity to the exact values.
+
+Without ``--teacher``/``--rollouts`` it generates a randomly initialised Qwen2-style teacher and a
+rollout store of random tokens (the default geometry is sized to finish in about two minutes on a
+2-core CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from oprd_cli import models
+from oprd_cli.console import console, err_console
+from oprd_cli.errors import OprdError
+from oprd_cli.stores import cache as cache_store
+from oprd_cli.stores import common
+from oprd_cli.stores.rollouts import RolloutWriter, open_rollouts
+from oprd_cli.teacher import TeacherModel, _RolloutData, _request, cache_rollouts, plan_batches
+
+SWEEP = [("float32", None), ("bfloat16", None), ("bfloat16", 5), ("bfloat16", 4), ("bfloat16", 3),
+         ("bfloat16", 2), ("float16", None), ("float16", 7)]
+COMPRESSOR_SWEEP = ["none", "zstd", "blosc-zstd", "lz4", "blosc-lz4", "blosc-lz4hc"]
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def generate_teacher(folder: Path, hidden_size: int, num_layers: int, vocab_size: int) -> Path:
+    """A random Qwen2-style teacher (head dim 64, 4x MLP) with a small local tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from oprd_cli.tiny import build_tokenizer
+
+    getattr(models, "quiet_transformers", lambda: None)()
+    texts = [f"step {i}: the answer is {i * 7 % 13} and {i * i} so we box it" for i in range(200)]
+    tok = build_tokenizer(texts, folder, vocab_size=300)
+    heads = max(1, hidden_size // 64)
+    config = AutoConfig.for_model(
+        "qwen2", vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def generate_rollouts(path: Path, teacher: Path, tokens: int, vocab_size: int, seed: int = 0) -> Path:
+    """Random prompts (64..128 tokens) and responses (128..896 tokens) until ``tokens`` tokens in all."""
+    tok = models.load_tokenizer(str(teacher))
+    rng = np.random.default_rng(seed)
+    w = RolloutWriter(str(path), {"tokenizer": {"name": str(teacher), "digest": models.tokenizer_digest(tok)},
+                                  "record_topk": 0, "generated_by": "oprd bench cache"}, overwrite=True)
+    total = 0
+    p = 0
+    while total < tokens:
+        prompt = rng.integers(0, vocab_size, int(rng.integers(64, 129)))
+        row = w.add_prompt(prompt.tolist(), p, f"bench-{p}", None)
+        for s in range(2):
+            n = int(rng.integers(128, 897))
+            w.add_sample(row, s, rng.integers(0, vocab_size, n), np.zeros(n, np.float32), "length", "")
+            total += len(prompt) + n
+        p += 1
+    w.finish()
+    return path
+
+
+def _batches(store, layout, max_batch_tokens: int) -> list[list]:
+    data = _RolloutData.load(store)
+    out = []
+    for unit in layout.units():
+        reqs = {r: q for r in unit.rows if (q := _request(data, layout, r, "none")) is not None}
+        for b in plan_batches({r: len(q.ids) for r, q in reqs.items()}, max_batch_tokens):
+            out.append([reqs[r] for r in b])
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _full_pass(model, batches, layers: list[int], device, pad_id: int) -> float:
+    t = time.perf_counter()
+    for reqs in batches:
+        B, S = len(reqs), max(len(r.ids) for r in reqs)
+        ids = torch.full((B, S), pad_id, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, : len(r.ids)] = torch.from_numpy(r.ids)
+        out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
+        counts = [len(r.hidden_index) for r in reqs]
+        bi = torch.repeat_interleave(torch.arange(B), torch.tensor(counts)).to(device)
+        si = torch.from_numpy(np.concatenate([r.hidden_index for r in reqs])).to(device)
+        torch.stack([out.hidden_states[i][bi, si] for i in layers], dim=1).to("cpu")
+        del out
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _bare_pass(tm: TeacherModel, batches) -> float:
+    t = time.perf_counter()
+    for reqs in batches:
+        tm.run(reqs)
+    _sync(tm.device)
+    return time.perf_counter() - t
+
+
+def _sweep(tm: TeacherModel, batches, model_dtype: str, compressor: str, level, chunk_rows: int,
+           max_values: int = 8 << 20) -> tuple[list[dict], list[dict]]:
+    """Encodings and compressors on the same exact activations (up to ``max_values`` values)."""
+    import zarr
+
+    parts, values = [], 0
+    for reqs in batches:
+        for o in tm.run(reqs):
+            parts.append(o["hidden"])
+            values += o["hidden"].numel()
+        if values >= max_values:
+            break
+    exact = torch.cat(parts)
+    n_layers, d = exact.shape[1], exact.shape[2]
+    if exact.shape[0] >= chunk_rows:  # whole chunks only, so that no padding is counted
+        exact = exact[: exact.shape[0] // chunk_rows * chunk_rows]
+    else:
+        chunk_rows = exact.shape[0]
+
+    def stored_bytes(a: np.ndarray, comp: str, lvl) -> tuple[int, float]:
+        store = zarr.storage.MemoryStore()
+        codecs = cache_store.hidden_codecs(comp, lvl, a.dtype.itemsize)
+        arr = zarr.create_array(store, shape=a.shape, dtype=a.dtype, chunks=(chunk_rows, n_layers, d),
+                                compressors=codecs, fill_value=0)
+        t = time.perf_counter()
+        arr[...] = a
+        dt = time.perf_counter() - t
+        size = sum(len(v.to_bytes()) for k, v in store._store_dict.items() if not k.endswith("zarr.json"))
+        return size, dt
+
+    encodings = []
+    for dt_name, bits in SWEEP:
+        enc = cache_store.Encoding(dt_name, model_dtype, bits)
+        a = enc.encode(exact)
+        size, _ = stored_bytes(a, compressor, level)
+        cos = cache_store.CosineStats()
+        if not enc.faithful:
+            cos.add(exact, enc.decode(a))
+        s = cos.summary() or {"mean": 1.0, "min": 1.0}
+        encodings.append({"store_dtype": dt_name, "mantissa_bits": bits, "faithful": enc.faithful,
+                          "bytes_per_value": size / exact.numel(), "cosine_mean": s["mean"], "cosine_min": s["min"]})
+    comps = []
+    enc = cache_store.Encoding("bfloat16", model_dtype, None)
+    a = enc.encode(exact)
+    for comp in COMPRESSOR_SWEEP:
+        lvl = cache_store.DEFAULT_LEVEL.get(comp)
+        size, secs = stored_bytes(a, comp, lvl)
+        comps.append({"compressor": comp, "level": lvl, "store_dtype": "bfloat16",
+                      "bytes_per_value": size / exact.numel(), "compression_ratio": a.nbytes / size if size else None,
+                      "compress_mb_s": a.nbytes / 1e6 / secs if secs else None})
+    return encodings, comps
+
+
+def run_bench(
+    teacher: str | None = None,
+    rollouts: str | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    store_dtype: str = "bfloat16",
+    layers: str = "all",
+    positions: str = "all",
+    k: int = 2000,
+    compressor: str = cache_store.DEFAULT_COMPRESSOR,
+    level: int | None = None,
+    tokens: int = 12000,
+    hidden_size: int = 512,
+    num_layers: int = 8,
+    vocab_size: int = 32000,
+    max_batch_tokens: int = 4096,
+    unit_positions: int = 1024,
+    repeats: int = 1,
+    show_progress: bool = True,
+    workdir: str | None = None,
+) -> dict[str, Any]:
+    if (teacher is None) != (rollouts is None):
+        raise OprdError("give both --teacher and --rollouts, or neither (then both are generated)")
+    if repeats < 1:
+        raise OprdError("--repeats must be at least 1")
+    dev = models.resolve_device(device)
+    tmp = tempfile.TemporaryDirectory(prefix="oprd-bench-cache-", dir=workdir)
+    root = Path(tmp.name)
+
+    def say(msg: str) -> None:
+        if show_progress:
+            err_console.print(f"[dim]bench cache:[/] {msg}")
+
+    try:
+        t0 = time.perf_counter()
+        generated = teacher is None
+        if teacher is None:
+            say(f"generating a teacher (d={hidden_size}, {num_layers} layers, vocab {vocab_size}) and "
+                f"~{tokens} tokens of rollouts")
+            teacher = str(generate_teacher(root / "teacher", hidden_size, num_layers, vocab_size))
+            rollouts = str(generate_rollouts(root / "rollouts.zarr", Path(teacher), tokens, vocab_size))
+        store = open_rollouts(rollouts)
+        setup_s = time.perf_counter() - t0
+
+        say("loading the truncated teacher and the full one")
+        tm = TeacherModel(teacher, layers=layers, need_logits=False, device=str(dev), dtype=dtype)
+        full = models.load_model(teacher, dev, tm.dtype)
+        model_dtype = cache_store.dtype_name(tm.dtype)
+        enc = cache_store.Encoding(model_dtype if store_dtype == "auto" else store_dtype, model_dtype)
+        layout = cache_store.plan_layout(store.prompt_lengths, store.response_lengths, positions=positions, k=k,
+                                         n_layers=len(tm.layers), hidden_size=tm.hidden_size,
+                                         itemsize=enc.storage.itemsize, unit_positions=unit_positions)
+        batches = _batches(store, layout, max_batch_tokens)
+        fed = sum(len(r.ids) for b in batches for r in b)
+        # warm-up (allocator, kernels, threads)
+        _full_pass(full, batches[:1], tm.layers, dev, tm.pad_id)
+        _bare_pass(tm, batches[:1])
+
+        say(f"timing the full forward ({len(batches)} batches, {fed} tokens)")
+        t_full = min(_full_pass(full, batches, tm.layers, dev, tm.pad_id) for _ in range(repeats))
+        del full
+        t_bare, t_cache, cache_stats = [], [], {}
+        cache_path = root / "cache.zarr"
+        for rep in range(repeats):
+            say("timing the truncated forward (no LM head, nothing written)")
+            t_bare.append(_bare_pass(tm, batches))
+            say("timing the complete teacher-cache pass")
+            st: dict[str, Any] = {}
+            cache_rollouts(tm, rollouts, cache_path, layers=layers, positions=positions, k=k,
+                           store_dtype=enc.dtype, compressor=compressor, level=level,
+                           max_batch_tokens=max_batch_tokens, unit_positions=unit_positions,
+                           overwrite=True, show_progress=False, stats=st)
+            t_cache.append(st["loop_seconds"])
+            if st["loop_seconds"] == min(t_cache):
+                cache_stats = st
+        bare, cache_s = min(t_bare), min(t_cache)
+
+        say("reading the cache back")
+        c = cache_store.open_cache(str(cache_path))
+        info = c.info()
+        t = time.perf_counter()
+        decoded = 0
+        for a in range(0, c.num_samples, 4):
+            b = c.read(range(a, min(a + 4, c.num_samples)))
+            decoded += int(b.mask.sum()) * len(c.layers) * c.hidden_size * b.hidden.element_size()
+        read_s = time.perf_counter() - t
+        say("sweeping encodings and compressors")
+        encodings, comps = _sweep(tm, batches, model_dtype, compressor, level,
+                                  int(info["layout"]["hidden_chunk_rows"]))
+        values = info["num_positions"] * len(c.layers) * c.hidden_size
+        report = {
+            "machine": _machine(dev),
+            "teacher": {"name": "generated" if generated else teacher,
+                        "hidden_size": tm.hidden_size, "num_layers": tm.num_layers,
+                        "vocab_size": int(tm.config.vocab_size), "dtype": model_dtype},
+            "rollouts": {"samples": store.num_samples, "tokens_fed": fed, "batches": len(batches),
+                         "max_batch_tokens": max_batch_tokens},
+            "cache": {"layers": tm.layers, "positions": {"mode": positions, "k": k}, "store_dtype": enc.dtype,
+                      "faithful": enc.faithful, "compressor": compressor,
+                      "level": info["compression"]["level"], "units": info["units"]["total"],
+                      "values": values, "stored_bytes": info["stored_bytes"]},
+            "full_forward_s": t_full,
+            "truncated_forward_s": bare,
+            "cache_pass_s": cache_s,
+            "truncated_speedup": t_full / bare,
+            "writer_overhead": (cache_s - bare) / bare,
+            "bytes_per_value": info["bytes_per_value"],
+            "compression_ratio": info["compression_ratio"],
+            "cosine_similarity": info["encoding"]["cosine_similarity"],
+            "tokens_per_s": {"full": fed / t_full, "truncated": fed / bare, "cache": fed / cache_s},
+            "write_mb_s": (cache_stats["raw_bytes"] / 1e6 / cache_stats["writer_busy_seconds"]
+                           if cache_stats.get("writer_busy_seconds") else None),
+            "writer_busy_fraction": (cache_stats["writer_busy_seconds"] / cache_s
+                                     if cache_stats.get("writer_busy_seconds") else None),
+            "read_mb_s": decoded / 1e6 / read_s if read_s else None,
+            "encodings": encodings,
+            "compressors": comps,
+            "setup_s": setup_s,
+            "repeats": repeats,
+            "total_s": time.perf_counter() - t0,
+        }
+        return report
+    finally:
+        tmp.cleanup()
+
+
+def print_report(r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    m = r["machine"]
+    console.print(f"[bold]oprd bench cache[/] on {m.get('gpu') or m['cpu']} ({m['device']}, {m['cpu_cores']} cores, "
+                  f"torch {m['torch']})")
+    t = r["teacher"]
+    console.print(f"teacher d={t['hidden_size']} layers={t['num_layers']} vocab={t['vocab_size']} {t['dtype']}; "
+                  f"{r['rollouts']['tokens_fed']} tokens in {r['rollouts']['batches']} batches; cache "
+                  f"{r['cache']['positions']['mode']} positions of {len(r['cache']['layers'])} layers as "
+                  f"{r['cache']['store_dtype']} + {r['cache']['compressor']}")
+    tab = Table(show_header=True, title_justify="left")
+    tab.add_column("measure")
+    tab.add_column("value", justify="right")
+    rows = [
+        ("full forward (all logits)", f"{r['full_forward_s']:.2f} s  ({r['tokens_per_s']['full']:,.0f} tok/s)"),
+        ("truncated forward (no LM head)", f"{r['truncated_forward_s']:.2f} s  "
+                                           f"({r['tokens_per_s']['truncated']:,.0f} tok/s)"),
+        ("teacher-cache pass", f"{r['cache_pass_s']:.2f} s  ({r['tokens_per_s']['cache']:,.0f} tok/s)"),
+        ("truncated_speedup", f"{r['truncated_speedup']:.2f}x"),
+        ("writer_overhead", f"{r['writer_overhead'] * 100:+.1f} % (target <= 10 %)"),
+        ("bytes_per_value", f"{r['bytes_per_value']:.3f}"),
+        ("compression_ratio", f"{r['compression_ratio']:.3f}"),
+        ("write MB/s (raw, writer thread)", f"{r['write_mb_s']:.0f}" if r["write_mb_s"] else "-"),
+        ("read MB/s (decoded)", f"{r['read_mb_s']:.0f}" if r["read_mb_s"] else "-"),
+    ]
+    for a, b in rows:
+        tab.add_row(a, b)
+    console.print(tab)
+    enc = Table(title="encodings (same activations)", title_justify="left")
+    for col in ("store dtype", "mantissa bits", "bytes/value", "cosine mean", "cosine min"):
+        enc.add_column(col, justify="right")
+    for e in r["encodings"]:
+        enc.add_row(e["store_dtype"], "-" if e["mantissa_bits"] is None else str(e["mantissa_bits"]),
+                    f"{e['bytes_per_value']:.3f}", f"{e['cosine_mean']:.6f}", f"{e['cosine_min']:.6f}")
+    console.print(enc)
+    comp = Table(title="compressors (bfloat16 values)", title_justify="left")
+    for col in ("compressor", "bytes/value", "ratio", "compress MB/s"):
+        comp.add_column(col, justify="right")
+    for c in r["compressors"]:
+        comp.add_row(c["compressor"], f"{c['bytes_per_value']:.3f}", f"{c['compression_ratio']:.3f}",
+                     f"{c['compress_mb_s']:.0f}" if c["compress_mb_s"] else "-")
+    console.print(comp)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(run_bench(), indent=2, default=str))
