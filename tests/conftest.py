@@ -20,9 +20,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-if not SHARED_DATA.exists():  # CI clones next to shared/ as well; allow an override
-    SHARED_DATA = Path(os.environ.get("OPRD_SHARED_DATA", SHARED_DATA))
+# The project's shared test data (``../shared/data``) is vendored in ``tests/data`` so that a clone
+# anywhere (CI clones into a temporary folder) finds it; OPRD_SHARED_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("OPRD_SHARED_DATA", Path(__file__).resolve().parent / "data"))
 
 
 @pytest.fixture(scope="session")
