@@ -21,7 +21,6 @@ How a pass works
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -39,8 +38,6 @@ from oprd_cli.stores import cache as cache_store
 from oprd_cli.stores import common
 from oprd_cli.stores.rollouts import RolloutStore, open_rollouts
 from oprd_cli.stores.rundir import RunDir, round_index
-
-UNIT_DELAY_ENV = "OPRD_TEACHER_CACHE_UNIT_DELAY"  # test hook: seconds to sleep after each unit is queued
 
 
 # ------------------------------------------------------------------------ settings
@@ -463,6 +460,11 @@ def cache_rollouts(
             Path(out).resolve() == Path(rollouts_path).resolve():
         raise OprdError("--out is the rollout store itself; choose another path for the cache")
     store = open_rollouts(rollouts_path)
+    if not overwrite and common.exists(out) and common.is_complete(out):  # say so before loading the teacher
+        kind = common.read_meta(out).get("kind")
+        if kind != cache_store.FORMAT.kind:
+            raise OprdError(f"{out} is a {kind!r} store, not a teacher cache; choose another --out")
+        raise OprdError(f"teacher cache {out} already exists and is complete; pass --overwrite to replace it")
     if cfg.logprobs == "topk":
         if not store.record_topk:
             raise OprdError(f"--logprobs topk needs the student's top-k ids, and rollout store {rollouts_path} has "
@@ -535,7 +537,6 @@ def cache_rollouts(
     if already and todo:
         err_console.print(f"resuming {out}: {already} of this worker's {len(mine)} units already done")
     data = _RolloutData.load(store, support_k=topk_used) if todo else None
-    delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
 
     counters = {"samples": 0, "tokens": 0, "raw": 0, "stored": 0, "units": 0}
     lock = threading.Lock()
@@ -597,8 +598,6 @@ def cache_rollouts(
                         tokens[name].append(np.zeros(shape, np.float32))
                 assert hidden[-1].shape[0] == n
             bg.submit(unit, hidden, tokens)
-            if delay:
-                time.sleep(delay)
         if bg is not None:
             bg.close()
             writer_busy = bg.busy_seconds

@@ -1,0 +1,371 @@
+"""`oprd teacher-cache` and the teacher-cache store, driven through the real command.
+
+One rollout store (tiny Qwen2 student, 4 prompts x 2 samples) is built once with `oprd rollout`;
+every cache is compared with a direct ``output_hidden_states=True`` forward of the full teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from transformers import AutoModelForCausalLM
+
+from helpers import info_json, run_cli
+from oprd_cli.stores import common
+from oprd_cli.stores.cache import PAUSE_BEFORE_MARKER_ENV, open_cache
+from oprd_cli.stores.rollouts import open_rollouts
+from oprd_cli.teacher import plan_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+# 8 samples of up to 16 tokens; units of 32 response tokens -> several units (for shards and resume)
+UNITS = ["--unit-tokens", "32"]
+
+
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory, tiny_qwen, aime24_path) -> Path:
+    run = tmp_path_factory.mktemp("tc") / "run"
+    run_cli("rollout", "--model", tiny_qwen, "--prompts", aime24_path, "--run-dir", run, "--limit", "4",
+            "--num-samples", "2", "--max-new-tokens", "16", "--record-topk", "4")
+    return run / "rollouts" / "r000001.zarr"
+
+
+@pytest.fixture(scope="module")
+def reference(rollouts, tiny_qwen, tmp_path_factory) -> tuple[Path, str]:
+    """One uninterrupted single-worker cache with the settings the shard and resume tests use."""
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    run_cli("teacher-cache", "--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, "--positions", "all",
+            "--logprobs", "sampled", *UNITS)
+    info = info_json(out)
+    assert info["complete"] and info["units"]["total"] >= 3
+    return out, info["content_digest"]
+
+
+_models: dict = {}
+
+
+def _model(path, dtype=torch.float32):
+    key = (str(path), dtype)
+    if key not in _models:
+        _models[key] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+    return _models[key]
+
+
+def _direct(model, sample):
+    """Full-model forward of prompt + response (without the last response token): hidden states, logits."""
+    ids = np.concatenate([sample.prompt_ids, sample.response_ids[:-1]]).astype(np.int64)
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids)[None], output_hidden_states=True, use_cache=False)
+    return [h[0] for h in out.hidden_states], out.logits[0].float()
+
+
+def _check_hidden(cache_path, rollouts_path, model, exact=True):
+    cache, store = open_cache(str(cache_path)), open_rollouts(str(rollouts_path))
+    for s in store.samples():
+        hs, _ = _direct(model, s)
+        b = cache.read([s.row])
+        n = int(b.mask.sum())
+        lp = len(s.prompt_ids)
+        pos = b.positions[0, :n]
+        expected = torch.stack([hs[layer][lp - 1 + pos] for layer in cache.layers])
+        got = b.hidden[0, :, :n]
+        assert got.dtype == expected.dtype
+        if exact:
+            assert torch.equal(got, expected), f"sample {s.row}: stored hidden states differ from the forward"
+        else:
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    return cache
+
+
+# --------------------------------------------------------------------- values
+def test_layers_positions_exact_and_truncated(rollouts, tiny_dir, tmp_path):
+    """--layers 0,2 of a 4-layer teacher: only 2 blocks run, no LM head; bit-exact last_k positions."""
+    deep = tiny_dir / "qwen2-deep"
+    out = tmp_path / "c.zarr"
+    run_cli("teacher-cache", "--teacher", deep, "--rollouts", rollouts, "--out", out, "--layers", "0,2",
+            "--positions", "last_k", "--k", "5", "--max-batch-tokens", "1")
+    info = info_json(out)
+    lengths = open_rollouts(str(rollouts)).response_lengths
+    assert info["kind"] == "teacher_cache" and info["format_version"] == 1 and info["complete"]
+    assert info["layers"] == [0, 2] and info["hidden_size"] == 64
+    assert info["positions"] == {"mode": "last_k", "k": 5}
+    assert info["logprobs"] == {"mode": "none", "k": 0}
+    assert info["num_samples"] == 8 and info["num_positions"] == int(np.minimum(lengths, 5).sum())
+    assert info["teacher"]["blocks_run"] == 2 and info["teacher"]["lm_head"] is False
+    assert info["teacher"]["num_layers"] == 4 and info["teacher"]["config_digest"].startswith("sha256:")
+    assert info["encoding"]["faithful"] and info["encoding"]["dtype"] == "float32"
+    assert info["rollout_digest"] == info_json(rollouts)["content_digest"] and info["rollout_store_id"]
+    assert info["stored_bytes"] > 0 and info["compression_ratio"] > 0
+    cache = _check_hidden(out, rollouts, _model(deep))
+    b = cache.read(range(8))
+    assert (b.positions[b.mask] >= 0).all()
+    for i, length in enumerate(lengths):  # the last min(5, T) response positions, ragged
+        n = min(5, int(length))
+        assert b.positions[i, :n].tolist() == list(range(int(length) - n, int(length)))
+    assert run_cli("info", out, "--json", "--verify").stdout.count('"verified": true') == 1
+
+
+def test_bf16_teacher_is_stored_as_its_bf16_bits(rollouts, tiny_dir, tmp_path):
+    """--dtype bfloat16 and the default --store-dtype auto: bf16 bit patterns, equal to a bf16 forward."""
+    deep = tiny_dir / "qwen2-deep"
+    out = tmp_path / "c.zarr"
+    run_cli("teacher-cache", "--teacher", deep, "--rollouts", rollouts, "--out", out, "--layers", "even",
+            "--positions", "first_k", "--k", "3", "--dtype", "bfloat16", "--max-batch-tokens", "1")
+    info = info_json(out)
+    assert info["layers"] == [2, 4] and info["encoding"]["dtype"] == "bfloat16" and info["encoding"]["faithful"]
+    assert zarr.open_group(str(out), mode="r")["hidden"].dtype == np.uint16
+    assert info["bytes_per_value"] <= 2.0
+    _check_hidden(out, rollouts, _model(deep, torch.bfloat16))
+
+
+def test_batched_all_positions_and_logprobs(rollouts, tiny_qwen, tmp_path):
+    """Token-budget batches (padding) and top-k log-probs equal log_softmax of the full logits."""
+    out = tmp_path / "c.zarr"
+    run_cli("teacher-cache", "--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, "--layers", "all",
+            "--positions", "all", "--logprobs", "topk", "--topk", "4", "--max-batch-tokens", "64")
+    info = info_json(out)
+    assert info["logprobs"] == {"mode": "topk", "k": 4} and info["teacher"]["lm_head"] is True
+    assert info["num_positions"] == info["num_tokens"] == int(open_rollouts(str(rollouts)).response_lengths.sum())
+    model = _model(tiny_qwen)
+    cache = _check_hidden(out, rollouts, model, exact=False)
+    for s in open_rollouts(str(rollouts)).samples():
+        _, logits = _direct(model, s)
+        lp = torch.log_softmax(logits, -1)[len(s.prompt_ids) - 1:]  # row t predicts response token t
+        T = len(s.response_ids)
+        assert lp.shape[0] == T
+        b = cache.read([s.row])
+        ids = torch.as_tensor(s.response_ids, dtype=torch.long)
+        torch.testing.assert_close(b.teacher_logprobs[0, :T], lp[torch.arange(T), ids], atol=1e-5, rtol=0)
+        sup = torch.as_tensor(s.topk_ids[:, :4], dtype=torch.long)
+        torch.testing.assert_close(b.support_logprobs[0, :T], lp.gather(1, sup), atol=1e-5, rtol=0)
+        top = lp.topk(4, dim=-1)
+        assert torch.equal(b.teacher_topk_ids[0, :T], top.indices)
+        torch.testing.assert_close(b.teacher_topk_logprobs[0, :T], top.values, atol=1e-5, rtol=0)
+
+
+def test_lossy_mantissa_reports_cosine(rollouts, tiny_qwen, tmp_path):
+    out = tmp_path / "c.zarr"
+    run_cli("teacher-cache", "--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, "--positions", "all",
+            "--store-dtype", "bfloat16", "--lossy-mantissa-bits", "3", "--compressor", "zstd", "--level", "3")
+    info = info_json(out)
+    enc = info["encoding"]
+    assert enc["faithful"] is False and enc["lossy_mantissa_bits"] == 3 and enc["dtype"] == "bfloat16"
+    assert 0.98 < enc["cosine_similarity"]["mean"] < 1.0 and enc["cosine_similarity"]["min"] <= enc[
+        "cosine_similarity"]["mean"]
+    assert info["compression"] == {"compressor": "zstd", "level": 3}
+    assert info["bytes_per_value"] < 2.0
+    # the stored values are the exact ones rounded to 3 mantissa bits (relative error <= 2^-4)
+    cache, store = open_cache(str(out)), open_rollouts(str(rollouts))
+    s = next(store.samples())
+    hs, _ = _direct(_model(tiny_qwen), s)
+    b = cache.read([0])
+    n = int(b.mask.sum())
+    exact = torch.stack([hs[layer][len(s.prompt_ids) - 1 + b.positions[0, :n]] for layer in cache.layers])
+    rel = (b.hidden[0, :, :n].float() - exact).abs() / exact.abs().clamp_min(1e-30)
+    assert float(rel.max()) <= 2 ** -4 + 1e-6
+
+
+def test_plan_batches_length_ordered_within_budget():
+    lengths = {0: 5, 1: 50, 2: 7, 3: 48, 4: 6, 5: 30}
+    batches = plan_batches(lengths, 100)
+    order = [r for b in batches for r in b]
+    assert sorted(order) == sorted(lengths)
+    assert [lengths[r] for r in order] == sorted(lengths.values(), reverse=True)
+    for b in batches:
+        assert len(b) * max(lengths[r] for r in b) <= 100 or len(b) == 1
+
+
+# ------------------------------------------------------------ sharding, resume
+def _cli_proc(*args, env=None):
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+         **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "oprd_cli", "teacher-cache", *map(str, args)], cwd=ROOT, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_shard_processes_give_the_single_worker_digest(rollouts, reference, tiny_qwen, tmp_path):
+    out = tmp_path / "sharded.zarr"
+    common_args = ["--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, "--positions", "all",
+                   "--logprobs", "sampled", *UNITS]
+    procs = [_cli_proc(*common_args, "--shard", f"{i}/2") for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    info = info_json(out)
+    assert info["complete"] and info["content_digest"] == reference[1]
+    workers = {json.loads(f.read_text())["worker"] for f in (out / "units").glob("u*.json")}
+    assert workers == {"0/2", "1/2"}
+    assert open_cache(str(out)).verify()
+
+
+def test_shard_leaves_store_incomplete_until_every_shard_is_done(rollouts, reference, tiny_qwen, tmp_path):
+    out = tmp_path / "c.zarr"
+    args = ["teacher-cache", "--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, "--positions", "all",
+            "--logprobs", "sampled", *UNITS]
+    run_cli(*args, "--shard", "1/3")
+    info = info_json(out)
+    assert info["complete"] is False and info["content_digest"] is None
+    assert 0 < info["units"]["done"] < info["units"]["total"]
+    run_cli("teacher-cache", "--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, expect=2)  # other settings
+    run_cli(*args, "--shard", "0/3")
+    assert info_json(out)["complete"] is False
+    run_cli(*args, "--shard", "2/3")  # the last worker marks the store complete
+    assert info_json(out)["content_digest"] == reference[1]
+
+
+def test_sigkill_mid_store_then_resume_gives_same_digest(rollouts, reference, tiny_qwen, tmp_path):
+    out = tmp_path / "killed.zarr"
+    args = ["--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, "--positions", "all",
+            "--logprobs", "sampled", *UNITS]
+    total = info_json(reference[0])["units"]["total"]
+    p = _cli_proc(*args, env={PAUSE_BEFORE_MARKER_ENV: "2"})
+    units = out / "units"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and p.poll() is None:
+        if units.is_dir() and any(units.glob("u*.json")):
+            break
+        assert not (out / common.COMPLETE_MARKER).exists()
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()[1]
+    time.sleep(1.0)  # the next unit's data is on disk, its marker is not
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    done = len(list(units.glob("u*.json")))
+    assert 1 <= done < total
+    assert len(list((out / "hidden" / "c").iterdir())) > done  # a unit's data was written without its marker
+    assert not (out / common.COMPLETE_MARKER).exists()
+    info = info_json(out)
+    assert info["complete"] is False and info["content_digest"] is None and info["units"]["done"] == done
+    with pytest.raises(Exception, match="incomplete"):
+        open_cache(str(out))
+    res = run_cli("teacher-cache", *args)
+    assert f"{done} of this worker's {total} units already done" in res.stderr
+    assert info_json(out)["content_digest"] == reference[1]
+    assert open_cache(str(out)).verify()
+
+
+# ------------------------------------------------------------------- run dirs
+def _copy_round(src: Path, run: Path, index: int) -> Path:
+    dst = run / "rollouts" / f"r{index:06d}.zarr"
+    tmp = run / "rollouts" / f".tmp-{index}"
+    shutil.copytree(src, tmp)
+    os.replace(tmp, dst)  # appears at once, complete
+    return dst
+
+
+def test_run_dir_mode_and_overwrite(rollouts, reference, tiny_qwen, tmp_path):
+    run = tmp_path / "run"
+    _copy_round(rollouts, run, 1)
+    args = ["teacher-cache", "--teacher", tiny_qwen, "--run-dir", run, "--positions", "all", "--logprobs", "sampled",
+            *UNITS]
+    res = run_cli(*args, "--json")
+    summary = json.loads(res.stdout)["caches"]
+    cache = run / "cache" / "r000001.zarr"
+    assert [c["path"] for c in summary] == [str(cache)] and summary[0]["complete"]
+    assert info_json(cache)["content_digest"] == reference[1]
+    # nothing left to do; a complete cache is kept
+    assert "nothing to do" in run_cli(*args).stderr
+    # an explicit --out of a complete cache is refused without --overwrite, and left as it was
+    res = run_cli("teacher-cache", "--teacher", tiny_qwen, "--rollouts", run / "rollouts" / "r000001.zarr",
+                  "--out", cache, "--positions", "all", expect=2)
+    assert "already exists and is complete" in res.stderr and "--overwrite" in res.stderr
+    assert info_json(cache)["content_digest"] == reference[1]
+    run_cli("teacher-cache", "--teacher", tiny_qwen, "--rollouts", run / "rollouts" / "r000001.zarr",
+            "--out", cache, "--positions", "last", "--overwrite")
+    info = info_json(cache)
+    assert info["positions"]["mode"] == "last" and info["num_positions"] == 8
+    run_cli(*args, "--overwrite")  # run-dir --overwrite redoes every complete round once
+    assert info_json(cache)["content_digest"] == reference[1]
+
+
+def test_follow_picks_up_a_round_that_appears_later(rollouts, reference, tiny_qwen, tmp_path):
+    run = tmp_path / "run"
+    _copy_round(rollouts, run, 1)
+    first = run / "cache" / "r000001.zarr" / common.COMPLETE_MARKER
+
+    def producer():
+        deadline = time.monotonic() + 120
+        while not first.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        _copy_round(rollouts, run, 2)
+
+    t = threading.Thread(target=producer, daemon=True)
+    t.start()
+    res = run_cli("teacher-cache", "--teacher", tiny_qwen, "--run-dir", run, "--positions", "all", "--logprobs",
+                  "sampled", *UNITS, "--follow", "--poll-seconds", "0.1", "--max-rounds", "2", "--timeout", "120",
+                  "--json")
+    t.join(timeout=10)
+    caches = json.loads(res.stdout)["caches"]
+    assert [Path(c["path"]).name for c in caches] == ["r000001.zarr", "r000002.zarr"]
+    assert info_json(run / "cache" / "r000002.zarr")["content_digest"] == reference[1]
+    # --timeout ends a follow that finds nothing new
+    res = run_cli("teacher-cache", "--teacher", tiny_qwen, "--run-dir", run, "--positions", "all", "--follow",
+                  "--poll-seconds", "0.1", "--timeout", "0.3", "--json")
+    assert json.loads(res.stdout)["caches"] == []
+
+
+# ------------------------------------------------------------------ bad input
+def _error(*args) -> str:
+    res = run_cli("teacher-cache", *args, expect=2)
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert "Traceback" not in res.stderr
+    return lines[0]
+
+
+def test_bad_inputs(rollouts, reference, tiny_dir, tiny_qwen, tmp_path):
+    base = ["--teacher", tiny_qwen, "--out", tmp_path / "c.zarr"]
+    assert "no store at" in _error(*base, "--rollouts", tmp_path / "missing.zarr")
+    # incomplete rollout store
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(rollouts, partial)
+    (partial / common.COMPLETE_MARKER).unlink()
+    assert "incomplete" in _error(*base, "--rollouts", partial)
+    # a store of another kind, and an unknown format version
+    assert "'teacher_cache' store, expected a 'rollouts' store" in _error(*base, "--rollouts", reference[0])
+    future = tmp_path / "future.zarr"
+    shutil.copytree(rollouts, future)
+    g = zarr.open_group(str(future), mode="r+")
+    g.attrs["oprd"] = {**g.attrs["oprd"], "format_version": 99}
+    assert "format version 99" in _error(*base, "--rollouts", future)
+    # a teacher with another tokenizer: both are named
+    from oprd_cli.tiny import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer(["another tokenizer entirely 0123456789"] * 4, tmp_path / "tok2", vocab_size=300)
+    build_tiny_model(tmp_path / "other", tok, "qwen2", hidden_size=32, num_layers=1)
+    msg = _error("--teacher", tmp_path / "other", "--rollouts", rollouts, "--out", tmp_path / "c.zarr")
+    student_tok = info_json(rollouts)["tokenizer"]["name"]
+    assert "another tokenizer" in msg and str(tmp_path / "other") in msg and str(student_tok) in msg
+    # option values
+    assert "valid indices 0..2" in _error(*base, "--rollouts", rollouts, "--layers", "3")
+    assert "--k must be at least 1" in _error(*base, "--rollouts", rollouts, "--k", "0")
+    assert "--shard 3/2" in _error(*base, "--rollouts", rollouts, "--shard", "3/2")
+    assert "I/N" in _error(*base, "--rollouts", rollouts, "--shard", "two")
+    assert "--positions" in _error(*base, "--rollouts", rollouts, "--positions", "middle")
+    assert "--logprobs" in _error(*base, "--rollouts", rollouts, "--logprobs", "full")
+    assert "either --rollouts" in _error("--teacher", tiny_qwen)
+    assert "--topk 8 is more than the 4" in _error(*base, "--rollouts", rollouts, "--logprobs", "topk", "--topk", "8")
+    # a cache that cannot be written: its folder would be inside a regular file
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "cannot write teacher cache" in _error("--teacher", tiny_qwen, "--rollouts", rollouts,
+                                                  "--out", blocker / "sub" / "c.zarr")
+    # --out onto another kind of store is refused and leaves it alone
+    assert "is the rollout store itself" in _error("--teacher", tiny_qwen, "--rollouts", rollouts, "--out", rollouts)
+    other = tmp_path / "other-rollouts.zarr"
+    shutil.copytree(rollouts, other)
+    assert "not a teacher cache" in _error("--teacher", tiny_qwen, "--rollouts", rollouts, "--out", other,
+                                           "--overwrite")
+    assert open_rollouts(str(other)).content_digest == open_rollouts(str(rollouts)).content_digest
