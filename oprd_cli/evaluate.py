@@ -38,6 +38,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from fractions import Fraction
@@ -808,6 +809,23 @@ def load_responses_file(path: str | Path, records: Sequence[Record]) -> list[dic
     return out
 
 
+@contextmanager
+def _quiet_hub(message: str):
+    """A spinner while a hub dataset loads, with huggingface_hub's per-retry warnings muted: without a
+    network it retries for ~20 s and then fails, and the user should see one error line, not ten."""
+    from oprd_cli.console import err_console
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()  # also configures hub logging, which would reset a level set before
+    hub_logging.set_verbosity_error()
+    try:
+        with err_console.status(message):
+            yield
+    finally:
+        hub_logging.set_verbosity(level)
+
+
 @dataclass(frozen=True)
 class EvalData:
     records: list[Record]
@@ -835,9 +853,10 @@ def load_eval_data(
     if data is None:
         b = get_benchmark(bench)  # unknown names fail here, listing the known ones
         try:
-            records = load_records(b.hub_id, split or b.split, prompt_field or b.problem_field,
-                                   answer_field or b.answer_field, id_field or b.id_field, limit,
-                                   config=b.config, require_answer=True)
+            with _quiet_hub(f"loading benchmark {b.name} ({b.hub_id}, split {split or b.split}) from the hub"):
+                records = load_records(b.hub_id, split or b.split, prompt_field or b.problem_field,
+                                       answer_field or b.answer_field, id_field or b.id_field, limit,
+                                       config=b.config, require_answer=True)
         except OprdError as e:
             if "from the hub" not in str(e):
                 raise
@@ -850,7 +869,9 @@ def load_eval_data(
         return EvalData(records, b.name, b.integer_answers, b.hub_id)
     records = load_records(data, split or "train", prompt_field, answer_field, id_field, limit, require_answer=True)
     name = bench or Path(str(data)).name.split(".")[0]
-    return EvalData(records, name, known.integer_answers if known else False, str(data))
+    local = Path(os.path.expanduser(str(data)))
+    source = str(local.resolve()) if local.exists() else str(data)  # one spelling per file, for --skip-existing
+    return EvalData(records, name, known.integer_answers if known else False, source)
 
 
 def validate_num_samples(num_samples: int) -> int:
@@ -1171,14 +1192,67 @@ def evaluate_target(target: EvalTarget, data: EvalData, sampling, template, *, g
     return report
 
 
-def _same_protocol(old: Mapping[str, Any], target: EvalTarget, data: EvalData, sampling) -> bool:
-    """Whether an existing report answers the same question (for --skip-existing)."""
+def same_protocol(old: Mapping[str, Any], target: EvalTarget, data: EvalData, sampling) -> bool:
+    """Whether an existing report answers the same question (same benchmark and data, model, step and
+    sampling; for --skip-existing and for callers that reuse reports)."""
     s = old.get("sampling") or {}
     keys = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "seed")
     return (old.get("bench") == data.bench and old.get("data") == data.source and old.get("model") == target.model
             and old.get("step") == target.step and all(s.get(k) == getattr(sampling, k) for k in keys)
             and old.get("num_problems", 0) + len((old.get("generation") or {}).get("skipped_problems") or [])
             == len(data.records))
+
+
+_same_protocol = same_protocol  # the name callers used before it was public
+
+
+def evaluate_model(
+    model: str,
+    *,
+    data: str | None = None,
+    bench: str | None = None,
+    limit: int | None = None,
+    out: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    step: int | None = None,
+    num_samples: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    template=None,
+    device: str = "auto",
+    dtype: str = "auto",
+    timeout: float = DEFAULT_TIMEOUT_S,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate one model from Python and return the full report dict (``per_problem`` and the per-sample
+    rows under ``"samples"`` included); nothing is printed except progress.
+
+    ``data``: a local jsonl/json/parquet file (plain or verl) or a hub id; ``bench``: a registry name
+    (alone: loaded from the hub; with ``data``: names the file's benchmark and its answer type). Sampling
+    arguments left None take the eval defaults (n=16, T=0.7, top-p 1, 16,384 new tokens, seed 0);
+    ``template`` is a :class:`oprd_cli.config.TemplateConfig` (default: chat template + the boxed
+    instruction). ``run_dir``/``step`` label the report as a run's checkpoint. With ``out`` the report
+    and ``<stem>.responses.jsonl`` are written there, as ``oprd eval --out`` does (``report_path`` is set).
+    """
+    from oprd_cli.config import TemplateConfig
+
+    if num_samples is not None:
+        validate_num_samples(num_samples)
+    ed = load_eval_data(bench, data, limit)
+    sampling = eval_sampling(None, num_samples=num_samples, temperature=temperature, top_p=top_p,
+                             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    target = EvalTarget(str(model), str(run_dir) if run_dir is not None else None,
+                        int(step) if step is not None else None)
+    with Grader(timeout=timeout, integer_answers=ed.integer_answers) as grader:
+        report = evaluate_target(target, ed, sampling, template or TemplateConfig(), grader=grader, device=device,
+                                 dtype=dtype, show_progress=show_progress)
+    if out is not None:
+        path, _ = write_report(report, out)
+        report["report_path"] = str(path)
+    return report
 
 
 def _report_path(out: str | None, target: EvalTarget | None, bench: str, model: str, many: bool) -> Path:
@@ -1317,7 +1391,7 @@ def run_eval(
                         old = json.loads(path.read_text(encoding="utf-8"))
                     except (OSError, json.JSONDecodeError):
                         old = None
-                    if isinstance(old, dict) and _same_protocol(old, target, ed, sampling):
+                    if isinstance(old, dict) and same_protocol(old, target, ed, sampling):
                         err_console.print(f"[{i + 1}/{len(targets)}] {target.label}: kept {path} (--skip-existing)",
                                           markup=False)
                         results.append((old, path, None))
@@ -1381,6 +1455,7 @@ __all__ = [
     "dist_n",
     "distinct_ngrams",
     "evaluate_responses",
+    "evaluate_model",
     "evaluate_target",
     "eval_sampling",
     "extract_answer",
@@ -1398,6 +1473,7 @@ __all__ = [
     "resolve_targets",
     "responses_path_for",
     "run_eval",
+    "same_protocol",
     "sample_responses",
     "summary",
     "validate_num_samples",

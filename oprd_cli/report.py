@@ -203,6 +203,9 @@ def plot_against_step(reports: Sequence[Mapping[str, Any]], out_png: str | Path,
                 color = colors[benches.index(bench) % len(colors)] if bench in benches else "gray"
                 ax.axhline(v * scale, linestyle="--", linewidth=1, color=color, alpha=0.7,
                            label=f"{row_label(r)} ({bench})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     n = stepped[0].get("n")
     name = {"avg_at_n": f"Avg@{n}", "best_at_n": f"Best@{n}", "maj_at_n": f"maj@{n}"}.get(metric, metric)

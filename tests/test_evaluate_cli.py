@@ -154,6 +154,22 @@ def test_verl_parquet_with_llama(tiny_llama, shared_data, tmp_path):
     assert [p["answer"] for p in rep["per_problem"]] == ["204", "025"]  # verl keeps the leading zero
 
 
+def test_python_api_on_a_json_file(tiny_qwen, aime24_path, tmp_path):
+    """evaluate_model (used by oprd demo / oprd loop) on a .json list file: the full report dict."""
+    from oprd_cli.evaluate import evaluate_model
+
+    data = tmp_path / "aime.json"
+    data.write_text(json.dumps([{"problem": r["problem"], "answer": r["answer"]} for r in _rows(aime24_path)[:3]]))
+    rep = evaluate_model(str(tiny_qwen), data=str(data), bench="aime24", limit=2, num_samples=2, max_new_tokens=8,
+                         out=tmp_path / "api.json", show_progress=False)
+    assert rep["bench"] == "aime24" and rep["num_problems"] == 2 and rep["n"] == 2 and len(rep["samples"]) == 4
+    assert rep["data"] == str(data.resolve()) and rep["sampling"]["temperature"] == 0.7
+    assert rep["grading"]["integer_answers"] and [p["id"] for p in rep["per_problem"]] == ["0", "1"]
+    written = json.loads((tmp_path / "api.json").read_text())
+    assert rep["report_path"] == str(tmp_path / "api.json") and written["avg_at_n"] == rep["avg_at_n"]
+    assert len(_rows(tmp_path / "api.responses.jsonl")) == 4
+
+
 # ------------------------------------------------------------------ run directories
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_dir) -> Path:
