@@ -156,6 +156,400 @@ def info(
         print_description(desc)
 
 
+# --------------------------------------------------------------- teacher-cache
+@app.command("teacher-cache")
+@guarded
+def teacher_cache(
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model: hub id or local folder "
+                                          "(default: the teacher of the models table in RUN/oprd.toml)"),
+    rollouts: Optional[str] = typer.Option(None, "--rollouts", help="One complete rollout store to cache."),
+    out: Optional[str] = typer.Option(None, "--out", help="Cache store to write (default: RUN/cache/rNNNNNN.zarr "
+                                      "for a run-dir round, else NAME.cache.zarr beside the rollouts)."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Cache every complete round of this run "
+                                          "directory that has no complete cache yet, oldest first."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="last | all | even | odd | comma-separated "
+                                         "hidden_states indices (0 = embeddings). (default: all)"),
+    positions: Optional[str] = typer.Option(None, "--positions", help="all | last | first_k | last_k "
+                                            "(response positions whose hidden states are stored). (default: last_k)"),
+    k: Optional[int] = typer.Option(None, "--k", help="Positions per sample for first_k/last_k. (default: 2000)"),
+    logprobs: Optional[str] = typer.Option(None, "--logprobs", help="none (OPRD only) | sampled (log q of each "
+                                           "sampled token) | topk (also on the student's and the teacher's top-k). "
+                                           "(default: none)"),
+    topk: Optional[int] = typer.Option(None, "--topk", help="K for --logprobs topk. (default: 16)"),
+    store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="auto (the teacher's compute dtype: "
+                                              "faithful) | float32 | bfloat16 | float16. (default: auto)"),
+    compressor: Optional[str] = typer.Option(None, "--compressor", help="blosc-zstd | zstd | lz4 | blosc-lz4 | "
+                                             "blosc-lz4hc | gzip | none. (default: blosc-zstd)"),
+    level: Optional[int] = typer.Option(None, "--level", help="Compression level. (default: per compressor: blosc-zstd 1, zstd 3, blosc-lz4 5)"),
+    lossy_mantissa_bits: Optional[int] = typer.Option(None, "--lossy-mantissa-bits", help="Lossy: round hidden "
+                                                      "states to this many mantissa bits (error is reported as "
+                                                      "cosine similarity by `oprd info`). (default: off)"),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Padded tokens per teacher "
+                                                   "forward; sequences are packed longest first. (default: 16384)"),
+    unit_positions: Optional[int] = typer.Option(None, "--unit-positions", help="Advanced: hidden positions per "
+                                                 "unit of work / shard. (default: about 64 MB of raw data)"),
+    unit_tokens: Optional[int] = typer.Option(None, "--unit-tokens", help="Advanced: response tokens per unit "
+                                              "of work. (default: 16384)"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: this worker fills part I of N of each store, I from 0 to N-1. (default: 0/1)"),
+    follow: bool = typer.Option(False, "--follow", help="Keep watching --run-dir and cache new rounds."),
+    poll_seconds: float = typer.Option(10.0, "--poll-seconds", show_default=False, help="Seconds between --follow's looks for new rounds. (default: 10)"),
+    max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="Stop after caching this many rounds. (default: no limit)"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop following after this many seconds. (default: never)"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N. (default: auto)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Teacher compute dtype: auto (bf16 on GPU, fp32 "
+                                        "on CPU) | float32 | bfloat16 | float16. (default: auto)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing complete cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object describing the caches written."),
+):
+    """Run the teacher on rollouts and cache its hidden states (and log-probs) in a Zarr store."""
+    from oprd_cli.teacher import run_teacher_cache
+
+    summaries = run_teacher_cache(
+        teacher, rollouts=rollouts, out=out, run_dir=run_dir, follow=follow, poll_seconds=poll_seconds,
+        max_rounds=max_rounds, timeout=timeout, shard=shard, overwrite=overwrite, layers=layers,
+        positions=positions, k=k, logprobs=logprobs, topk=topk, store_dtype=store_dtype, compressor=compressor,
+        level=level, lossy_mantissa_bits=lossy_mantissa_bits, max_batch_tokens=max_batch_tokens,
+        unit_positions=unit_positions, unit_tokens=unit_tokens, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code or None,
+    )
+    if as_json:
+        emit_json({"caches": summaries})
+
+
+@bench_app.command("cache")
+@guarded
+def bench_cache(
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: hub id or folder. (default: a generated Qwen2-style model)"),
+    rollouts: Optional[str] = typer.Option(None, "--rollouts", help="Rollout store. (default: generated random tokens)"),
+    device: str = typer.Option("auto", "--device", show_default=False, help="auto | cpu | cuda | cuda:N. (default: auto)"),
+    dtype: str = typer.Option("auto", "--dtype", show_default=False, help="Teacher compute dtype: auto (bf16 on GPU, fp32 on CPU) | "
+                              "float32 | bfloat16 | float16. (default: auto)"),
+    store_dtype: str = typer.Option("bfloat16", "--store-dtype", show_default=False, help="Encoding of the timed cache pass. (default: bfloat16)"),
+    layers: str = typer.Option("all", "--layers", show_default=False, help="Layers to cache. (default: all)"),
+    positions: str = typer.Option("all", "--positions", show_default=False, help="Positions to cache. (default: all)"),
+    k: int = typer.Option(2000, "--k", show_default=False, help="k for first_k/last_k. (default: 2000)"),
+    compressor: str = typer.Option("blosc-zstd", "--compressor", show_default=False, help="Compressor of the timed cache pass. (default: blosc-zstd)"),
+    level: Optional[int] = typer.Option(None, "--level", help="Compression level. (default: per compressor)"),
+    tokens: int = typer.Option(12000, "--tokens", show_default=False, help="Generated rollout: total tokens (prompt + response). (default: 12000)"),
+    hidden_size: int = typer.Option(512, "--hidden-size", show_default=False, help="Generated teacher: hidden size. (default: 512)"),
+    num_layers: int = typer.Option(8, "--num-layers", show_default=False, help="Generated teacher: layers. (default: 8)"),
+    vocab_size: int = typer.Option(32000, "--vocab-size", show_default=False, help="Generated teacher: vocabulary size. (default: 32000)"),
+    max_batch_tokens: int = typer.Option(4096, "--max-batch-tokens", show_default=False, help="Padded tokens per forward. (default: 4096)"),
+    repeats: int = typer.Option(1, "--repeats", show_default=False, help="Time each pass this many times and keep the fastest. (default: 1)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Teacher-cache speed and size: truncated vs full forward, writer overhead, bytes per value."""
+    from oprd_cli.bench_cache import print_report, run_bench
+
+    report = run_bench(
+        teacher=teacher, rollouts=rollouts, device=device, dtype=dtype, store_dtype=store_dtype, layers=layers,
+        positions=positions, k=k, compressor=compressor, level=level, tokens=tokens, hidden_size=hidden_size,
+        num_layers=num_layers, vocab_size=vocab_size, max_batch_tokens=max_batch_tokens, repeats=repeats,
+        show_progress=not as_json,
+    )
+    if as_json:
+        emit_json(report)
+    else:
+        print_report(report)
+
+
+# ------------------------------------------------------------------------ eval
+@app.command("eval")
+@guarded
+def eval_cmd(
+    bench: Optional[str] = typer.Option(None, "--bench", "-b", help="Benchmark by name: aime24, aime25, amc23, math500 "
+                                        "(loaded from the hub). With --data, only the name the report uses."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Problems with answers from a local .jsonl/.json/.parquet "
+                                       "file (plain problem/answer or verl layout) or a hub dataset id."),
+    responses: Optional[str] = typer.Option(None, "--responses", help="Grade responses generated elsewhere (jsonl, one "
+                                            '{"id": ..., "response": "..."} per line) instead of sampling; no model is loaded.'),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to evaluate: hub id or save_pretrained folder. "
+                                        "With --responses, only the name the report uses."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", "-r", help="Evaluate a run: its latest complete checkpoint, "
+                                          "else its initial student; reports go to RUN/eval/."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="With --run-dir: this checkpoint (step-N or N)."),
+    all_checkpoints: bool = typer.Option(False, "--all-checkpoints", show_default=False, help="With --run-dir: every "
+                                         "complete checkpoint (and the initial student when there are several), then "
+                                         "the table and plot of oprd report."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Report path (a folder with --all-checkpoints). "
+                                      "(default: RUN/eval/BENCH-step-N.json, else eval/BENCH-MODEL.json)"),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N problems."),
+    split: Optional[str] = typer.Option(None, help="Dataset split. (default: the benchmark's, else train)"),
+    prompt_field: Optional[str] = typer.Option(None, help="Field holding the problem text or chat messages. (default: auto)"),
+    answer_field: Optional[str] = typer.Option(None, help="Field holding the reference answer (dots reach into records). "
+                                               "(default: auto: answer or reward_model.ground_truth)"),
+    id_field: Optional[str] = typer.Option(None, help="Field holding the problem id. (default: id, else the row number)"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Samples per problem, the n of Avg@n. (default: 16)"),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 = greedy. (default: 0.7)"),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass in (0, 1]. (default: 1.0)"),
+    top_k: Optional[int] = typer.Option(None, help="Sample among the K most likely tokens; 0 = off. (default: 0)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Response length limit in tokens; longer responses count as "
+                                                 "truncated. (default: 16384, capped by the model's context)"),
+    seed: Optional[int] = typer.Option(None, help="Random seed; same seed, model and device give the same samples. (default: 0)"),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences generated together. (default: 16)"),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the tokenizer's "
+                                                 "chat template when it has one. (default: on)"),
+    system_prompt: Optional[str] = typer.Option(None, help="System prompt to prepend. (default: none)"),
+    instruction: Optional[str] = typer.Option(None, help="Suffix appended to plain problems; '' for none. (default: the \\boxed{} convention)"),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer (hub id or folder) for sampling, and for counting "
+                                            "tokens of --responses lines without num_tokens. (default: the model's; "
+                                            "with --responses a local --model folder's, else words)"),
+    grade_timeout: Optional[float] = typer.Option(None, help="Seconds allowed per math-verify comparison; a timeout "
+                                                  "counts as wrong. (default: 5)"),
+    skip_existing: bool = typer.Option(False, "--skip-existing", show_default=False, help="Keep a checkpoint's existing "
+                                       "report when it used the same benchmark and sampling."),
+    per_problem: bool = typer.Option(False, "--per-problem", show_default=False, help="Also print one row per problem."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="With --all-checkpoints: the PNG path. "
+                                       "(default: RUN/eval/avg_at_n_vs_step.png)"),
+    backend: str = typer.Option("hf", help="Generation backend: hf (transformers generate)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="Model dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub."),
+    as_json: bool = typer.Option(False, "--json", show_default=False, help="Print the report summary as JSON on stdout."),
+):
+    """Sample n responses per problem, grade them and write a report (Avg@n, pass@k, Best@n, maj@n, Dist-4g, lengths)."""
+    from oprd_cli.evaluate import run_eval
+
+    run_eval(
+        bench=bench, data=data, responses=responses, model=model, run_dir=run_dir, checkpoint=checkpoint,
+        all_checkpoints=all_checkpoints, out=out, limit=limit, split=split, prompt_field=prompt_field,
+        answer_field=answer_field, id_field=id_field,
+        sampling_flags=dict(num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
+                            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size),
+        template_flags=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction),
+        backend=backend, device=device, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+        timeout=grade_timeout,
+        skip_existing=skip_existing, per_problem=per_problem, plot=plot, json_output=as_json,
+    )
+
+
+# ---------------------------------------------------------------------- report
+@app.command("report")
+@guarded
+def report_cmd(
+    paths: list[str] = typer.Argument(..., help="Reports written by oprd eval, or folders of them (e.g. RUN/eval)."),
+    metric: str = typer.Option("avg_at_n", "--metric", show_default=False, help="avg_at_n, best_at_n, maj_at_n, dist_4g, "
+                               "mean_response_tokens, truncated_fraction or pass@K. (default: avg_at_n)"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="PNG of the metric against training step, written when "
+                                       "reports carry steps. (default: RUN/eval/METRIC_vs_step.png)"),
+    no_plot: bool = typer.Option(False, "--no-plot", show_default=False, help="Do not write the plot."),
+    as_json: bool = typer.Option(False, "--json", show_default=False, help="Print the table as JSON on stdout."),
+):
+    """Side-by-side table of eval reports (rows: models or checkpoints, columns: benchmarks) and a plot against step."""
+    from oprd_cli.report import run_report
+
+    run_report(paths, metric=metric, plot=plot, no_plot=no_plot, json_output=as_json)
+
+
+# ----------------------------------------------------------------------- train
+@app.command()
+@guarded
+def train(
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-r", help="Run directory: continue from its latest checkpoint (or the initial student) and train on the newest complete cache not trained on yet; checkpoints go to RUN/checkpoints/step-N, metrics to RUN/metrics.jsonl."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Initial student (hub id or folder); required for the first training of a run (or [models] student in oprd.toml), afterwards the run's latest checkpoint."),
+    cache: Optional[str] = typer.Option(None, "--cache", "-c", help="One teacher cache to train on (with --out)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for checkpoints/ and metrics.jsonl with --cache (with --run-dir: the run itself)."),
+    rollouts: Optional[str] = typer.Option(None, "--rollouts", help="The cache's rollout store, when it moved from the path the cache records."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk (default: oprd)."),
+    mu: Optional[float] = typer.Option(None, "--mu", help="Add mu * L_OPRD to an OPD objective, Eq. 7 (default: 0 for OPD, 1 for oprd)."),
+    oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="raw (MSE with 1/d) | normalized (L2-normalised vectors) (default: raw)."),
+    reduction: Optional[str] = typer.Option(None, "--reduction", help="sample (Eq. 6: per-sample means) | token (mean over all supervised tokens) (default: sample)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop at this global optimizer step. Without --follow, when one pass over the cache has fewer steps, further passes over it (each freshly shuffled) fill up to N (default: one pass)."),
+    total_steps: Optional[int] = typer.Option(None, "--total-steps", help="Planned length of the warm-up + cosine schedule; pass it to interrupt and resume one schedule (default: --max-steps, else the run's earlier plan)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Exactly N passes over each cache (default: 1, or as many as --max-steps needs when not following)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate (default: 1e-5)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0.01)."),
+    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Linear warm-up share of the schedule (default: 0.03)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per optimizer step (default: 16 = 8 prompts x 2 samples)."),
+    micro_batch_tokens: Optional[int] = typer.Option(None, "--micro-batch-tokens", help="Padded tokens per forward/backward; larger steps accumulate gradients (default: 16384)."),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm (default: 1.0)."),
+    clip_eps: Optional[float] = typer.Option(None, "--clip-eps", help="PPO clip range of the opd-top1 importance ratio (default: 0.2)."),
+    topk_logits: Optional[str] = typer.Option(None, "--topk-logits", help="opd-topk logits: support (h @ W[S].T only) | full (verl-style full vocabulary) (default: support)."),
+    entropy: Optional[bool] = typer.Option(None, "--entropy/--no-entropy", help="Log actor/entropy (default: on for OPD objectives; for oprd it costs an LM-head pass)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute block activations in backward (default: off)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: auto)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 (default: auto)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the batch order and RNG (default: 0)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Also save a checkpoint every N steps (default: at the end, and after each cache with --follow)."),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Keep only the newest N checkpoints (default: all)."),
+    follow: Optional[bool] = typer.Option(None, "--follow/--no-follow", help="Keep waiting for new caches in --run-dir, one pass each (default: off)."),
+    poll_seconds: Optional[float] = typer.Option(None, "--poll-seconds", help="How often --follow looks for caches (default: 10)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop following after waiting this many seconds without a new cache (default: never)."),
+    max_caches: Optional[int] = typer.Option(None, "--max-caches", help="Stop following after training on N caches (default: never)."),
+    max_staleness: Optional[int] = typer.Option(None, "--max-staleness", help="Skip caches whose rollout policy is more than N checkpoints older than the student (default: no limit)."),
+    resume: bool = typer.Option(False, "--resume", help="With --cache/--out: continue from the latest checkpoint in --out (weights, optimizer, schedule, RNG, progress). --run-dir always continues."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object summarising the run."),
+):
+    """Update the student from cached teacher activations on its own rollouts."""
+    from dataclasses import asdict
+
+    from oprd_cli.config import load_run_config, merge
+    from oprd_cli.train import TrainConfig, print_result, run_train
+
+    cfg = merge(TrainConfig, load_run_config(run_dir).get("train"), objective=objective, mu=mu, oprd_form=oprd_form,
+                reduction=reduction, max_steps=max_steps, total_steps=total_steps, lr=lr, weight_decay=weight_decay,
+                warmup_ratio=warmup_ratio, batch_size=batch_size, micro_batch_tokens=micro_batch_tokens,
+                max_grad_norm=max_grad_norm, epochs=epochs, clip_eps=clip_eps, topk_logits=topk_logits,
+                entropy=entropy, gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, seed=seed,
+                save_every=save_every, keep_last=keep_last, follow=follow, poll_seconds=poll_seconds, timeout=timeout,
+                max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code)
+    result = run_train(model=model, cache=cache, run_dir=str(run_dir) if run_dir else None, out=out, rollouts=rollouts,
+                       config=cfg, resume=resume)
+    if as_json:
+        emit_json({**asdict(result), "steps": result.steps})
+    else:
+        print_result(result)
+
+
+@bench_app.command("loss")
+@guarded
+def bench_loss(
+    num_layers: int = typer.Option(2, "--num-layers", help="Decoder blocks of the benchmark model (the Qwen2.5-1.5B shape has 28)."),
+    seq_len: int = typer.Option(1024, "--seq-len", help="Response tokens per sample (T)."),
+    last_k: int = typer.Option(1024, "--last-k", help="OPRD supervises the last k response positions."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Samples per step (B)."),
+    prompt_len: int = typer.Option(64, "--prompt-len", help="Prompt tokens per sample."),
+    topk: int = typer.Option(16, "--topk", help="k of the top-k OPD baselines."),
+    hidden_size: int = typer.Option(1536, "--hidden-size", help="d."),
+    vocab_size: int = typer.Option(151936, "--vocab-size", help="|V|."),
+    num_heads: int = typer.Option(12, "--num-heads", help="Attention heads."),
+    num_kv_heads: int = typer.Option(2, "--num-kv-heads", help="Key/value heads."),
+    intermediate_size: int = typer.Option(8960, "--intermediate-size", help="MLP width."),
+    tie_word_embeddings: bool = typer.Option(False, "--tie-word-embeddings/--untied", help="Tie the LM head to the embeddings (R1-Distill-Qwen-1.5B: untied)."),
+    objectives: str = typer.Option("opd_top1,opd_top16,opd_top16_support,oprd", "--objectives", help="Comma-separated subset to run."),
+    repeats: int = typer.Option(2, "--repeats", help="Timed steps per objective (after one warm-up step); the median is reported."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+):
+    """Actor-update step time and delta-peak memory: OPD top-1, OPD top-16 and OPRD side by side (paper Table 3)."""
+    from oprd_cli.bench_loss import BenchLossConfig, print_bench, run_bench_loss
+
+    cfg = BenchLossConfig(num_layers=num_layers, seq_len=seq_len, last_k=last_k, batch_size=batch_size,
+                          prompt_len=prompt_len, topk=topk, hidden_size=hidden_size, vocab_size=vocab_size,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                          tie_word_embeddings=tie_word_embeddings, objectives=objectives, repeats=repeats,
+                          device=device, dtype=dtype, threads=threads)
+    report = run_bench_loss(cfg)
+    if as_json:
+        emit_json(report)
+    else:
+        print_bench(report)
+
+
+# ------------------------------------------------------------------------ loop
+@app.command("loop")
+@guarded
+def loop_cmd(
+    run_dir: Path = typer.Option(..., "--run-dir", "-r", help="Run directory (created if needed); an interrupted loop resumes from what is in it."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Initial student: hub id or save_pretrained folder. (default: models.student in RUN/oprd.toml)"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: hub id or save_pretrained folder. (default: models.teacher in RUN/oprd.toml)"),
+    prompts: Optional[str] = typer.Option(None, "--prompts", "-p", help="Prompt set: hub dataset id or local .jsonl/.json/.parquet (plain or verl layout)."),
+    rounds: int = typer.Option(..., "--rounds", help="Rounds of rollout -> teacher-cache -> train to reach (counting rounds already done)."),
+    prompts_per_round: Optional[int] = typer.Option(None, "--prompts-per-round", help="Each round samples the next N prompts of the set (wrapping around). (default: every prompt, every round)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts of the set."),
+    split: Optional[str] = typer.Option(None, help="Dataset split for hub datasets. (default: train)"),
+    prompt_field: Optional[str] = typer.Option(None, help="Field holding the problem text or chat messages. (default: auto)"),
+    answer_field: Optional[str] = typer.Option(None, help="Field holding the reference answer. (default: auto)"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Rollout samples per prompt. (default: 2)"),
+    temperature: Optional[float] = typer.Option(None, help="Rollout sampling temperature. (default: 1.0)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Rollout response length limit in tokens. (default: 1024)"),
+    seed: Optional[int] = typer.Option(None, help="Seed; round r samples with seed + r - 1 and trains with seed. (default: 0)"),
+    gen_batch_size: Optional[int] = typer.Option(None, "--gen-batch-size", help="Sequences generated together. (default: 16)"),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the tokenizer's chat template when it has one. (default: on)"),
+    system_prompt: Optional[str] = typer.Option(None, help="System prompt to prepend. (default: none)"),
+    instruction: Optional[str] = typer.Option(None, help="Suffix appended to plain problems; '' for none. (default: the \\boxed{} convention)"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Teacher layers to cache: last | all | even | odd | list. (default: all when OPRD is in the loss, else last)"),
+    positions: Optional[str] = typer.Option(None, "--positions", help="all | last | first_k | last_k. (default: last_k)"),
+    k: Optional[int] = typer.Option(None, "--k", help="Positions per sample for first_k/last_k. (default: 2000)"),
+    logprobs: Optional[str] = typer.Option(None, "--logprobs", help="Teacher log-probs to cache: none | sampled | topk. (default: what --objective needs)"),
+    topk: Optional[int] = typer.Option(None, "--topk", help="K of top-k OPD (rollouts record the student's top-K ids). (default: 16)"),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Padded tokens per teacher forward. (default: 16384)"),
+    objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk. (default: oprd)"),
+    mu: Optional[float] = typer.Option(None, "--mu", help="Add mu * L_OPRD to an OPD objective (Eq. 7). (default: 0 for OPD, 1 for oprd)"),
+    oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="raw (MSE with 1/d) | normalized. (default: raw)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate. (default: 1e-5)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per optimizer step. (default: 16)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over each round's cache. (default: 1)"),
+    total_steps: Optional[int] = typer.Option(None, "--total-steps", help="Length of the warm-up + cosine schedule. (default: rounds x steps per round)"),
+    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Linear warm-up share of the schedule. (default: 0.03)"),
+    micro_batch_tokens: Optional[int] = typer.Option(None, "--micro-batch-tokens", help="Padded tokens per forward/backward. (default: 16384)"),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluate on these problems (.jsonl/.json/.parquet or hub id) every --eval-every rounds."),
+    eval_bench: Optional[str] = typer.Option(None, "--eval-bench", help="Evaluate on a registered benchmark (aime24, ...); with --eval-data only its name."),
+    eval_every: int = typer.Option(1, "--eval-every", help="Evaluate every M rounds (and after the last). (default: 1)"),
+    eval_num_samples: Optional[int] = typer.Option(None, "--eval-num-samples", help="Eval samples per problem (Avg@n). (default: 16)"),
+    eval_temperature: Optional[float] = typer.Option(None, "--eval-temperature", help="Eval temperature. (default: 0.7)"),
+    eval_max_new_tokens: Optional[int] = typer.Option(None, "--eval-max-new-tokens", help="Eval length limit. (default: 16384, capped by the context)"),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate only the first N problems."),
+    no_eval_start: bool = typer.Option(False, "--no-eval-start", help="Do not evaluate the starting student (step 0)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (every stage)."),
+    dtype: str = typer.Option("auto", help="Model dtype for sampling and the teacher: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object summarising the loop."),
+):
+    """Rounds of rollout -> teacher-cache -> train (-> eval) in one process; resumes where it stopped."""
+    from dataclasses import asdict
+
+    from oprd_cli.config import DataConfig, SamplingConfig, TemplateConfig, load_run_config, merge
+    from oprd_cli.loop import EvalSettings, print_result, run_loop
+    from oprd_cli.train import TrainConfig
+
+    cfg = load_run_config(run_dir)
+    data = merge(DataConfig, cfg.get("data"), prompts=prompts, split=split, prompt_field=prompt_field,
+                 answer_field=answer_field, limit=limit)
+    sampling = merge(SamplingConfig, cfg.get("rollout"), num_samples=num_samples, temperature=temperature,
+                     max_new_tokens=max_new_tokens, seed=seed, batch_size=gen_batch_size)
+    template = merge(TemplateConfig, cfg.get("template"), chat_template=chat_template, system_prompt=system_prompt,
+                     instruction=instruction)
+    tc = dict(cfg.get("train") or {})
+    train = merge(TrainConfig, tc, objective=objective, mu=mu, oprd_form=oprd_form, lr=lr, batch_size=batch_size,
+                  epochs=epochs, total_steps=total_steps, warmup_ratio=warmup_ratio,
+                  micro_batch_tokens=micro_batch_tokens, seed=seed)
+    cache = {**(cfg.get("teacher_cache") or {}),
+             **{k_: v for k_, v in dict(layers=layers, positions=positions, k=k, logprobs=logprobs, topk=topk,
+                                        max_batch_tokens=max_batch_tokens).items() if v is not None}}
+    evaluation = None
+    if eval_data is not None or eval_bench is not None:
+        from oprd_cli.evaluate import eval_sampling, load_eval_data
+
+        evaluation = EvalSettings(
+            data=load_eval_data(eval_bench, eval_data, eval_limit),
+            sampling=eval_sampling(cfg, num_samples=eval_num_samples, temperature=eval_temperature,
+                                   max_new_tokens=eval_max_new_tokens, seed=seed),
+            every=eval_every, start=not no_eval_start)
+    result = run_loop(run_dir=run_dir, model=model, teacher=teacher, data=data, sampling=sampling, template=template,
+                      train=train, rounds=rounds, cache_settings=cache, prompts_per_round=prompts_per_round,
+                      evaluation=evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                      show_progress=not as_json)
+    if as_json:
+        emit_json(asdict(result))
+    else:
+        print_result(result)
+
+
+# ------------------------------------------------------------------------ demo
+@app.command("demo")
+@guarded
+def demo_cmd(
+    quick: bool = typer.Option(False, "--quick", help="The small configuration (a few minutes on 2 CPU cores; CI runs it)."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the JSON summary here (the PNG plot goes beside it as .png)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the task, the assets and every stage; same seed, same result. (default: 0)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Work folder: cached assets and the runs. (default: $OPRD_DEMO_DIR, else ~/.cache/oprd/demo)"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="PNG of accuracy against training step. (default: beside --json, else in the work folder)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads. (default: the number of cores, at most 4)"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the runs an interrupted demo left instead of starting them again."),
+):
+    """The embedded demo: a teacher, a weaker student and every method distilled on a synthetic task (CPU, no network)."""
+    from oprd_cli.demo.run import print_summary, run_demo
+
+    summary = run_demo(out_dir=out, quick=quick, seed=seed, threads=threads, json_path=json_path, plot_path=plot,
+                       resume=resume)
+    print_summary(summary)
+
+
 def main() -> None:
     app()
 
