@@ -188,7 +188,7 @@ def evaluate_step(run: RunDir, model: str, step: int, settings: EvalSettings, te
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        if isinstance(old, dict) and E._same_protocol(old, target, data, sampling):
+        if isinstance(old, dict) and E.same_protocol(old, target, data, sampling):
             return {**E.summary(old), "report_path": str(path), "kept": True}
     own = grader is None
     grader = grader or E.Grader(timeout=settings.timeout or E.DEFAULT_TIMEOUT_S, integer_answers=data.integer_answers)

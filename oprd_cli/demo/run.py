@@ -54,13 +54,17 @@ METHODS = (
 
 @dataclass(frozen=True)
 class Budget:
-    """What every method gets: the same rounds, prompts, samples, optimizer steps and lr rule."""
+    """What every method gets: the same rounds, prompts, samples, optimizer steps and lr rule.
 
-    rounds: int = 6
-    prompts_per_round: int = 64
+    The learning rate is one number for every method: the largest of {1e-4, 3e-4, 1e-3} at which no
+    method fell below the student start on the ``val`` split (docs/demo.md has the sweep).
+    """
+
+    rounds: int = 4
+    prompts_per_round: int = 256
     num_samples: int = 2  # per prompt, temperature 1.0 (the paper's rollout setting)
     batch_size: int = 16  # samples per optimizer step (8 prompts x 2 samples, as in the paper)
-    lr: float = 1e-3  # one rule for every method: see docs/demo.md
+    lr: float = 3e-4
     warmup_ratio: float = 0.03
     oprd_form: str = "raw"
     eval_every: int = 1  # rounds
@@ -77,8 +81,9 @@ class Budget:
 
 
 def demo_budget(quick: bool) -> Budget:
+    """The default budget, or the quick one (a smoke test of every stage: too short to close much)."""
     if quick:
-        return Budget(rounds=2, prompts_per_round=32, eval_every=1, eval_samples=1)
+        return Budget(rounds=2, prompts_per_round=128, eval_samples=1)
     return Budget()
 
 
@@ -119,7 +124,7 @@ def _eval_model(model: str, label: str, out: Path, data, sampling, template, gra
     if out.is_file():
         try:
             old = json.loads(out.read_text())
-            if E._same_protocol(old, target, data, sampling):
+            if E.same_protocol(old, target, data, sampling):
                 return old
         except (OSError, json.JSONDecodeError):
             pass
@@ -132,8 +137,11 @@ def _eval_model(model: str, label: str, out: Path, data, sampling, template, gra
 def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: int = 0, threads: int | None = None,
              json_path: str | None = None, plot_path: str | None = None, resume: bool = False,
              methods: tuple[Method, ...] = METHODS, budget: Budget | None = None, spec=None,
-             show_progress: bool = True) -> dict[str, Any]:
-    """Run the demo; returns the summary (also written to ``json_path`` when given)."""
+             show_progress: bool = True, eval_split: str = "eval") -> dict[str, Any]:
+    """Run the demo; returns the summary (also written to ``json_path`` when given).
+
+    ``eval_split`` is ``eval`` (held out: what the demo reports) or ``val`` (how the budget and the
+    learning rate were chosen; see docs/demo.md)."""
     import torch
 
     from oprd_cli.config import DataConfig, SamplingConfig
@@ -158,21 +166,26 @@ def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: in
                           f"{assets.teacher_step}, student start = step {assets.student_step}; val acc@t1.0 teacher "
                           f"{assets.teacher_accuracy:.2f}, student {assets.student_accuracy:.2f})")
         blob = json.dumps({"budget": asdict(budget), "methods": [asdict(m) for m in methods]}, sort_keys=True)
-        tag = f"{assets.key}-b{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+        tag = f"{assets.key}-{eval_split}-b{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
         work = root / "runs" / tag
         if work.exists() and not resume:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
 
         template = assets.template
-        data = replace(load_eval_data(bench="demo-eval", data=str(assets.eval)), integer_answers=True)
+        if eval_split not in ("eval", "val"):
+            raise OprdError(f"eval_split must be eval or val, got {eval_split!r}")
+        data = replace(load_eval_data(bench=f"demo-{eval_split}", data=str(assets.data[eval_split])),
+                       integer_answers=True)
         sampling = eval_sampling(None, num_samples=budget.eval_samples, temperature=budget.eval_temperature,
                                  max_new_tokens=assets.max_new_tokens, seed=seed, batch_size=256)
         with Grader(integer_answers=True) as grader:
-            teacher_rep = _eval_model(str(assets.teacher), "teacher", work / "eval" / "teacher.json", data, sampling,
+            ref = root / "runs" / f"{assets.key}-reference"  # kept across runs: the models do not change
+            teacher_rep = _eval_model(str(assets.teacher), "teacher", ref / f"{eval_split}-teacher-n{budget.eval_samples}"
+                                      f"-t{budget.eval_temperature:g}.json", data, sampling, template, grader)
+            student_rep = _eval_model(str(assets.student), "student start", ref / f"{eval_split}-student-n"
+                                      f"{budget.eval_samples}-t{budget.eval_temperature:g}.json", data, sampling,
                                       template, grader)
-            student_rep = _eval_model(str(assets.student), "student start", work / "eval" / "student.json", data,
-                                      sampling, template, grader)
         teacher_acc = float(teacher_rep["avg_at_n"])
         student_acc = float(student_rep["avg_at_n"])
         err_console.print(f"held-out eval ({len(data.records)} problems, Avg@{budget.eval_samples} at t="
@@ -227,7 +240,7 @@ def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: in
                                  "peak_mem_bytes": r.peak_mem_bytes, "wall_time_s": r.wall_time_s, "steps": r.steps,
                                  "objective": r.objective, "mu": r.mu, "curve": r.curve, "run_dir": r.run_dir}
                         for r in results},
-            "eval": {"split": "eval (held out)", "problems": len(data.records), "n": budget.eval_samples,
+            "eval": {"split": "eval (held out)" if eval_split == "eval" else "val (tuning)", "problems": len(data.records), "n": budget.eval_samples,
                      "temperature": budget.eval_temperature, "max_new_tokens": assets.max_new_tokens,
                      "metric": f"Avg@{budget.eval_samples}"},
             "budget": {**asdict(budget), "steps_per_round": budget.steps_per_round,
