@@ -29,6 +29,12 @@ class TrainConfig:
       ``micro_batch_tokens``: padded tokens per forward/backward (gradient accumulation).
     - ``total_steps``: planned length of the warm-up + cosine schedule (default ``max_steps``);
       ``max_steps``: the global step at which training stops.
+    - ``epochs``: passes over each cache. ``None`` (auto): one pass per cache, except that a run that
+      does not ``follow`` and has ``max_steps`` keeps making passes over its (newest) cache until it
+      reaches ``max_steps``: asking for N steps trains N steps whenever there is a cache at all.
+      Every pass has its own seeded sample order, so an interrupted and resumed run replays the
+      same batches.
+    - ``max_caches``: with ``follow``, stop after finishing (the first pass over) this many caches.
     - ``topk_logits``: ``support`` (logits at the support ids only, ``h @ W[S].T``) or ``full``
       (full-vocabulary logits, log-softmax, gather: how verl and the paper's baseline do it).
     - ``logits_chunk_tokens``: LM-head rows per chunk for top-1 log-probs / top-k support logits /
@@ -53,7 +59,7 @@ class TrainConfig:
     batch_size: int = 16
     micro_batch_tokens: int = 16384
     max_grad_norm: float = 1.0
-    epochs: int = 1
+    epochs: int | None = None
     shuffle: bool = True
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
@@ -70,6 +76,7 @@ class TrainConfig:
     follow: bool = False
     poll_seconds: float = 10.0
     timeout: float | None = None
+    max_caches: int | None = None
     max_staleness: int | None = None
     prefetch: int = 2
     trust_remote_code: bool = False
@@ -113,7 +120,7 @@ class TrainConfig:
             raise OprdError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise OprdError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("total_steps", "max_steps", "save_every", "keep_last"):
+        for name in ("total_steps", "max_steps", "save_every", "keep_last", "epochs", "max_caches"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise OprdError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
@@ -121,8 +128,6 @@ class TrainConfig:
             raise OprdError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.micro_batch_tokens < 1:
             raise OprdError(f"--micro-batch-tokens must be at least 1, got {self.micro_batch_tokens}")
-        if self.epochs < 1:
-            raise OprdError(f"--epochs must be at least 1, got {self.epochs}")
         if not self.max_grad_norm > 0:
             raise OprdError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         if not 0 <= self.clip_eps < 1:

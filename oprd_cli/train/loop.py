@@ -71,6 +71,12 @@ def _same_path(a: str | Path, b: str | Path) -> bool:
         return False
 
 
+def _same_cache(ref: dict[str, Any], src: "Source") -> bool:
+    """A cache is known by its name (the round) and its content digest, so that a run directory can be
+    moved, and a round that repeats another's content is still a new round."""
+    return ref.get("content_digest") == src.digest and ref.get("name") == src.name
+
+
 def _check_student_path(model: str) -> None:
     """Refuse a folder that looks like an oprd checkpoint but is not a complete one."""
     p = Path(os.path.expanduser(str(model)))
@@ -101,6 +107,10 @@ class _Session:
 
         if self.source_run is not None and not self.source_run.root.is_dir():
             raise OprdError(f"run directory {self.source_run.root} does not exist")
+        if self.source_run is not None and cache is None and not cfg.follow \
+                and not self.source_run.cache_rounds(complete_only=True):
+            raise OprdError(f"no complete teacher cache in {self.source_run.cache_dir}; make one with "
+                            f"`oprd teacher-cache --run-dir {self.source_run.root}`")
         clean_temporaries(self.target.checkpoints_dir)
         latest = self.target.latest_checkpoint()
         explicit = cache is not None
@@ -150,18 +160,19 @@ class _Session:
         self.progress_state: dict | None = mk.get("progress")
         self.checkpoint_steps: list[int] = list(mk.get("checkpoint_steps", []))
         self.layers: list[int] | None = mk.get("layers")
+        self._sources: dict[str, Source] = {}  # validated caches by path (complete caches are immutable)
 
         # ---- the explicit cache is validated before the schedule (its size may define the plan)
         self.first_source: Source | None = None
         if explicit:
             self.first_source = self.validate(cache)
 
-        total = cfg.total_steps or (mk.get("total_steps") if self.marker else None) or cfg.max_steps
+        # the schedule's planned length: --total-steps, else --max-steps, else what the run planned before,
+        # else (one explicit cache) the steps of this invocation's passes over it
+        total = cfg.total_steps or cfg.max_steps or (mk.get("total_steps") if self.marker else None)
         if total is None and self.first_source is not None:
-            total = len(plan_steps(self.first_source.cache.num_samples, cfg.batch_size, cfg.epochs, cfg.seed,
-                                   self.first_source.digest, cfg.shuffle))
-        if total is None:
-            warn("no planned length for the lr schedule (--total-steps or --max-steps): the lr stays constant")
+            total = self.horizon(self.first_source, 0)
+        self._warn_constant_lr = total is None  # said once, when a step is about to be taken
         self.layers = self.layers or (self.first_source.cache.layers if self.first_source else None)
         self.trainer = Trainer(self.model, cfg, self.layers or [], self.device, total, self.autocast)
         torch.manual_seed(cfg.seed)
@@ -221,6 +232,12 @@ class _Session:
 
     def validate(self, cache_path: str) -> Source:
         """Open a cache and its rollouts and check that they fit the student and the objective."""
+        cache_path = str(cache_path)
+        if cache_path not in self._sources:
+            self._sources[cache_path] = self._validate(cache_path)
+        return self._sources[cache_path]
+
+    def _validate(self, cache_path: str) -> Source:
         from oprd_cli.stores.cache import open_cache
         from oprd_cli.stores.rollouts import open_rollouts
 
@@ -290,23 +307,60 @@ class _Session:
         rounds = [c.get("round") for c in self.consumed + self.skipped if c.get("round") is not None]
         return max(rounds) if rounds else 0
 
+    def per_epoch(self, src: Source) -> int:
+        """Optimizer steps of one pass over ``src``."""
+        return -(-src.cache.num_samples // self.cfg.batch_size)
+
+    def steps_done(self, src: Source) -> int:
+        """Optimizer steps this run has already taken on ``src`` (over all passes)."""
+        p = self.progress_state
+        if p is not None and _same_cache(p["cache"], src):
+            return int(p["steps_done"])
+        for c in self.consumed:
+            if _same_cache(c, src):
+                return int(c.get("steps", self.per_epoch(src)))
+        return 0
+
+    def horizon(self, src: Source, start: int) -> int:
+        """How many steps (counted from the cache's first step) this invocation may take on ``src``:
+        ``--epochs E`` passes; or, by default, one pass, extended by further passes up to
+        ``--max-steps`` when not following (see ``TrainConfig.epochs``)."""
+        cfg = self.cfg
+        per = self.per_epoch(src)
+        if cfg.epochs is not None:
+            return cfg.epochs * per
+        if cfg.follow or cfg.max_steps is None:
+            return per
+        return max(per, start + max(0, cfg.max_steps - self.trainer.step))
+
+    def _current_source(self) -> Source | None:
+        """The cache this run trained on last (None when there is none, or it is gone/changed)."""
+        p = self.progress_state
+        if p is None:
+            return None
+        path = p["cache"].get("path")
+        if path and common.exists(path) and common.is_complete(path):
+            src = self.validate(path)
+            if src.digest == p["cache"].get("content_digest"):
+                return src
+        warn(f"the cache this run trained on last ({p['cache'].get('name')}) is gone or changed; moving on")
+        self.progress_state = None
+        return None
+
     def next_source(self) -> Source | None:
-        """The cache to train on next in run-dir mode (None when there is none yet)."""
+        """The cache to train on next in run-dir mode (None when there is none yet): the cache this run
+        stopped in during its first pass; else the newest complete cache not trained on (older ones are
+        skipped, and so are caches beyond --max-staleness); else more passes over the last cache when
+        the run asks for them (``horizon``)."""
         assert self.source_run is not None
-        if self.progress_state is not None:  # a cache we stopped in the middle of
-            p = self.progress_state["cache"]
-            path = p.get("path")
-            if path and common.exists(path) and common.is_complete(path):
-                src = self.validate(path)
-                if src.digest == p.get("content_digest"):
-                    return src
-            warn(f"the cache this run stopped in ({p.get('name')}) is gone or changed; moving on")
-            self.progress_state = None
+        cur = self._current_source()
+        if cur is not None and self.steps_done(cur) < self.per_epoch(cur):
+            return cur
         while True:
             seen = self._seen_round()
             candidates = [(i, p) for i, p in self.source_run.cache_rounds(complete_only=True) if i > seen]
             if not candidates:
-                return None
+                break
             for i, p in candidates[:-1]:
                 err_console.print(f"skipping cache {p.name}: a newer cache ({candidates[-1][1].name}) is ready")
                 self.skipped.append({"name": p.name, "path": str(p), "round": i, "reason": "newer cache"})
@@ -318,6 +372,9 @@ class _Session:
                 self.skipped.append({**src.ref(), "reason": f"staleness {st}"})
                 continue
             return src
+        if cur is not None and self.horizon(cur, self.steps_done(cur)) > self.steps_done(cur):
+            return cur
+        return None
 
     # ------------------------------------------------------------------ saving
     def marker_state(self) -> dict[str, Any]:
@@ -363,27 +420,31 @@ class _Session:
     def reached_max(self) -> bool:
         return self.cfg.max_steps is not None and self.trainer.step >= self.cfg.max_steps
 
-    def train_source(self, src: Source, result: TrainResult, bar, task) -> bool:
-        """Train on ``src`` from where this run left it; returns True when the cache was finished."""
+    def train_source(self, src: Source, result: TrainResult, bar, task) -> int:
+        """Train on ``src`` from where this run left it, up to ``horizon`` steps on it (or --max-steps);
+        returns the number of steps taken."""
         cfg = self.cfg
         if self.layers is None:
             self.layers = list(src.cache.layers)
             self.trainer.layers = list(self.layers)
-        plan = plan_steps(src.cache.num_samples, cfg.batch_size, cfg.epochs, cfg.seed, src.digest, cfg.shuffle)
-        start = 0
-        if self.progress_state is not None and self.progress_state["cache"].get("content_digest") == src.digest:
-            start = int(self.progress_state["steps_done"])
+        per = self.per_epoch(src)
+        start = self.steps_done(src)
+        hz = self.horizon(src, start)
+        plan = plan_steps(src.cache.num_samples, cfg.batch_size, -(-hz // per), cfg.seed, src.digest,
+                          cfg.shuffle)[:hz]
+        todo = plan[start:]
         if cfg.max_steps is not None:
-            todo = plan[start:start + max(0, cfg.max_steps - self.trainer.step)]
-        else:
-            todo = plan[start:]
+            todo = todo[:max(0, cfg.max_steps - self.trainer.step)]
         if not todo:
-            return start >= len(plan)
+            return 0
+        if self._warn_constant_lr:
+            warn("no planned length for the lr schedule (--total-steps or --max-steps): the lr stays constant")
+            self._warn_constant_lr = False
         staleness = self.staleness(src)
         # On-policy only for the first update on a rollout made by exactly these weights; afterwards the
         # student has moved, and opd-top1 uses the behaviour log-probs for a clipped importance ratio.
         fresh = src.policy_digest is not None and start == 0 and src.policy_digest == M.weights_digest(self.model)
-        if bar is not None and task is not None and bar.tasks[task].total is None and cfg.max_steps is None:
+        if bar is not None and task is not None and cfg.max_steps is None:
             bar.update(task, total=self.trainer.step + len(todo))
         needs = self.needs()
         seq_lens = [src.rollout.seq_len(r) for r in range(len(src.rollout))]
@@ -396,19 +457,24 @@ class _Session:
                 mbs = [m.pin_memory() for m in mbs]
             return mbs
 
-        self.progress_state = {"cache": src.ref(), "steps_done": start, "steps_total": len(plan)}
-        done_here = 0
+        done = start
+        self.progress_state = {"cache": src.ref(), "steps_done": done, "steps_per_epoch": per}
+        said_epoch = todo[0][0] - 1 if start % per else -1
         with Prefetcher(produce, len(todo), depth=cfg.prefetch) as pf:
             for i, mbs in enumerate(pf):
                 epoch, _ = todo[i]
+                if epoch > 0 and epoch != said_epoch:
+                    err_console.print(f"{src.name}: pass {epoch + 1} over its {src.cache.num_samples} samples "
+                                      f"({per} steps per pass)")
+                said_epoch = epoch
                 on_policy = fresh and i == 0
                 try:
                     m = self.trainer.train_step(mbs, on_policy=on_policy)
                 except NonFiniteLoss as e:
-                    raise OprdError(f"{e}. Last good checkpoint: {self.last_checkpoint or 'none (nothing was saved)'}"
+                    raise OprdError(f"{e}. Last good checkpoint: {self.save_last_good() or 'none (no step was taken)'}"
                                     " (lower --lr, or check the cache)") from None
-                done_here += 1
-                self.progress_state["steps_done"] = start + done_here
+                done += 1
+                self.progress_state["steps_done"] = done
                 m.update({
                     "objective": cfg.objective, "oprd_form": cfg.oprd_form, "mu": cfg.oprd_coef,
                     "reduction": cfg.reduction, "cache": src.store_id, "cache_name": src.name,
@@ -423,16 +489,25 @@ class _Session:
                     bar.update(task, completed=self.trainer.step, stats=_live_line(m))
                 else:
                     err_console.print(f"step {m['step']}: {_live_line(m)}")
-                last_of_cache = start + done_here == len(plan)
-                if last_of_cache:
-                    self.consumed.append({**src.ref(), "steps": len(plan)})
-                    self.progress_state = None
+                entry = next((c for c in self.consumed if _same_cache(c, src)), None)
+                if entry is not None:
+                    entry["steps"] = done
+                elif done >= per:  # the first pass is complete: the cache counts as trained on
+                    self.consumed.append({**src.ref(), "steps": done})
                     result.consumed_caches.append(src.name)
                 if cfg.save_every and self.trainer.step % cfg.save_every == 0:
                     self.save()
                 if self.reached_max():
                     break
-        return self.progress_state is None
+        return done - start
+
+    def save_last_good(self) -> str | None:
+        """After a failed step: save the (finite) state before it when it is not saved yet; returns the
+        newest good checkpoint."""
+        last = self.saved_step if self.saved_step is not None else self.start_step
+        if self.trainer.step != last and self.trainer.params_finite():
+            return self.save()
+        return self.last_checkpoint
 
     def write_metrics(self, m: dict[str, Any]) -> None:
         path = self.target.metrics_path
@@ -456,6 +531,14 @@ class _Session:
             else:
                 task = None
             result.stopped = self._loop(result, bar_ctx, task)
+        except KeyboardInterrupt:
+            if bar_ctx is not None:
+                bar_ctx.__exit__(None, None, None)
+                bar_ctx = None
+            # no save here: the interrupt may have hit the middle of an optimizer update
+            err_console.print(f"interrupted at step {self.trainer.step}; newest checkpoint: "
+                              f"{self.last_checkpoint or 'none'} (--save-every N saves more often)")
+            raise
         finally:
             if bar_ctx is not None:
                 bar_ctx.__exit__(None, None, None)
@@ -479,6 +562,9 @@ class _Session:
             if cfg.max_staleness is not None and st > cfg.max_staleness:
                 raise OprdError(f"cache {self.first_source.path} is {st} checkpoints behind the student "
                                 f"(--max-staleness {cfg.max_staleness}); nothing to train on")
+            if self.steps_done(self.first_source) >= self.horizon(self.first_source, self.steps_done(self.first_source)):
+                err_console.print(f"nothing to train on: this run already took {self.steps_done(self.first_source)} "
+                                  f"steps on {self.first_source.name} (raise --max-steps or --epochs for more passes)")
             self.train_source(self.first_source, result, bar, task)
             return "max_steps" if self.reached_max() else "caches_done"
         said_waiting = False
@@ -507,12 +593,19 @@ class _Session:
                 time.sleep(wait)
                 continue
             said_waiting = False
-            finished = self.train_source(src, result, bar, task)
-            if finished and self.saved_step != self.trainer.step:
-                # in a run directory every consumed cache ends in a checkpoint that the next rollout uses
+            if not self.train_source(src, result, bar, task):  # pragma: no cover - next_source offers work only
+                if not cfg.follow:
+                    return "caches_done"
+                time.sleep(cfg.poll_seconds)
+                continue
+            if self.saved_step != self.trainer.step:
+                # in a run directory every trained cache ends in a checkpoint that the next rollout uses
                 self.save()
+            started = time.monotonic()  # --timeout counts waiting time without a new cache
             if not cfg.follow:
                 return "max_steps" if self.reached_max() else "caches_done"
+            if cfg.max_caches is not None and len(result.consumed_caches) >= cfg.max_caches:
+                return "max_caches"
 
 
 def _live_line(m: dict[str, Any]) -> str:
@@ -521,8 +614,8 @@ def _live_line(m: dict[str, Any]) -> str:
         parts.append(f"cos {m['rep/cosine_similarity']:.3f}")
     if "opd/kl" in m:
         parts.append(f"kl {m['opd/kl']:.3g}")
-    parts += [f"lr {m['lr']:.2e}", f"gn {m['grad_norm']:.3g}", f"{m['tokens_per_s']:,.0f} tok/s"]
-    return "  ".join(parts)
+    parts += [f"lr {m['lr']:.1e}", f"gn {m['grad_norm']:.2g}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    return " ".join(parts)
 
 
 def _jsonable(m: dict[str, Any]) -> dict[str, Any]:

@@ -131,6 +131,16 @@ class _Acc:
         self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
 
+NAN_AT_STEP_ENV = "OPRD_TEST_NAN_AT_STEP"  # test hook: the loss of this global step becomes NaN
+
+
+def _fault_step() -> int | None:
+    import os
+
+    v = os.environ.get(NAN_AT_STEP_ENV)
+    return int(v) if v else None
+
+
 def lr_factor(step: int, warmup: int, total: int | None, min_ratio: float = 0.0) -> float:
     """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up over ``warmup``
     steps (reaching 1 at step ``warmup - 1``), then cosine decay to ``min_ratio`` at step ``total``.
@@ -296,9 +306,12 @@ class Trainer:
         acc = _Acc()
         loss_sum = 0.0
         lr = self.optimizer.param_groups[0]["lr"]
+        fault = _fault_step()
         for mb in micro_batches:
             mb = mb.to(dev)
             loss = self.micro_loss(mb, totals, on_policy, acc)
+            if fault == step_no:  # test hook: make this step's loss NaN
+                loss = loss * float("nan")
             value = float(loss.detach())
             if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,391 @@
+"""`oprd train` and `oprd bench loss`, driven through the real commands on tiny models.
+
+One rollout store (real `oprd rollout`) and one teacher cache (the real teacher pass) are built once
+per module; training runs read them and write into their own folders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import run_cli
+from oprd_cli.stores.cache import open_cache
+from oprd_cli.stores.rollouts import open_rollouts
+from oprd_cli.teacher import cache_rollouts
+
+LR = ["--lr", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_dir, aime24_path) -> Path:
+    """RUN/ with rollouts/r000001.zarr (8 samples, student top-4 ids) and cache/r000001.zarr from the
+    other-seed teacher: all layers, last 8 positions, teacher log-probs on the sampled tokens and on
+    the student's top-4 (``--logprobs topk``)."""
+    root = tmp_path_factory.mktemp("train") / "run"
+    run_cli("rollout", "--model", tiny_dir / "qwen2", "--prompts", aime24_path, "--run-dir", root, "--limit", 4,
+            "--num-samples", 2, "--max-new-tokens", 12, "--record-topk", 4)
+    cache_rollouts(str(tiny_dir / "qwen2-b"), root / "rollouts" / "r000001.zarr", root / "cache" / "r000001.zarr",
+                   layers="all", positions="last_k", k=8, logprobs="topk", topk=4, show_progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(run) -> Path:
+    return run / "cache" / "r000001.zarr"
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A run directory of our own with the module's rollouts and cache (no checkpoints yet)."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))
+    return dest
+
+
+def train(*args, expect: int = 0):
+    return run_cli("train", *args, expect=expect)
+
+
+def one_line_error(result, *needles: str, only_line: bool = True) -> str:
+    """The command failed with one ``error:`` line (its only output when refused up front) and no
+    traceback; returns that line."""
+    out = result.stderr.strip()
+    assert "Traceback" not in out, out
+    lines = out.splitlines()
+    assert lines and lines[-1].startswith("error:") and (len(lines) == 1 or not only_line), out
+    for n in needles:
+        assert n in lines[-1], out
+    return lines[-1]
+
+
+# ----------------------------------------------------------------------------- training works
+def test_oprd_moves_student_toward_teacher_and_checkpoints_reload(run, tiny_dir, tmp_path):
+    """Done means: 20-30 steps lower the OPRD loss and raise rep/cosine_similarity; checkpoints reload."""
+    r = copy_run(run, tmp_path / "run")
+    res = train("--run-dir", r, "--model", tiny_dir / "qwen2", "--max-steps", 24, "--batch-size", 4, *LR,
+                "--save-every", 8, "--keep-last", 2, "--json")
+    summary = json.loads(res.stdout)
+    assert summary["step"] == 24 and summary["steps"] == 24 and summary["stopped"] == "max_steps"
+    assert summary["consumed_caches"] == ["r000001.zarr"]
+    assert "pass 2 over its 8 samples" in res.stderr  # 8 samples / 4 per step: passes repeat up to --max-steps
+    m = metrics(r)
+    assert [x["step"] for x in m] == list(range(1, 25))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_bytes",
+                "rep/cosine_similarity", "rep/loss/layer_01", "rep/loss/layer_02", "staleness", "oprd_form"):
+        assert key in m[0], key
+    assert "opd/kl" not in m[0] and "actor/entropy" not in m[0]  # OPRD alone: no LM head at all
+    assert m[0]["oprd_form"] == "raw" and m[0]["objective"] == "oprd" and m[0]["staleness"] == 0
+    # per-layer losses average to the OPRD loss (Eq. 6 layer average)
+    assert m[0]["rep/loss"] == pytest.approx((m[0]["rep/loss/layer_01"] + m[0]["rep/loss/layer_02"]) / 2, rel=1e-5)
+    first, last = m[:2], m[-4:]
+    assert np.mean([x["loss"] for x in last]) < 0.7 * np.mean([x["loss"] for x in first])
+    assert np.mean([x["rep/cosine_similarity"] for x in last]) > np.mean([x["rep/cosine_similarity"] for x in first]) + 0.1
+    # warm-up (3% of 24 -> 1 step) then cosine decay
+    lrs = [x["lr"] for x in m]
+    assert lrs[0] == pytest.approx(3e-3) and all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+    # checkpoints: --save-every 8 and --keep-last 2 leave steps 16 and 24
+    ckpts = sorted(p.name for p in (r / "checkpoints").iterdir())
+    assert ckpts == ["step-000016", "step-000024"]
+    ck = r / "checkpoints" / "step-000024"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "oprd_checkpoint.json"):
+        assert (ck / f).exists(), f
+    reloaded = AutoModelForCausalLM.from_pretrained(ck)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_dir / "qwen2")
+    moved = [not torch.equal(a, b) for a, b in zip(reloaded.parameters(), initial.parameters())]
+    assert any(moved) and all(torch.isfinite(p).all() for p in reloaded.parameters())
+    assert json.loads((ck / "oprd_checkpoint.json").read_text())["step"] == 24
+    # the run's cache is used up: a second call says so and takes no step
+    again = train("--run-dir", r, "--batch-size", 4, "--json")
+    assert json.loads(again.stdout)["steps"] == 0 and "already trained on" in again.stderr
+
+
+def test_first_step_loss_equals_eq6_by_hand(run, cache, tiny_dir, tmp_path):
+    """The trainer's first OPRD loss equals Eq. 6 computed from a plain HF forward of the student and
+    the cache read directly: positions, masks and layer averaging, raw and normalised forms."""
+    student = AutoModelForCausalLM.from_pretrained(tiny_dir / "qwen2", attn_implementation="eager").eval()
+    rs = open_rollouts(str(run / "rollouts" / "r000001.zarr"))
+    c = open_cache(str(cache))
+    cb = c.read(list(range(c.num_samples)))
+    raw, norm, cos = [], [], []
+    for i, s in enumerate(rs.samples()):
+        seq = torch.tensor(np.concatenate([s.prompt_ids, s.response_ids]).astype(np.int64))[None]
+        with torch.no_grad():
+            hs = student(seq, output_hidden_states=True).hidden_states
+        k = int(cb.mask[i].sum())
+        idx = len(s.prompt_ids) - 1 + cb.positions[i, :k]
+        r_l, n_l, c_l = [], [], []
+        for j, layer in enumerate(c.layers):
+            h, t = hs[layer][0, idx], cb.hidden[i, j, :k].float()
+            r_l.append(((h - t) ** 2).sum(-1).div(h.shape[-1]).mean())
+            hn, tn = torch.nn.functional.normalize(h, dim=-1), torch.nn.functional.normalize(t, dim=-1)
+            n_l.append(((hn - tn) ** 2).sum(-1).div(h.shape[-1]).mean())
+            c_l.append(torch.nn.functional.cosine_similarity(h, t, dim=-1).mean())
+        raw.append(torch.stack(r_l).mean())
+        norm.append(torch.stack(n_l).mean())
+        cos.append(torch.stack(c_l).mean())
+    n = c.num_samples
+    for form, expected in (("raw", raw), ("normalized", norm)):
+        out = tmp_path / form
+        train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", out, "--max-steps", 1, "--batch-size", n,
+              "--oprd-form", form)
+        m = metrics(out)[0]
+        assert m["oprd_form"] == form
+        assert m["loss"] == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
+        assert m["rep/cosine_similarity"] == pytest.approx(float(torch.stack(cos).mean()), abs=1e-4)
+
+
+@pytest.mark.parametrize("objective,extra,keys,absent", [
+    ("opd-top1", [], ["opd/pg_loss", "opd/kl", "opd/clip_frac", "actor/entropy"], ["rep/cosine_similarity"]),
+    ("opd-topk", [], ["opd/kl", "opd/topk_overlap", "actor/entropy"], ["rep/cosine_similarity"]),
+    ("opd-topk", ["--topk-logits", "full", "--mu", "1"], ["opd/kl", "rep/cosine_similarity", "rep/loss"], []),
+    ("opd-top1", ["--mu", "10"], ["opd/pg_loss", "rep/cosine_similarity", "rep/loss/layer_02"], []),
+])
+def test_each_objective_runs_and_logs_its_metrics(cache, tiny_dir, tmp_path, objective, extra, keys, absent):
+    out = tmp_path / "out"
+    train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", out, "--objective", objective,
+          "--max-steps", 3, "--batch-size", 4, *LR, *extra)
+    m = metrics(out)
+    assert len(m) == 3 and all(math.isfinite(x["loss"]) for x in m)
+    for k in keys:
+        assert k in m[-1], k
+    for k in absent:
+        assert k not in m[-1], k
+    mu = float(extra[extra.index("--mu") + 1]) if "--mu" in extra else 0.0
+    assert m[0]["mu"] == mu and m[0]["objective"] == objective
+    if mu:  # L = L_OPD + mu * L_OPRD (Eq. 7)
+        assert m[0]["loss"] == pytest.approx(m[0]["opd/loss"] + mu * m[0]["rep/loss"], rel=1e-5)
+    if objective == "opd-top1":
+        # the cache's rollouts come from exactly these weights: step 1 is on-policy (ratio 1, nothing
+        # clipped); later steps use the behaviour log-probs for the clipped importance ratio
+        assert m[0]["off_policy"] == 0 and m[0]["opd/clip_frac"] == 0
+        assert m[1]["off_policy"] == 1
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(run, cache, tiny_dir, tmp_path):
+    common = ["--batch-size", 4, "--total-steps", 6, *LR]
+    whole = tmp_path / "whole"
+    train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", whole, "--max-steps", 6, *common)
+    # explicit cache: stop mid-pass at step 3, then --resume
+    part = tmp_path / "part"
+    train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", part, "--max-steps", 3, *common)
+    res = train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", part, "--max-steps", 6, "--resume", *common)
+    assert "without --resume" not in res.stderr
+    # run directory: stop at a pass boundary (step 2), then call again (a run directory always continues)
+    r = copy_run(run, tmp_path / "run")
+    train("--run-dir", r, "--model", tiny_dir / "qwen2", "--max-steps", 2, *common)
+    train("--run-dir", r, "--max-steps", 6, *common)
+    expected = [x["loss"] for x in metrics(whole)]
+    assert len(expected) == 6
+    assert [x["loss"] for x in metrics(part)] == expected
+    assert [x["loss"] for x in metrics(r)] == expected
+    assert [x["lr"] for x in metrics(r)] == [x["lr"] for x in metrics(whole)]
+    # an explicit --out that already has checkpoints is not silently continued or overwritten
+    res = train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", part, "--max-steps", 8, expect=2)
+    one_line_error(res, "--resume")
+
+
+def test_micro_batches_and_gradient_checkpointing_change_nothing(cache, tiny_dir, tmp_path):
+    """Token-budget micro-batches with gradient accumulation give the optimizer-batch loss and the same
+    update; so does gradient checkpointing."""
+    runs = {}
+    for name, extra in (("one", []), ("micro", ["--micro-batch-tokens", 40]), ("ckpt", ["--gradient-checkpointing"])):
+        out = tmp_path / name
+        train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", out, "--max-steps", 2, "--batch-size", 8,
+              "--objective", "opd-top1", "--mu", 1, *LR, *extra)
+        runs[name] = metrics(out)
+    assert runs["one"][0]["num_micro_batches"] == 1 and runs["micro"][0]["num_micro_batches"] > 1
+    for name in ("micro", "ckpt"):
+        for a, b in zip(runs["one"], runs[name]):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_follow_staleness_and_stop_conditions(run, tiny_dir, tmp_path):
+    r = copy_run(run, tmp_path / "run")
+    res = train("--run-dir", r, "--model", tiny_dir / "qwen2", "--batch-size", 4, "--follow", "--poll-seconds",
+                0.05, "--timeout", 0.2, "--json")
+    s = json.loads(res.stdout)
+    assert s["stopped"] == "timeout" and s["step"] == 2 and "waiting for new caches" in res.stderr
+    assert (r / "checkpoints" / "step-000002").is_dir()
+    # a second round made from the same (initial) policy: one checkpoint behind the student now
+    for sub in ("rollouts", "cache"):
+        shutil.copytree(r / sub / "r000001.zarr", r / sub / "r000002.zarr")
+    res = train("--run-dir", r, "--batch-size", 4, "--max-staleness", 0, "--json")
+    assert "skipping cache r000002.zarr" in res.stderr and "--max-staleness 0" in res.stderr
+    assert json.loads(res.stdout)["steps"] == 0
+    res = train("--run-dir", r, "--batch-size", 4, "--follow", "--max-caches", 1, "--max-staleness", 1,
+                "--poll-seconds", 0.05, "--json")
+    s = json.loads(res.stdout)
+    assert s["stopped"] == "max_caches" and s["consumed_caches"] == ["r000002.zarr"] and s["step"] == 4
+    m = metrics(r)
+    assert [x["staleness"] for x in m] == [0, 0, 1, 1] and m[-1]["cache_name"] == "r000002.zarr"
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_refuses_caches_that_do_not_fit(run, cache, tiny_dir, tmp_path):
+    from oprd_cli.tiny import build_tiny_model, build_tokenizer
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    res = train("--model", tiny_dir / "qwen2-deep", "--cache", cache, "--out", out, expect=2)
+    one_line_error(res, "depth: teacher 2 layers vs student 4")
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "tokenizer")
+    build_tiny_model(tmp_path / "narrow", tok, "qwen2", hidden_size=32)
+    res = train("--model", tmp_path / "narrow", "--cache", cache, "--out", out, expect=2)
+    one_line_error(res, "width: teacher hidden size 64 vs student 32")
+    other_tok = build_tokenizer(["completely different text " * 10, "0123456789 abc"], tmp_path / "tok2",
+                                vocab_size=300)
+    build_tiny_model(tmp_path / "other-tok", other_tok, "qwen2")
+    res = train("--model", tmp_path / "other-tok", "--cache", cache, "--out", out, expect=2)
+    one_line_error(res, "another tokenizer")
+    incomplete = tmp_path / "incomplete.zarr"
+    shutil.copytree(cache, incomplete)
+    (incomplete / "oprd_complete.json").unlink()
+    res = train("--model", tiny_dir / "qwen2", "--cache", incomplete, "--out", out, expect=2)
+    one_line_error(res, "incomplete.zarr")
+    # opd-top1 on a cache without teacher log-probs
+    plain = tmp_path / "plain.zarr"
+    cache_rollouts(str(tiny_dir / "qwen2-b"), run / "rollouts" / "r000001.zarr", plain, layers="last", k=4,
+                   show_progress=False)
+    res = train("--model", tiny_dir / "qwen2", "--cache", plain, "--out", out, "--objective", "opd-top1", expect=2)
+    one_line_error(res, "--logprobs")
+    assert not out.exists() or not any((out / "checkpoints").glob("step-*"))
+
+
+def test_refuses_bad_arguments(run, tiny_dir, cache, tmp_path):
+    empty_run = tmp_path / "empty"
+    empty_run.mkdir()
+    res = train("--run-dir", empty_run, "--model", tiny_dir / "qwen2", expect=2)
+    one_line_error(res, "no complete teacher cache", "oprd teacher-cache")
+    res = train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", tmp_path / "o", "--lr", 0, expect=2)
+    one_line_error(res, "--lr must be > 0")
+    res = train("--model", tiny_dir / "qwen2", "--cache", tmp_path / "nope.zarr", "--out", tmp_path / "o", expect=2)
+    one_line_error(res, "no teacher cache", "oprd teacher-cache")
+    fake = tmp_path / "r" / "checkpoints" / "step-000003"
+    fake.mkdir(parents=True)
+    (fake / "config.json").write_text("{}")
+    res = train("--model", fake, "--cache", cache, "--out", tmp_path / "o", expect=2)
+    one_line_error(res, "not a complete oprd checkpoint")
+    res = train("--model", tmp_path / "r", "--cache", cache, "--out", tmp_path / "o", expect=2)
+    one_line_error(res)
+    res = train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", tmp_path / "o", "--resume", expect=2)
+    one_line_error(res, "nothing to resume")
+    assert not (tmp_path / "o" / "checkpoints").exists() or not any((tmp_path / "o" / "checkpoints").iterdir())
+
+
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(cache, tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("OPRD_TEST_NAN_AT_STEP", "3")
+    res = train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", out, "--max-steps", 5, "--batch-size", 4,
+                expect=2)
+    one_line_error(res, "step 3", "nan", "step-000002", only_line=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert [x["step"] for x in metrics(out)] == [1, 2]
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-000002")
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_oprd_step_never_touches_the_lm_head_and_stops_at_the_deepest_layer(tiny_dir):
+    from oprd_cli.bench_loss import BenchLossConfig, _batch
+    from oprd_cli.train import TrainConfig, Trainer
+    from oprd_cli.train.step import StepTotals, _Acc
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "qwen2-deep", attn_implementation="eager")
+    ran = []
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_hook(lambda *a, i=i: ran.append(i))
+    bc = BenchLossConfig(num_layers=4, seq_len=10, last_k=4, batch_size=2, prompt_len=5, hidden_size=64,
+                         vocab_size=model.config.vocab_size, topk=4)
+    for objective, layers, blocks, head_grad in (("oprd", [2], [0, 1], False), ("opd-top1", [], [0, 1, 2, 3], True)):
+        cfg = TrainConfig(objective=objective)
+        trainer = Trainer(model, cfg, layers, torch.device("cpu"), total_steps=None)
+        mb = _batch(bc, objective, layers)
+        ran.clear()
+        model.zero_grad(set_to_none=True)
+        trainer.micro_loss(mb, StepTotals.of([mb]), on_policy=True, acc=_Acc()).backward()
+        assert sorted(set(ran)) == blocks, objective
+        assert (model.lm_head.weight.grad is not None) == head_grad, objective
+        if objective == "oprd":  # gradients reach only the blocks that produced the supervised states
+            assert all(p.grad is None for p in model.model.layers[3].parameters())
+
+
+def test_lr_schedule_and_prefetcher():
+    from oprd_cli.train.batches import Prefetcher, plan_steps
+    from oprd_cli.train.step import lr_factor, warmup_steps
+
+    w = warmup_steps(100, 0.03)
+    assert w == 3
+    f = [lr_factor(s, w, 100) for s in range(100)]
+    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and f[3] == pytest.approx(1.0)
+    assert f[53] == pytest.approx(0.5 * (1 + math.cos(math.pi * 50 / 97)))
+    assert all(a >= b for a, b in zip(f[3:], f[4:])) and lr_factor(100, w, 100) == pytest.approx(0.0)
+    # each pass over a cache is a permutation of its rows; passes differ; a longer plan extends a shorter one
+    p3 = plan_steps(10, 4, 3, 0, "sha256:abcd")
+    p2 = plan_steps(10, 4, 2, 0, "sha256:abcd")
+    assert [e for e, _ in p3] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all((a[1] == b[1]).all() for a, b in zip(p2, p3))
+    assert sorted(np.concatenate([r for e, r in p3 if e == 1]).tolist()) == list(range(10))
+
+    def produce(i):
+        if i == 2:
+            raise ValueError("boom at 2")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="boom at 2"):
+        with Prefetcher(produce, 5, depth=2) as pf:
+            for x in pf:
+                got.append(x)
+    assert got == [0, 1]
+
+
+def test_bench_loss_reports_three_objectives_and_ratios():
+    small = ["--num-layers", 1, "--seq-len", 24, "--last-k", 8, "--batch-size", 1, "--prompt-len", 4,
+             "--hidden-size", 32, "--vocab-size", 2048, "--intermediate-size", 64, "--num-heads", 2,
+             "--num-kv-heads", 1, "--repeats", 1, "--threads", 1]
+    r = json.loads(run_cli("bench", "loss", *small, "--no-isolate", "--json").stdout)
+    assert r["objectives"] == ["opd_top1", "opd_top16", "opd_top16_support", "oprd"]
+    for name in r["objectives"]:
+        assert r[name]["step_time_s"] > 0 and isinstance(r[name]["delta_peak_bytes"], int)
+    assert r["speedup_vs_top16"] == pytest.approx(r["opd_top16"]["step_time_s"] / r["oprd"]["step_time_s"])
+    assert r["delta_peak_ratio_vs_top16"] == pytest.approx(
+        r["oprd"]["delta_peak_bytes"] / r["opd_top16"]["delta_peak_bytes"])
+    assert r["geometry"]["vocab_size"] == 2048 and r["machine"]["cpu_cores"]
+    assert r["opd_top16"]["topk_logits"] == "full" and r["oprd"]["entropy"] is False
+    # the default: each objective in a fresh process
+    r = json.loads(run_cli("bench", "loss", *small, "--objectives", "oprd", "--json").stdout)
+    assert r["oprd"]["delta_peak_bytes"] > 0 and r["speedup_vs_top16"] is None
+    assert "fresh process" in r["memory_measure"]
+    res = run_cli("bench", "loss", "--objectives", "nope", expect=2)
+    one_line_error(res, "--objectives")
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_cli_rollout_teacher_cache_train(tiny_dir, aime24_path, tmp_path):
+    """`oprd rollout` -> `oprd teacher-cache` -> `oprd train` from the command line, twice around."""
+    r = tmp_path / "run"
+    run_cli("rollout", "--model", tiny_dir / "qwen2", "--prompts", aime24_path, "--run-dir", r, "--limit", 2,
+            "--num-samples", 2, "--max-new-tokens", 8)
+    run_cli("teacher-cache", "--run-dir", r, "--teacher", tiny_dir / "qwen2-b", "--k", 4)
+    res = train("--run-dir", r, *LR, "--batch-size", 2, "--json")
+    s = json.loads(res.stdout)
+    assert s["step"] == 2 and s["checkpoint"].endswith("step-000002")
+    # the next round samples from the new checkpoint, and training continues from it
+    run_cli("rollout", "--run-dir", r, "--limit", 2, "--num-samples", 2, "--max-new-tokens", 8)
+    run_cli("teacher-cache", "--run-dir", r, "--teacher", tiny_dir / "qwen2-b", "--k", 4)
+    s = json.loads(train("--run-dir", r, *LR, "--batch-size", 2, "--json").stdout)
+    assert s["start_step"] == 2 and s["step"] == 4 and s["consumed_caches"] == ["r000002.zarr"]
+    m = metrics(r)
+    assert [x["staleness"] for x in m] == [0, 0, 0, 0] and m[2]["policy_step"] == 2
+    AutoModelForCausalLM.from_pretrained(r / "checkpoints" / "step-000004")
