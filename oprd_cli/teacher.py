@@ -21,6 +21,7 @@ How a pass works
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -177,8 +178,10 @@ class TeacherModel:
         del model
 
     def describe(self) -> dict[str, Any]:
+        local = Path(os.path.expanduser(self.name))
         return {
-            "name": self.name, "config_digest": self.config_digest, "weights_digest": self.weights_digest,
+            "name": self.name, "path": str(local.resolve()) if local.is_dir() else None,
+            "config_digest": self.config_digest, "weights_digest": self.weights_digest,
             "num_layers": self.num_layers, "hidden_size": self.hidden_size, "dtype": cache_store.dtype_name(self.dtype),
             "model_type": getattr(self.config, "model_type", None), "device": str(self.device),
             "blocks_run": self.num_layers if self.full else self.depth, "lm_head": self.need_logits,
@@ -541,6 +544,7 @@ def cache_rollouts(
     counters = {"samples": 0, "tokens": 0, "raw": 0, "stored": 0, "units": 0}
     lock = threading.Lock()
     t_loop = time.perf_counter()
+    cpu_loop = time.process_time()
     compute_seconds = 0.0
     total_samples = sum(u.sample_stop - u.sample_start for u in todo)
     bar = progress(
@@ -611,13 +615,14 @@ def cache_rollouts(
         if bar is not None:
             bar.stop()
     loop_seconds = time.perf_counter() - t_loop
+    loop_cpu_seconds = time.process_time() - cpu_loop
     digest = writer.try_finalize()
     if stats is not None:
         stats.update({
             "path": out, "complete": digest is not None, "content_digest": digest, "units_total": layout.num_units,
             "units_computed": len(todo), "units_already_done": already, "samples": total_samples,
             "tokens_fed": counters["tokens"], "raw_bytes": counters["raw"], "stored_bytes": counters["stored"],
-            "loop_seconds": loop_seconds, "compute_seconds": compute_seconds,
+            "loop_seconds": loop_seconds, "loop_cpu_seconds": loop_cpu_seconds, "compute_seconds": compute_seconds,
             "writer_busy_seconds": writer_busy,
             "total_seconds": time.perf_counter() - t_start,
         })
