@@ -85,7 +85,7 @@ def test_three_rounds_interrupted_and_resumed(tiny_dir, aime24_path, tmp_path, m
 def test_killed_process_resumes(tiny_dir, aime24_path, tmp_path):
     """SIGKILL right after round 1 trained; a half-written round-2 rollout is then found and replaced."""
     run = tmp_path / "run"
-    env = {**os.environ, STOP_ENV: "1:train:kill"}
+    env = {**os.environ, STOP_ENV: "1:train:kill", "OMP_NUM_THREADS": "1"}  # one thread, as in-process tests
     args = [sys.executable, "-m", "oprd_cli", *map(str, _loop_args(run, tiny_dir, aime24_path, 2,
                                                                     "--objective", "opd-top1"))]
     p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
