@@ -359,8 +359,9 @@ def test_bench_loss_reports_three_objectives_and_ratios():
     for name in r["objectives"]:
         assert r[name]["step_time_s"] > 0 and isinstance(r[name]["delta_peak_bytes"], int)
     assert r["speedup_vs_top16"] == pytest.approx(r["opd_top16"]["step_time_s"] / r["oprd"]["step_time_s"])
-    assert r["delta_peak_ratio_vs_top16"] == pytest.approx(
-        r["oprd"]["delta_peak_bytes"] / r["opd_top16"]["delta_peak_bytes"])
+    top16_peak = r["opd_top16"]["delta_peak_bytes"]  # at this toy size it may be within RSS page noise, even 0
+    assert r["delta_peak_ratio_vs_top16"] == (pytest.approx(r["oprd"]["delta_peak_bytes"] / top16_peak)
+                                              if top16_peak else None)
     assert r["geometry"]["vocab_size"] == 2048 and r["machine"]["cpu_cores"]
     assert r["opd_top16"]["topk_logits"] == "full" and r["oprd"]["entropy"] is False
     # the default: each objective in a fresh process
@@ -389,3 +390,20 @@ def test_cli_rollout_teacher_cache_train(tiny_dir, aime24_path, tmp_path):
     m = metrics(r)
     assert [x["staleness"] for x in m] == [0, 0, 0, 0] and m[2]["policy_step"] == 2
     AutoModelForCausalLM.from_pretrained(r / "checkpoints" / "step-000004")
+
+
+def _help(*cmd) -> str:
+    """Help text with rich's box drawing and line wrapping removed."""
+    import re
+
+    return re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", run_cli(*cmd, "--help").stdout))
+
+
+def test_help_shows_defaults_and_the_interface():
+    out = _help("train")
+    for text in ("--run-dir", "--objective", "--mu", "--max-steps", "--follow", "--resume", "--max-staleness",
+                 "--max-caches", "(default: oprd)", "(default: 1e-5)", "(default: 0.03)"):
+        assert text in out, text
+    out = _help("bench", "loss")
+    for text in ("--num-layers", "--seq-len", "--last-k", "--batch-size", "--json", "1536", "151936"):
+        assert text in out, text

@@ -157,7 +157,7 @@ class TrainResult:
     metrics_path: str | None = None
     consumed_caches: list[str] = field(default_factory=list)  # caches finished in this invocation
     skipped_caches: list[str] = field(default_factory=list)
-    stopped: str = ""  # max_steps | caches_done | timeout
+    stopped: str = ""  # max_steps | caches_done | timeout | max_caches
     seconds: float = 0.0
 
     @property

@@ -2,12 +2,18 @@
 
 Two ways in (see docs/training.md):
 
-- ``run_train(model=M, cache=C, out=DIR, config=...)``: train on one cache (``config.epochs`` passes);
-  checkpoints go to ``DIR/checkpoints/step-NNNNNN`` and metrics to ``DIR/metrics.jsonl`` (DIR is laid
-  out like a run directory).
+- ``run_train(model=M, cache=C, out=DIR, config=...)``: train on one cache; checkpoints go to
+  ``DIR/checkpoints/step-NNNNNN`` and metrics to ``DIR/metrics.jsonl`` (DIR is laid out like a run
+  directory); ``resume=True`` continues from DIR's latest checkpoint.
 - ``run_train(run_dir=R, config=...)``: continue from the run's latest checkpoint (or the initial
   student: ``--model`` / ``[models] student``) and consume the newest complete cache in ``R/cache``
   that it has not trained on; ``config.follow`` keeps waiting for new caches (the decoupled setup).
+
+How many steps one cache gives: one pass (``ceil(samples / batch_size)`` steps) by default;
+``config.epochs`` passes when set; and without ``follow``, further passes until ``config.max_steps``
+(each pass has its own seeded order, a pure function of seed, pass and cache digest, so a resumed
+run replays the same batches). The run remembers, per cache (round name + content digest), how many
+steps it took on it, in every checkpoint's marker.
 
 The demo and ``oprd loop`` call :func:`train_on_cache` (one cache) or :func:`run_train`.
 """
