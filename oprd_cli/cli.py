@@ -237,6 +237,8 @@ def bench_cache(
     vocab_size: int = typer.Option(32000, "--vocab-size", show_default=False, help="Generated teacher: vocabulary size. (default: 32000)"),
     max_batch_tokens: int = typer.Option(4096, "--max-batch-tokens", show_default=False, help="Padded tokens per forward. (default: 4096)"),
     repeats: int = typer.Option(1, "--repeats", show_default=False, help="Time each pass this many times and keep the fastest. (default: 1)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch; 1 leaves a core to the "
+                                          "writer and avoids stalls on a busy machine. (default: torch's choice)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Teacher-cache speed and size: truncated vs full forward, writer overhead, bytes per value."""
@@ -246,7 +248,7 @@ def bench_cache(
         teacher=teacher, rollouts=rollouts, device=device, dtype=dtype, store_dtype=store_dtype, layers=layers,
         positions=positions, k=k, compressor=compressor, level=level, tokens=tokens, hidden_size=hidden_size,
         num_layers=num_layers, vocab_size=vocab_size, max_batch_tokens=max_batch_tokens, repeats=repeats,
-        show_progress=not as_json,
+        threads=threads, show_progress=not as_json,
     )
     if as_json:
         emit_json(report)
@@ -422,17 +424,22 @@ def bench_loss(
     repeats: int = typer.Option(2, "--repeats", help="Timed steps per objective (after one warm-up step); the median is reported."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice; on a busy CPU 1 gives steadier times)."),
+    isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="Run each objective in a fresh process (honest CPU memory figures); --no-isolate runs all in this one (faster start)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ):
-    """Actor-update step time and delta-peak memory: OPD top-1, OPD top-16 and OPRD side by side (paper Table 3)."""
+    """Actor-update step time and delta-peak memory: OPD top-1, OPD top-16 and OPRD side by side (paper Table 3).
+
+    The real training step (forward, backward, clipping, AdamW) on a Qwen2 model of the given shape with
+    random weights. On a CPU reduce the depth and sequence length (docs/training.md has the figures).
+    """
     from oprd_cli.bench_loss import BenchLossConfig, print_bench, run_bench_loss
 
     cfg = BenchLossConfig(num_layers=num_layers, seq_len=seq_len, last_k=last_k, batch_size=batch_size,
                           prompt_len=prompt_len, topk=topk, hidden_size=hidden_size, vocab_size=vocab_size,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                           tie_word_embeddings=tie_word_embeddings, objectives=objectives, repeats=repeats,
-                          device=device, dtype=dtype, threads=threads)
+                          device=device, dtype=dtype, threads=threads, isolate=isolate)
     report = run_bench_loss(cfg)
     if as_json:
         emit_json(report)
