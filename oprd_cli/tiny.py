@@ -65,6 +65,9 @@ def build_tiny_model(
     tie_word_embeddings: bool = False,
 ):
     """A randomly initialised causal LM of a real architecture, saved with save_pretrained."""
+    from oprd_cli.models import quiet_transformers
+
+    quiet_transformers()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 

@@ -265,6 +265,9 @@ def _lr_at(step: int, cfg: SftConfig) -> float:
 
 
 def _save(model, tokenizer, out: Path, meta: dict) -> None:
+    from oprd_cli.models import quiet_transformers
+
+    quiet_transformers()  # no tqdm "Writing model shards" bar between our rich progress
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "demo_model.json").write_text(json.dumps(meta, indent=2) + "\n")
