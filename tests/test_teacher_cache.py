@@ -229,7 +229,7 @@ def test_sigkill_mid_store_then_resume_gives_same_digest(rollouts, reference, ti
     args = ["--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, "--positions", "all",
             "--logprobs", "sampled", *UNITS]
     total = info_json(reference[0])["units"]["total"]
-    p = _cli_proc(*args, env={PAUSE_BEFORE_MARKER_ENV: "2"})
+    p = _cli_proc(*args, env={PAUSE_BEFORE_MARKER_ENV: "3"})
     units = out / "units"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and p.poll() is None:
@@ -238,7 +238,16 @@ def test_sigkill_mid_store_then_resume_gives_same_digest(rollouts, reference, ti
         assert not (out / common.COMPLETE_MARKER).exists()
         time.sleep(0.05)
     assert p.poll() is None, p.communicate()[1]
-    time.sleep(1.0)  # the next unit's data is on disk, its marker is not
+
+    def data_ahead_of_markers() -> bool:
+        chunks = out / "hidden" / "c"
+        return chunks.is_dir() and len(list(chunks.iterdir())) > len(list(units.glob("u*.json")))
+
+    # wait (however loaded the machine) until a unit's data is on disk and its marker is not: the worker
+    # then sleeps before writing the marker, and is killed inside that window
+    while time.monotonic() < deadline and p.poll() is None and not data_ahead_of_markers():
+        time.sleep(0.02)
+    assert p.poll() is None, p.communicate()[1]
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
     done = len(list(units.glob("u*.json")))
