@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +39,6 @@ from oprd_cli import models
 from oprd_cli.console import console, err_console
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import cache as cache_store
-from oprd_cli.stores import common
 from oprd_cli.stores.rollouts import RolloutWriter, open_rollouts
 from oprd_cli.teacher import TeacherModel, _RolloutData, _request, cache_rollouts, plan_batches
 
@@ -49,29 +47,13 @@ SWEEP = [("float32", None), ("bfloat16", None), ("bfloat16", 5), ("bfloat16", 4)
 COMPRESSOR_SWEEP = ["none", "zstd", "blosc-zstd", "lz4", "blosc-lz4", "blosc-lz4hc"]
 
 
-def _machine(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "torch": torch.__version__, "device": str(device)}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
-
-
 def generate_teacher(folder: Path, hidden_size: int, num_layers: int, vocab_size: int) -> Path:
     """A random Qwen2-style teacher (head dim 64, 4x MLP) with a small local tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from oprd_cli.tiny import build_tokenizer
 
-    getattr(models, "quiet_transformers", lambda: None)()
+    models.quiet_transformers()
     texts = [f"step {i}: the answer is {i * 7 % 13} and {i * i} so we box it" for i in range(200)]
     tok = build_tokenizer(texts, folder, vocab_size=300)
     heads = max(1, hidden_size // 64)
@@ -318,7 +300,7 @@ def run_bench(
                                   int(info["layout"]["hidden_chunk_rows"]))
         values = info["num_positions"] * len(c.layers) * c.hidden_size
         report = {
-            "machine": _machine(dev),
+            "machine": models.machine_info(dev),
             "teacher": {"name": "generated" if generated else teacher,
                         "hidden_size": tm.hidden_size, "num_layers": tm.num_layers,
                         "vocab_size": int(tm.config.vocab_size), "dtype": model_dtype},

@@ -223,33 +223,6 @@ def _worker_main(argv: list[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- the command
-def _machine() -> dict[str, Any]:
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import torch
-
-    out = {"cpu": cpu, "cpu_cores": os.cpu_count(), "memory_bytes": mem, "torch": torch.__version__,
-           "cuda": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-    return out
-
-
 def _run_one(cfg: BenchLossConfig, name: str, tmp: Path) -> dict[str, Any]:
     spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}.out.json"
     spec_path.write_text(json.dumps({"config": asdict(cfg), "objective": name}))
@@ -304,6 +277,8 @@ def run_bench_loss(cfg: BenchLossConfig, show_progress: bool = True) -> dict[str
     oprd = results.get("oprd")
     speedup = oprd["speedup_vs_top16"] if oprd else None
     ratio = oprd["delta_peak_ratio_vs_top16"] if oprd else None
+    from oprd_cli.models import machine_info, resolve_device
+
     device = next(iter(results.values()))["device"] if results else cfg.device
     report: dict[str, Any] = {
         "benchmark": "loss",
@@ -317,7 +292,7 @@ def run_bench_loss(cfg: BenchLossConfig, show_progress: bool = True) -> dict[str
                            "process RSS: VmHWM (reset before the step) - VmRSS at step start, glibc mmap "
                            "threshold 64 KiB")
                           + ("; a fresh process per objective" if cfg.isolate else "; all objectives in one process"),
-        "machine": _machine(),
+        "machine": machine_info(resolve_device(device)),
         "objectives": names,
         **results,
         "speedup_vs_top16": speedup,

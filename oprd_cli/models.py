@@ -29,6 +29,31 @@ def quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _proc_field(path: str, key: str) -> str | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """What a measurement ran on (benchmarks and the demo record it next to their figures)."""
+    import platform
+
+    device = torch.device(device)
+    mem = _proc_field("/proc/meminfo", "MemTotal:")
+    out = {"cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
+           "cpu_cores": os.cpu_count(), "memory_bytes": int(mem.split()[0]) * 1024 if mem else None,
+           "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
+           "device": str(device), "cuda": torch.cuda.is_available()}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

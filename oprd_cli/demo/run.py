@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -148,6 +147,7 @@ def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: in
     from oprd_cli.demo.assets import build_assets, default_threads
     from oprd_cli.evaluate import Grader, eval_sampling, load_eval_data
     from oprd_cli.loop import EvalSettings, read_log, run_loop
+    from oprd_cli.models import machine_info
     from oprd_cli.train import TrainConfig
 
     t0 = time.monotonic()
@@ -249,9 +249,7 @@ def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: in
                        "teacher_step": assets.teacher_step, "student_step": assets.student_step,
                        "val_accuracy": assets.accuracy, "build_seconds": assets.build_seconds,
                        "task": assets.spec.get("task"), "model": assets.spec.get("model")},
-            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "cpu_count": os.cpu_count(), "torch_threads": threads,
-                        "device": "cpu", "torch": torch.__version__},
+            "machine": {**machine_info("cpu"), "torch_threads": threads},
             "work_dir": str(work),
         }
         png = Path(plot_path) if plot_path else (Path(json_path).with_suffix(".png") if json_path
@@ -324,7 +322,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         t.add_row(name, acc, gap, f"{m['train_time_s']:.1f} s", _mib(m["peak_mem_bytes"]))
     console.print(t)
     mach = summary["machine"]
-    console.print(f"{mach['cpu_count']}-core CPU ({mach['torch_threads']} torch threads), no GPU; total "
+    console.print(f"{mach['cpu_cores']}-core CPU ({mach['torch_threads']} torch threads), no GPU; total "
                   f"{summary['total_seconds']:.0f} s (assets {'reused' if summary['assets']['reused'] else 'built'}). "
                   f"Peak mem is the process's peak RSS during a train step (CPU), not a per-method delta.")
     console.print(f"plot {summary['plot']}")
