@@ -799,14 +799,11 @@ class TeacherCache:
 
     def __init__(self, path: str, require_complete: bool = True):
         self.path = str(path)
-        meta = common.read_meta(self.path)
-        common.check_format(meta, FORMAT, self.path)
-        self.complete = common.is_complete(self.path)
-        if require_complete and not self.complete:
-            raise OprdError(
-                f"teacher cache {self.path} is incomplete (its workers were interrupted or are still running); "
-                "run `oprd teacher-cache` again to finish it"
-            )
+        meta, self.complete = common.open_meta(
+            self.path, FORMAT, require_complete,
+            f"teacher cache {self.path} is incomplete (its workers were interrupted or are still running); "
+            "run `oprd teacher-cache` again to finish it",
+        )
         if not self.complete and common.read_json(common.join(self.path, LAYOUT_MARKER)) is None:
             self._layout_ready = False
         else:

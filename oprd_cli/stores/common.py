@@ -133,6 +133,17 @@ def check_format(meta: dict, expected: StoreFormat, path: str) -> None:
         )
 
 
+def open_meta(path: str, expected: StoreFormat, require_complete: bool, incomplete: str) -> tuple[dict, bool]:
+    """Metadata and completeness of a store of the ``expected`` format; ``incomplete`` is the error
+    raised when ``require_complete`` and the completion marker is missing."""
+    meta = read_meta(path)
+    check_format(meta, expected, path)
+    complete = is_complete(path)
+    if require_complete and not complete:
+        raise OprdError(incomplete)
+    return meta, complete
+
+
 def prepare_output(path: str, overwrite: bool, what: str) -> None:
     """Refuse to replace a complete store unless asked; clear an incomplete leftover."""
     if exists(path):

@@ -173,14 +173,11 @@ class RolloutStore:
 
     def __init__(self, path: str, require_complete: bool = True):
         self.path = str(path)
-        meta = common.read_meta(self.path)
-        common.check_format(meta, FORMAT, self.path)
-        self.complete = common.is_complete(self.path)
-        if require_complete and not self.complete:
-            raise OprdError(
-                f"rollout store {self.path} is incomplete (its writer was interrupted or is still running); "
-                "re-run `oprd rollout` to produce it"
-            )
+        meta, self.complete = common.open_meta(
+            self.path, FORMAT, require_complete,
+            f"rollout store {self.path} is incomplete (its writer was interrupted or is still running); "
+            "re-run `oprd rollout` to produce it",
+        )
         self.meta = meta
         self.group = zarr.open_group(self.path, mode="r")
 
