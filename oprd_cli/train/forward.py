@@ -131,6 +131,18 @@ def full_logits(model, h: Tensor) -> Tensor:
     return _softcap(torch.nn.functional.linear(h, w, b), cap)
 
 
+def _by_chunks(fn, model, h: Tensor, ids: Tensor, chunk: int) -> Tensor:
+    """``fn(h, W, b, ids, cap)`` of the LM head, over row chunks of ``h``/``ids`` under activation
+    checkpointing when ``chunk > 0`` and gradients are on (so only one chunk's output lives at once)."""
+    w, b, cap = lm_head_params(model)
+    n = h.shape[0]
+    if chunk <= 0 or n <= chunk or not torch.is_grad_enabled():
+        return fn(h, w, b, ids, cap)
+    parts = [checkpoint(fn, h[i:i + chunk], w, b, ids[i:i + chunk], cap, use_reentrant=False)
+             for i in range(0, n, chunk)]
+    return torch.cat(parts)
+
+
 def _logprob_chunk(h: Tensor, w: Tensor, b: Tensor | None, ids: Tensor, cap: float | None) -> Tensor:
     logits = _softcap(torch.nn.functional.linear(h, w, b), cap).float()
     return logits.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
@@ -142,13 +154,7 @@ def token_logprobs(model, h: Tensor, ids: Tensor, chunk: int = 0) -> Tensor:
     With ``chunk > 0`` and ``N > chunk`` the ``[N, V]`` logits never exist at once: each chunk of
     rows is computed under activation checkpointing (recomputed in backward), so peak memory is
     ``O(chunk * V)``."""
-    w, b, cap = lm_head_params(model)
-    n = h.shape[0]
-    if chunk <= 0 or n <= chunk or not torch.is_grad_enabled():
-        return _logprob_chunk(h, w, b, ids, cap)
-    parts = [checkpoint(_logprob_chunk, h[i:i + chunk], w, b, ids[i:i + chunk], cap, use_reentrant=False)
-             for i in range(0, n, chunk)]
-    return torch.cat(parts)
+    return _by_chunks(_logprob_chunk, model, h, ids, chunk)
 
 
 def _support_chunk(h: Tensor, w: Tensor, b: Tensor | None, ids: Tensor, cap: float | None) -> Tensor:
@@ -163,13 +169,7 @@ def support_logits(model, h: Tensor, support_ids: Tensor, chunk: int = 0) -> Ten
     ``support_ids`` ``[N, K]``. Enough for a KL renormalised on the support (the full softmax
     normaliser cancels). Chunked and checkpointed like :func:`token_logprobs`, so the gathered
     ``[chunk, K, d]`` rows of ``W`` are the largest temporary."""
-    w, b, cap = lm_head_params(model)
-    n = h.shape[0]
-    if chunk <= 0 or n <= chunk or not torch.is_grad_enabled():
-        return _support_chunk(h, w, b, support_ids, cap)
-    parts = [checkpoint(_support_chunk, h[i:i + chunk], w, b, support_ids[i:i + chunk], cap, use_reentrant=False)
-             for i in range(0, n, chunk)]
-    return torch.cat(parts)
+    return _by_chunks(_support_chunk, model, h, support_ids, chunk)
 
 
 @torch.no_grad()
