@@ -378,3 +378,12 @@ def test_bad_inputs(rollouts, reference, tiny_dir, tiny_qwen, tmp_path):
     assert "not a teacher cache" in _error("--teacher", tiny_qwen, "--rollouts", rollouts, "--out", other,
                                            "--overwrite")
     assert open_rollouts(str(other)).content_digest == open_rollouts(str(rollouts)).content_digest
+
+
+# ------------------------------------------------------------------- bench cache
+def test_bench_cache_json_reports_the_issue_figures():
+    r = json.loads(run_cli("bench", "cache", "--json", "--tokens", "300", "--threads", "1", "--repeats", "1").stdout)
+    for key in ("writer_overhead", "bytes_per_value", "compression_ratio", "truncated_speedup"):
+        assert isinstance(r[key], float) and np.isfinite(r[key]), key
+    assert r["truncated_speedup"] > 0 and r["compression_ratio"] > 0
+    assert r["machine"]["cpu_cores"] and r["machine"]["device"] == "cpu"
