@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -24,6 +23,7 @@ import numpy as np
 import zarr
 
 from oprd_cli.errors import OprdError
+from oprd_cli.io import atomic_write_bytes, read_json  # noqa: F401  (read_json: re-exported for the stores)
 
 COMPLETE_MARKER = "oprd_complete.json"
 ATTR_KEY = "oprd"
@@ -52,27 +52,7 @@ def remove_store(path: str) -> None:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write a small JSON object so that readers see either nothing or all of it."""
-    data = json.dumps(obj, indent=2, sort_keys=True).encode()
-    fs, target = _fs(path)
-    if is_local(path):
-        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        tmp = f"{target}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    else:  # object stores: one PUT is atomic
-        fs.pipe_file(target, data)
-
-
-def read_json(path: str) -> Any | None:
-    fs, target = _fs(path)
-    try:
-        with fs.open(target, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        return None
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 def join(path: str, *parts: str) -> str:
