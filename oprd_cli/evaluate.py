@@ -12,8 +12,8 @@ Grading
     default); ``extract="lenient"`` also takes "the answer is X" and the last number or math of
     the final line. It is compared with the reference by a cheap exact check first (``025`` ==
     ``25``, ``142.0`` == ``142``, ``\\frac{1}{2}`` == ``0.5``; two plain numbers always compare
-    exactly, so ``0.333333`` != ``1/3``) and by ``math-verify`` otherwise (a plain decimal handed
-    to it as its exact fraction, so that ``3.141593`` != ``\\pi``), under a time limit per
+    exactly, so ``0.333333`` != ``1/3``) and by ``math-verify`` otherwise (rounding floats to
+    more places than the answers state, so that ``3.141593`` != ``\\pi``), under a time limit per
     comparison. A comparison that times out or raises counts as wrong and is counted in
     ``grading.timeouts`` / ``grading.errors``; it never stops the run.
 
@@ -271,16 +271,16 @@ def quick_compare(pred: str, gold: str, integer_answers: bool = False) -> bool |
     return None
 
 
-def _exact_latex(ans: str) -> str:
-    """The answer as math-verify should read it: a plain decimal as the exact fraction it denotes
-    (``3.141593`` -> ``\\frac{3141593}{1000000}``), so that math-verify's float rounding cannot make a
-    rounded decimal equal ``\\pi`` or ``\\frac{1}{3}``; degree and minus signs in LaTeX form."""
-    v = parse_number(ans)
-    if v is not None and "." in normalize_answer(ans):
-        sign = "-" if v < 0 else ""
-        v = abs(v)
-        return f"{sign}{v.numerator}" if v.denominator == 1 else f"{sign}\\frac{{{v.numerator}}}{{{v.denominator}}}"
-    return _canonical(ans)
+_DECIMALS_RE = re.compile(r"(?<![\d.])\d*\.(\d+)")
+
+
+def float_rounding(*answers: str) -> int:
+    """Decimal places math-verify rounds floats to when it compares these answers: three more than the
+    longest decimal written in them, at least math-verify's default of 6. A decimal then equals a value
+    only when it states it exactly (``0.0000672`` = ``6.72\\times 10^{-5}``), never because it rounds to
+    it (``3.141593`` != ``\\pi``, ``0.333333`` != ``\\frac{1}{3}``; math-verify alone accepts both)."""
+    places = [len(m.group(1)) for a in answers for m in _DECIMALS_RE.finditer(a)]
+    return max([6] + [k + 3 for k in places])
 
 
 # ============================================================================ math-verify with a time limit
@@ -330,8 +330,8 @@ def _parse(text: str):
     return _math_verify().parse(text, parsing_timeout=None)
 
 
-def _verify(gold, pred) -> bool:
-    return _math_verify().verify(gold, pred, timeout_seconds=None)
+def _verify(gold, pred, rounding: int = 6) -> bool:
+    return _math_verify().verify(gold, pred, float_rounding=rounding, timeout_seconds=None)
 
 
 _gold_cache: dict[str, Any] = {}
@@ -341,14 +341,14 @@ def math_verify_equal(pred: str, gold: str) -> bool:
     """math-verify's verdict on two extracted answers (no time limit; see :class:`Grader`)."""
     gold_parsed = _gold_cache.get(gold)
     if gold_parsed is None:
-        gold_parsed = _parse("\\boxed{" + _exact_latex(gold.strip().strip("$")) + "}")
+        gold_parsed = _parse("\\boxed{" + _canonical(gold.strip().strip("$")) + "}")
         if len(_gold_cache) > 10000:
             _gold_cache.clear()
         _gold_cache[gold] = gold_parsed
-    pred_parsed = _parse("\\boxed{" + _exact_latex(pred) + "}")
+    pred_parsed = _parse("\\boxed{" + _canonical(pred) + "}")
     if not gold_parsed or not pred_parsed:
         return False
-    return bool(_verify(gold_parsed, pred_parsed))
+    return bool(_verify(gold_parsed, pred_parsed, float_rounding(pred, gold)))
 
 
 def _raise_timeout(signum, frame):
@@ -1573,6 +1573,7 @@ __all__ = [
     "evaluate_target",
     "eval_sampling",
     "extract_answer",
+    "float_rounding",
     "k_values",
     "load_eval_data",
     "load_responses_file",
