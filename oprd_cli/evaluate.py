@@ -261,6 +261,7 @@ def quick_compare(pred: str, gold: str, integer_answers: bool = False) -> bool |
 
     Two plain numbers (integers, decimals, fractions) compare exactly: ``0.5`` = ``1/2``, but
     ``0.333333`` != ``1/3`` and ``.0000673`` != ``.0000672`` (math-verify would round them to 6 places).
+    ``integer_answers`` is accepted for callers of the earlier signature; plain numbers decide either way.
     """
     p, g = normalize_answer(pred), normalize_answer(gold)
     if p and p == g:
