@@ -301,7 +301,7 @@ def eval_cmd(
                                                   "counts as wrong. (default: 5)"),
     extract: str = typer.Option("boxed", "--extract", show_default=False, help="Answer extraction: boxed (the last "
                                 "\\boxed{}, else an 'Answer: X' line, as the release) or lenient (also 'the answer "
-                                "is X' and the last number or math of the final line, as math-verify). (default: boxed)"),
+                                "is X' and the last number or math of the final paragraph, as math-verify). (default: boxed)"),
     skip_existing: bool = typer.Option(False, "--skip-existing", show_default=False, help="Keep a checkpoint's existing "
                                        "report when it used the same benchmark and sampling."),
     per_problem: bool = typer.Option(False, "--per-problem", show_default=False, help="Also print one row per problem."),

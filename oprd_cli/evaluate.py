@@ -110,9 +110,9 @@ DEFAULT_EXTRACT = "boxed"
 _MATH_ENV = (r"\$\$(?P<dd>.+?)\$\$|(?<!\\)\$(?P<di>[^$\n]+?)(?<!\\)\$|\\\((?P<pp>.+?)\\\)"
              r"|\\\[(?P<bb>.+?)\\\]")
 _BARE_NUM = r"(?<![\w.])(?P<num>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*\\?%)?|[-+]?\.\d+)"
-_ANSWER_IS_RE = re.compile(r"\banswer\b[^\n]{0,50}?(?:\bis\b|\bare\b|=|:)[^\n]{0,30}?(?:" + _MATH_ENV + "|"
+_ANSWER_IS_RE = re.compile(r"\banswers?\b[^\n]{0,50}?(?:\bis\b|\bare\b|=|:)[^\n]{0,30}?(?:" + _MATH_ENV + "|"
                            + _BARE_NUM + ")", re.IGNORECASE)
-_STATEMENT_RE = re.compile(_MATH_ENV + "|" + _BARE_NUM)
+_STATEMENT_RE = re.compile(_MATH_ENV + "|" + _BARE_NUM, re.DOTALL)
 
 
 def _env_or_number(m: re.Match) -> str:
@@ -124,16 +124,16 @@ def _env_or_number(m: re.Match) -> str:
 
 def _extract_lenient(text: str) -> str | None:
     """"The answer is X" (the last such phrase; X a math environment or a number), else the last math
-    environment or number of the final non-empty line (math-verify's unanchored fallback, kept to the
+    environment or number of the final paragraph (math-verify's unanchored fallback, kept to the
     final statement)."""
     for m in reversed(list(_ANSWER_IS_RE.finditer(text))):
         ans = _clean_answer(_env_or_number(m))
         if ans:
             return ans
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    if not lines:
+    paragraphs = [b for b in re.split(r"\n[ \t]*\n", text) if b.strip()]
+    if not paragraphs:
         return None
-    for m in reversed(list(_STATEMENT_RE.finditer(lines[-1]))):
+    for m in reversed(list(_STATEMENT_RE.finditer(paragraphs[-1]))):
         ans = _clean_answer(_env_or_number(m))
         if ans:
             return ans
@@ -154,7 +154,7 @@ def extract_answer(text: str | None, mode: str = DEFAULT_EXTRACT) -> str | None:
     (``\\boxed{}``, e.g. the echoed instruction) and a box cut off by the length limit are skipped in
     favour of the previous complete one.
     ``mode="lenient"``: as boxed, then "the answer is X" (the last such phrase), then the last math
-    environment or number of the final non-empty line ("So there are 70 apples." -> ``70``), the
+    environment or number of the final paragraph ("So there are 70 apples." -> ``70``), the
     forms math-verify's own extraction also takes.
     """
     check_extract_mode(mode)

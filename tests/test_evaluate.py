@@ -169,6 +169,8 @@ LENIENT_ONLY = [
     ("The answer is 50%.", "50%"),
     ("First 3 + 4 = 7 apples.\nThen we double it.\nSo there are 14 apples.\n\n", "14"),
     ("Putting it together:\nThus $x = 5$.", "x = 5"),
+    ("We found 3 roots.\n\nHence\n\\[\nx = 5\n\\]\n", "x = 5"),
+    ("The answers are 12 and 13 respectively, so the smaller one.", "12"),
 ]
 
 
