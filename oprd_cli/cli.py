@@ -303,7 +303,7 @@ def eval_cmd(
                                 "\\boxed{}, else an 'Answer: X' line, as the release) or lenient (also 'the answer "
                                 "is X' and the last number or math of the final paragraph, as math-verify). (default: boxed)"),
     skip_existing: bool = typer.Option(False, "--skip-existing", show_default=False, help="Keep a checkpoint's existing "
-                                       "report when it used the same benchmark and sampling."),
+                                       "report when it used the same benchmark, sampling and --extract."),
     per_problem: bool = typer.Option(False, "--per-problem", show_default=False, help="Also print one row per problem."),
     plot: Optional[str] = typer.Option(None, "--plot", help="With --all-checkpoints: the PNG path. "
                                        "(default: RUN/eval/avg_at_n_vs_step.png)"),

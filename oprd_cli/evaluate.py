@@ -10,7 +10,7 @@ Grading
     The answer is the content of the last complete ``\\boxed{...}`` / ``\\fbox{...}``
     (nested braces allowed), else the last ``Answer: ...`` line (``extract="boxed"``, the
     default); ``extract="lenient"`` also takes "the answer is X" and the last number or math of
-    the final line. It is compared with the reference by a cheap exact check first (``025`` ==
+    the final paragraph. It is compared with the reference by a cheap exact check first (``025`` ==
     ``25``, ``142.0`` == ``142``, ``\\frac{1}{2}`` == ``0.5``; two plain numbers always compare
     exactly, so ``0.333333`` != ``1/3``) and by ``math-verify`` otherwise (rounding floats to
     more places than the answers state, so that ``3.141593`` != ``\\pi``), under a time limit per
