@@ -109,7 +109,9 @@ DEFAULT_EXTRACT = "boxed"
 # lenient extraction: a math environment, else a bare number / simple fraction / percentage
 _MATH_ENV = (r"\$\$(?P<dd>.+?)\$\$|(?<!\\)\$(?P<di>[^$\n]+?)(?<!\\)\$|\\\((?P<pp>.+?)\\\)"
              r"|\\\[(?P<bb>.+?)\\\]")
-_BARE_NUM = r"(?<![\w.])(?P<num>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*\\?%)?|[-+]?\.\d+)"
+# (a number followed by "=" or an operator is a step of a computation, not its result)
+_BARE_NUM = (r"(?<![\w.])(?P<num>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*\\?%)?|[-+]?\.\d+)"
+             r"(?![\d.]*\s*[=+*/^\u00d7\u00f7])")
 _ANSWER_IS_RE = re.compile(r"\banswers?\b[^\n]{0,50}?(?:\bis\b|\bare\b|=|:)[^\n]{0,30}?(?:" + _MATH_ENV + "|"
                            + _BARE_NUM + ")", re.IGNORECASE)
 _STATEMENT_RE = re.compile(_MATH_ENV + "|" + _BARE_NUM, re.DOTALL)

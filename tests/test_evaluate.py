@@ -171,6 +171,7 @@ LENIENT_ONLY = [
     ("Putting it together:\nThus $x = 5$.", "x = 5"),
     ("We found 3 roots.\n\nHence\n\\[\nx = 5\n\\]\n", "x = 5"),
     ("The answers are 12 and 13 respectively, so the smaller one.", "12"),
+    ("Let me check the answer: 3 + 4 = 7.", "7"),
 ]
 
 
