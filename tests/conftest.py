@@ -20,9 +20,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-# The project's shared test data is vendored in ``tests/data`` so that a clone anywhere (CI clones into
-# a temporary folder, GitHub checks out the repository alone) finds it; no test reads outside the repository.
-SHARED_DATA = Path(__file__).resolve().parent / "data"
+# The project's shared test data (``../shared/data``) is vendored in ``tests/data`` so that a clone
+# anywhere (CI clones into a temporary folder) finds it; OPRD_SHARED_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("OPRD_SHARED_DATA", Path(__file__).resolve().parent / "data"))
 
 
 @pytest.fixture(scope="session")
