@@ -284,7 +284,7 @@ def eval_cmd(
     id_field: Optional[str] = typer.Option(None, help="Field holding the problem id. (default: id, else the row number)"),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Samples per problem, the n of Avg@n. (default: 16)"),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 = greedy. (default: 0.7)"),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass in (0, 1]. (default: 1.0)"),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass in (0, 1]. (default: 0.95)"),
     top_k: Optional[int] = typer.Option(None, help="Sample among the K most likely tokens; 0 = off. (default: 0)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="Response length limit in tokens; longer responses count as "
                                                  "truncated. (default: 16384, capped by the model's context)"),
@@ -299,8 +299,11 @@ def eval_cmd(
                                             "with --responses a local --model folder's, else words)"),
     grade_timeout: Optional[float] = typer.Option(None, help="Seconds allowed per math-verify comparison; a timeout "
                                                   "counts as wrong. (default: 5)"),
+    extract: str = typer.Option("boxed", "--extract", show_default=False, help="Answer extraction: boxed (the last "
+                                "\\boxed{}, else an 'Answer: X' line, as the release) or lenient (also 'the answer "
+                                "is X' and the last number or math of the final paragraph, as math-verify). (default: boxed)"),
     skip_existing: bool = typer.Option(False, "--skip-existing", show_default=False, help="Keep a checkpoint's existing "
-                                       "report when it used the same benchmark and sampling."),
+                                       "report when it used the same benchmark, sampling and --extract."),
     per_problem: bool = typer.Option(False, "--per-problem", show_default=False, help="Also print one row per problem."),
     plot: Optional[str] = typer.Option(None, "--plot", help="With --all-checkpoints: the PNG path. "
                                        "(default: RUN/eval/avg_at_n_vs_step.png)"),
@@ -321,7 +324,7 @@ def eval_cmd(
                             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size),
         template_flags=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction),
         backend=backend, device=device, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer,
-        timeout=grade_timeout,
+        timeout=grade_timeout, extract=extract,
         skip_existing=skip_existing, per_problem=per_problem, plot=plot, json_output=as_json,
     )
 

@@ -8,20 +8,22 @@ responses generated elsewhere come in through :func:`load_responses_file`.
 
 Grading
     The answer is the content of the last complete ``\\boxed{...}`` / ``\\fbox{...}``
-    (nested braces allowed), else the last ``Answer: ...`` line. It is compared
-    with the reference by a cheap exact/numeric check first (``025`` == ``25``,
-    ``142.0`` == ``142``, ``\\frac{1}{2}`` == ``0.5``) and by ``math-verify``
-    otherwise, under a time limit per comparison. A comparison that times out or
-    raises counts as wrong and is counted in ``grading.timeouts`` /
-    ``grading.errors``; it never stops the run.
+    (nested braces allowed), else the last ``Answer: ...`` line (``extract="boxed"``, the
+    default); ``extract="lenient"`` also takes "the answer is X" and the last number or math of
+    the final paragraph. It is compared with the reference by a cheap exact check first (``025`` ==
+    ``25``, ``142.0`` == ``142``, ``\\frac{1}{2}`` == ``0.5``; two plain numbers always compare
+    exactly, so ``0.333333`` != ``1/3``) and by ``math-verify`` otherwise (rounding floats to
+    more places than the answers state, so that ``3.141593`` != ``\\pi``), under a time limit per
+    comparison. A comparison that times out or raises counts as wrong and is counted in
+    ``grading.timeouts`` / ``grading.errors``; it never stops the run.
 
 Metrics (fractions in [0, 1], per benchmark and per problem)
     ``avg_at_n``  mean accuracy over samples (per problem, then averaged over problems;
                   the plain sample mean when every problem has n samples);
     ``pass_at_k`` the unbiased estimator ``1 - C(n-c, k) / C(n, k)`` for k = 1, 2, 4, ..., n;
     ``best_at_n`` a problem counts when any of its samples is correct;
-    ``maj_at_n``  the most frequent extracted answer is correct (equivalence-aware: all
-                  answers graded correct form one vote group);
+    ``maj_at_n``  the largest cluster of equivalent extracted answers is correct (answers are
+                  clustered by the grader's equivalence among themselves, not via the gold);
     ``dist_4g``   unique 4-grams / all 4-grams over the responses (token ids when every
                   sample has them, whitespace words otherwise);
     ``mean_response_tokens`` and ``truncated_fraction`` (stopped by the length limit).
@@ -37,7 +39,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -101,15 +103,72 @@ def _clean_answer(ans: str) -> str:
     return ans.strip()
 
 
-def extract_answer(text: str | None) -> str | None:
-    """The final answer of a response: the last complete ``\\boxed{}``/``\\fbox{}``, else the
-    last ``Answer: ...`` line; None when there is neither.
+EXTRACT_MODES = ("boxed", "lenient")
+DEFAULT_EXTRACT = "boxed"
 
-    Empty boxes (``\\boxed{}``, e.g. the echoed instruction) and a box cut off by the
-    length limit are skipped in favour of the previous complete one.
+# lenient extraction: a math environment, else a bare number / simple fraction / percentage
+_MATH_ENV = (r"\$\$(?P<dd>.+?)\$\$|(?<!\\)\$(?P<di>[^$\n]+?)(?<!\\)\$|\\\((?P<pp>.+?)\\\)"
+             r"|\\\[(?P<bb>.+?)\\\]")
+# (a number followed by "=" or an operator is a step of a computation, not its result)
+_BARE_NUM = (r"(?<![\w.])(?P<num>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*\\?%)?|[-+]?\.\d+)"
+             r"(?![\d.]*\s*[=+*/^\u00d7\u00f7])")
+_ANSWER_IS_RE = re.compile(r"\banswers?\b[^\n]{0,50}?(?:\bis\b|\bare\b|=|:)[^\n]{0,30}?(?:" + _MATH_ENV + "|"
+                           + _BARE_NUM + ")", re.IGNORECASE)
+_STATEMENT_RE = re.compile(_MATH_ENV + "|" + _BARE_NUM, re.DOTALL)
+
+
+def _env_or_number(m: re.Match) -> str:
+    for name in ("dd", "di", "pp", "bb", "num"):
+        if m.group(name) is not None:
+            return m.group(name)
+    return ""
+
+
+def _extract_lenient(text: str) -> str | None:
+    """"The answer is X" (the last such phrase; X a math environment or a number), else the last math
+    environment or number of the final paragraph (math-verify's unanchored fallback, kept to the
+    final statement)."""
+    for m in reversed(list(_ANSWER_IS_RE.finditer(text))):
+        ans = _clean_answer(_env_or_number(m))
+        if ans:
+            return ans
+    paragraphs = [b for b in re.split(r"\n[ \t]*\n", text) if b.strip()]
+    if not paragraphs:
+        return None
+    for m in reversed(list(_STATEMENT_RE.finditer(paragraphs[-1]))):
+        ans = _clean_answer(_env_or_number(m))
+        if ans:
+            return ans
+    return None
+
+
+def check_extract_mode(mode: str) -> str:
+    if mode not in EXTRACT_MODES:
+        raise OprdError(f"--extract must be one of {', '.join(EXTRACT_MODES)}, got {mode!r}")
+    return mode
+
+
+def extract_answer(text: str | None, mode: str = DEFAULT_EXTRACT) -> str | None:
+    """The final answer of a response; None when there is none.
+
+    ``mode="boxed"`` (default, the release's evaluation): the last complete ``\\boxed{}``/``\\fbox{}``,
+    else the last ``Answer: ...`` line (Minerva's "The final answer is ..." included). Empty boxes
+    (``\\boxed{}``, e.g. the echoed instruction) and a box cut off by the length limit are skipped in
+    favour of the previous complete one.
+    ``mode="lenient"``: as boxed, then "the answer is X" (the last such phrase), then the last math
+    environment or number of the final paragraph ("So there are 70 apples." -> ``70``), the
+    forms math-verify's own extraction also takes.
     """
+    check_extract_mode(mode)
     if not text:
         return None
+    ans = _extract_boxed(text)
+    if ans is None and mode == "lenient":
+        ans = _extract_lenient(text)
+    return ans
+
+
+def _extract_boxed(text: str) -> str | None:
     for m in reversed(list(_BOX_RE.finditer(text))):
         pos = m.end()
         while pos < len(text) and text[pos] in " \t":
@@ -143,11 +202,17 @@ _NUM_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
 _THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _FRAC_RE = re.compile(r"^([+-]?)\\frac(?:\{([+-]?\d+)\}|(\d))(?:\{(\d+)\}|(\d))$")
 _SLASH_RE = re.compile(r"^([+-]?)(\d+)/(\d+)$")
+_DEGREE_RE = re.compile(r"\^\{?\\circ\}?|\\degree(?![A-Za-z])|\u00b0|\^\{\u00b0\}|\^\u00b0")
+
+
+def _canonical(ans: str) -> str:
+    """Unicode forms LaTeX graders do not read: the minus sign, and the degree sign (``90°``) as ``^\\circ``."""
+    return _DEGREE_RE.sub(lambda _m: "^\\circ", ans.replace("\u2212", "-"))
 
 
 def normalize_answer(ans: str) -> str:
     """A cheap canonical string for exact comparison and vote grouping."""
-    s = ans.strip().replace("\u2212", "-")
+    s = _canonical(ans.strip())
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = _SPACES_RE.sub("", s)
@@ -160,8 +225,9 @@ def normalize_answer(ans: str) -> str:
 
 
 def parse_number(ans: str) -> Fraction | None:
-    """An exact value for plain numbers: ``025``, ``-3``, ``142.0``, ``1,000``, ``\\frac{1}{2}``, ``3/4``."""
-    s = normalize_answer(ans)
+    """An exact value for plain numbers: ``025``, ``-3``, ``142.0``, ``1,000``, ``\\frac{1}{2}``, ``3/4``
+    (a trailing degree sign is dropped: ``90^\\circ`` is 90, as math-verify reads it)."""
+    s = normalize_answer(ans).removesuffix("^\\circ")
     if len(s) > 200:
         return None
     if _THOUSANDS_RE.match(s):
@@ -193,17 +259,31 @@ def vote_key(ans: str) -> str:
 
 
 def quick_compare(pred: str, gold: str, integer_answers: bool = False) -> bool | None:
-    """True/False when a cheap check decides, None when math-verify has to."""
+    """True/False when a cheap check decides, None when math-verify has to.
+
+    Two plain numbers (integers, decimals, fractions) compare exactly: ``0.5`` = ``1/2``, but
+    ``0.333333`` != ``1/3`` and ``.0000673`` != ``.0000672`` (math-verify would round them to 6 places).
+    ``integer_answers`` is accepted for callers of the earlier signature; plain numbers decide either way.
+    """
     p, g = normalize_answer(pred), normalize_answer(gold)
     if p and p == g:
         return True
     pv, gv = parse_number(pred), parse_number(gold)
     if pv is not None and gv is not None:
-        if pv == gv:
-            return True
-        if integer_answers or (pv.denominator == 1 and gv.denominator == 1):
-            return False
+        return pv == gv
     return None
+
+
+_DECIMALS_RE = re.compile(r"(?<![\d.])\d*\.(\d+)")
+
+
+def float_rounding(*answers: str) -> int:
+    """Decimal places math-verify rounds floats to when it compares these answers: three more than the
+    longest decimal written in them, at least math-verify's default of 6. A decimal then equals a value
+    only when it states it exactly (``0.0000672`` = ``6.72\\times 10^{-5}``), never because it rounds to
+    it (``3.141593`` != ``\\pi``, ``0.333333`` != ``\\frac{1}{3}``; math-verify alone accepts both)."""
+    places = [len(m.group(1)) for a in answers for m in _DECIMALS_RE.finditer(a)]
+    return max([6] + [k + 3 for k in places])
 
 
 # ============================================================================ math-verify with a time limit
@@ -253,8 +333,8 @@ def _parse(text: str):
     return _math_verify().parse(text, parsing_timeout=None)
 
 
-def _verify(gold, pred) -> bool:
-    return _math_verify().verify(gold, pred, timeout_seconds=None)
+def _verify(gold, pred, rounding: int = 6) -> bool:
+    return _math_verify().verify(gold, pred, float_rounding=rounding, timeout_seconds=None)
 
 
 _gold_cache: dict[str, Any] = {}
@@ -264,14 +344,14 @@ def math_verify_equal(pred: str, gold: str) -> bool:
     """math-verify's verdict on two extracted answers (no time limit; see :class:`Grader`)."""
     gold_parsed = _gold_cache.get(gold)
     if gold_parsed is None:
-        gold_parsed = _parse("\\boxed{" + gold.strip().strip("$") + "}")
+        gold_parsed = _parse("\\boxed{" + _canonical(gold.strip().strip("$")) + "}")
         if len(_gold_cache) > 10000:
             _gold_cache.clear()
         _gold_cache[gold] = gold_parsed
-    pred_parsed = _parse("\\boxed{" + pred + "}")
+    pred_parsed = _parse("\\boxed{" + _canonical(pred) + "}")
     if not gold_parsed or not pred_parsed:
         return False
-    return bool(_verify(gold_parsed, pred_parsed))
+    return bool(_verify(gold_parsed, pred_parsed, float_rounding(pred, gold)))
 
 
 def _raise_timeout(signum, frame):
@@ -449,9 +529,13 @@ class Grader:
         self._cache[key] = result
         return result
 
-    def is_correct(self, response: str, gold: str) -> bool:
-        """Extract the answer of a full response and grade it."""
-        return self.grade(extract_answer(response), gold).correct
+    def is_correct(self, response: str, gold: str, extract: str = DEFAULT_EXTRACT) -> bool:
+        """Extract the answer of a full response (``extract``: ``"boxed"`` or ``"lenient"``) and grade it."""
+        return self.grade(extract_answer(response, extract), gold).correct
+
+    def equivalent(self, a: str, b: str) -> bool:
+        """Whether two extracted answers are equivalent (``b`` in the reference's place), for maj@n."""
+        return self.grade(a, b).correct
 
 
 # ============================================================================ metrics
@@ -518,20 +602,36 @@ def dist_n(sequences: Iterable[Sequence], n: int = 4) -> float | None:
     return _ratio(*distinct_ngrams(sequences, n))
 
 
-def majority_vote(answers: Sequence[str | None], correct: Sequence[bool]) -> tuple[str | None, bool]:
-    """(winning answer, whether it is correct). Answers graded correct form one group (they all equal
-    the reference); the others group by :func:`vote_key`. Samples without an answer do not vote; ties
-    go to the group whose first member came first."""
-    groups: dict[str, list[int]] = {}
-    for i, (a, ok) in enumerate(zip(answers, correct)):
+def majority_vote(answers: Sequence[str | None], correct: Sequence[bool],
+                  equivalent: Callable[[str, str], bool] | None = None) -> tuple[str | None, bool]:
+    """(winning answer, whether it is correct): maj@n by clustering the sampled answers among themselves.
+
+    Answers with the same :func:`vote_key` (exact value, else normalised text) are one cluster without
+    a comparison; clusters are then merged when ``equivalent(answer, representative)`` holds (the grader's
+    equivalence between two extracted answers; default: only the vote key), where a cluster's
+    representative is its first-seen member. The gold answer plays no part in the clustering, so two
+    answers that each grade correct but are not equivalent to each other are two clusters. The largest
+    cluster wins (ties: the cluster seen first) and is scored by its representative's grade. Samples
+    without an answer do not vote.
+    """
+    by_key: dict[str, int] = {}
+    clusters: list[list[int]] = []  # sample indices; clusters[c][0] is the representative
+    for i, a in enumerate(answers):
         if a is None:
             continue
-        key = "__correct__" if ok else vote_key(a)
-        groups.setdefault(key, []).append(i)
-    if not groups:
+        key = vote_key(a)
+        c = by_key.get(key)
+        if c is None and equivalent is not None:
+            c = next((j for j, members in enumerate(clusters) if equivalent(a, answers[members[0]])), None)
+        if c is None:
+            c = len(clusters)
+            clusters.append([])
+        by_key.setdefault(key, c)
+        clusters[c].append(i)
+    if not clusters:
         return None, False
-    best = max(groups.items(), key=lambda kv: (len(kv[1]), -kv[1][0]))
-    return answers[best[1][0]], best[0] == "__correct__"
+    best = max(clusters, key=lambda members: (len(members), -members[0]))
+    return answers[best[0]], bool(correct[best[0]])
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -573,6 +673,7 @@ def evaluate_responses(
     sampling: Mapping[str, Any] | None = None,
     grader: Grader | None = None,
     show_progress: bool = True,
+    extract: str = DEFAULT_EXTRACT,
 ) -> dict[str, Any]:
     """Grade per-sample responses and compute every metric.
 
@@ -583,10 +684,12 @@ def evaluate_responses(
     ``tokenizer`` (optional) counts tokens of samples without ``num_tokens``; without it those
     are counted in whitespace words. A sample without ``finished_by`` counts as truncated when
     ``num_tokens >= max_new_tokens``. Problems without responses are left out with a warning.
+    ``extract``: how answers are found (:func:`extract_answer`; recorded as ``grading.extract``).
 
     Returns the report dict (schema in the module docs of :func:`write_report`); the per-sample
     rows are under ``"samples"`` (``write_report`` moves them to the responses jsonl).
     """
+    check_extract_mode(extract)
     if not records:
         raise OprdError("no problems to evaluate")
     if not responses:
@@ -635,7 +738,7 @@ def evaluate_responses(
                 for j, s in enumerate(grouped[rec.index]):
                     text = s["response"]
                     try:
-                        ans = extract_answer(text)
+                        ans = extract_answer(text, extract)
                     except Exception:  # noqa: BLE001
                         ans = None
                     g = grader.grade(ans, gold)
@@ -668,7 +771,7 @@ def evaluate_responses(
                     if bar:
                         bar.advance(task)
                 n, c = len(correct), sum(correct)
-                maj_answer, maj_ok = majority_vote(answers, correct)
+                maj_answer, maj_ok = majority_vote(answers, correct, grader.equivalent)
                 known = [t for t in truncs if t is not None]
                 per_problem.append({
                     "index": rec.index, "id": rec.id, "answer": gold, "n": n, "num_correct": c,
@@ -723,6 +826,7 @@ def evaluate_responses(
         "no_answer_fraction": sum(p["no_answer"] for p in per_problem) / len(samples_out),
         "sampling": dict(sampling) if sampling else None,
         "grading": {
+            "extract": extract,
             "integer_answers": bool(integer_answers),
             "timeout_s": grader.timeout,
             "timeouts": grader.timeouts - timeouts0,
@@ -955,7 +1059,7 @@ def write_report(report: Mapping[str, Any], out_path: str | Path) -> tuple[Path,
     ``data``, ``created``, ``num_problems``, ``num_samples``, ``n``, ``avg_at_n``,
     ``pass_at_k`` ({"1": .., "2": .., ..., str(n): ..}), ``best_at_n``, ``maj_at_n``, ``dist_4g``,
     ``dist_4g_unit``, ``mean_response_tokens``, ``length_unit``, ``truncated_fraction``,
-    ``no_answer_fraction``, ``sampling``, ``grading`` {integer_answers, timeout_s, timeouts,
+    ``no_answer_fraction``, ``sampling``, ``grading`` {extract, integer_answers, timeout_s, timeouts,
     errors, math_verify_calls, seconds}, ``responses_file``, ``per_problem`` [{index, id, answer, n,
     num_correct, accuracy, best, maj_answer, maj_correct, pass_at_k, no_answer, dist_4g,
     mean_response_tokens, truncated_fraction}].
@@ -1009,6 +1113,8 @@ def print_report(report: Mapping[str, Any], console=None, per_problem: bool = Fa
     t.add_row("truncated", _pct(report.get("truncated_fraction")))
     t.add_row("no answer", _pct(report.get("no_answer_fraction")))
     g = report.get("grading") or {}
+    if g.get("extract"):
+        t.add_row("answer extraction", str(g["extract"]))
     if g.get("timeouts") or g.get("errors"):
         t.add_row("grader timeouts / errors", f"{g.get('timeouts', 0)} / {g.get('errors', 0)}")
     con.print(t)
@@ -1026,8 +1132,9 @@ def print_report(report: Mapping[str, Any], console=None, per_problem: bool = Fa
 
 
 # ============================================================================ the eval command
-# The paper's protocol (Avg@16 at temperature 0.7); oprd.toml's [eval] section and flags override.
-EVAL_SAMPLING_DEFAULTS: dict[str, Any] = {"num_samples": 16, "temperature": 0.7, "top_p": 1.0, "top_k": 0,
+# The release's evaluation script (Avg@16 at temperature 0.7, top-p 0.95); oprd.toml's [eval] section and
+# flags override.
+EVAL_SAMPLING_DEFAULTS: dict[str, Any] = {"num_samples": 16, "temperature": 0.7, "top_p": 0.95, "top_k": 0,
                                           "max_new_tokens": 16384, "seed": 0, "batch_size": 16}
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -1152,10 +1259,10 @@ def _free() -> None:
 def evaluate_target(target: EvalTarget, data: EvalData, sampling, template, *, grader: Grader,
                     backend: str = "hf", device: str = "auto", dtype: str = "auto",
                     trust_remote_code: bool = False, tokenizer: str | None = None,
-                    show_progress: bool = True) -> dict[str, Any]:
+                    show_progress: bool = True, extract: str = DEFAULT_EXTRACT) -> dict[str, Any]:
     """Load one model, sample with the rollout generation code, grade, and return the report.
     ``tokenizer`` overrides where the tokenizer comes from (default: the model's folder, or the run's
-    student for checkpoints saved without one)."""
+    student for checkpoints saved without one); ``extract`` is the answer extraction mode."""
     from oprd_cli import models as M
     from oprd_cli.rollout import make_backend
 
@@ -1182,7 +1289,7 @@ def evaluate_target(target: EvalTarget, data: EvalData, sampling, template, *, g
     report = evaluate_responses(
         data.records, responses, data.bench, target.model, integer_answers=data.integer_answers,
         max_new_tokens=sampling.max_new_tokens, tokenizer=tok, run_dir=target.run_dir, step=target.step,
-        data_source=data.source, sampling=info, grader=grader, show_progress=show_progress,
+        data_source=data.source, sampling=info, grader=grader, show_progress=show_progress, extract=extract,
     )
     report["generation"] = {
         "seconds": round(result.seconds, 3), "tokens": result.num_tokens,
@@ -1192,12 +1299,15 @@ def evaluate_target(target: EvalTarget, data: EvalData, sampling, template, *, g
     return report
 
 
-def same_protocol(old: Mapping[str, Any], target: EvalTarget, data: EvalData, sampling) -> bool:
-    """Whether an existing report answers the same question (same benchmark and data, model, step and
-    sampling; for --skip-existing and for callers that reuse reports)."""
+def same_protocol(old: Mapping[str, Any], target: EvalTarget, data: EvalData, sampling,
+                  extract: str = DEFAULT_EXTRACT) -> bool:
+    """Whether an existing report answers the same question (same benchmark and data, model, step,
+    sampling and answer extraction; for --skip-existing and for callers that reuse reports). A report
+    that does not record its extraction mode predates the current grading rules and never matches."""
     s = old.get("sampling") or {}
     keys = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "seed")
-    return (old.get("bench") == data.bench and old.get("data") == data.source and old.get("model") == target.model
+    return ((old.get("grading") or {}).get("extract") == extract
+            and old.get("bench") == data.bench and old.get("data") == data.source and old.get("model") == target.model
             and old.get("step") == target.step and all(s.get(k) == getattr(sampling, k) for k in keys)
             and old.get("num_problems", 0) + len((old.get("generation") or {}).get("skipped_problems") or [])
             == len(data.records))
@@ -1226,19 +1336,21 @@ def evaluate_model(
     dtype: str = "auto",
     timeout: float = DEFAULT_TIMEOUT_S,
     show_progress: bool = True,
+    extract: str = DEFAULT_EXTRACT,
 ) -> dict[str, Any]:
     """Evaluate one model from Python and return the full report dict (``per_problem`` and the per-sample
     rows under ``"samples"`` included); nothing is printed except progress.
 
     ``data``: a local jsonl/json/parquet file (plain or verl) or a hub id; ``bench``: a registry name
     (alone: loaded from the hub; with ``data``: names the file's benchmark and its answer type). Sampling
-    arguments left None take the eval defaults (n=16, T=0.7, top-p 1, 16,384 new tokens, seed 0);
+    arguments left None take the eval defaults (n=16, T=0.7, top-p 0.95, 16,384 new tokens, seed 0);
     ``template`` is a :class:`oprd_cli.config.TemplateConfig` (default: chat template + the boxed
-    instruction). ``run_dir``/``step`` label the report as a run's checkpoint. With ``out`` the report
+    instruction); ``extract`` is ``"boxed"`` (default) or ``"lenient"`` (:func:`extract_answer`). ``run_dir``/``step`` label the report as a run's checkpoint. With ``out`` the report
     and ``<stem>.responses.jsonl`` are written there, as ``oprd eval --out`` does (``report_path`` is set).
     """
     from oprd_cli.config import TemplateConfig
 
+    check_extract_mode(extract)
     if num_samples is not None:
         validate_num_samples(num_samples)
     ed = load_eval_data(bench, data, limit)
@@ -1248,7 +1360,7 @@ def evaluate_model(
                         int(step) if step is not None else None)
     with Grader(timeout=timeout, integer_answers=ed.integer_answers) as grader:
         report = evaluate_target(target, ed, sampling, template or TemplateConfig(), grader=grader, device=device,
-                                 dtype=dtype, show_progress=show_progress)
+                                 dtype=dtype, show_progress=show_progress, extract=extract)
     if out is not None:
         path, _ = write_report(report, out)
         report["report_path"] = str(path)
@@ -1316,6 +1428,7 @@ def run_eval(
     trust_remote_code: bool = False,
     tokenizer: str | None = None,
     timeout: float | None = None,
+    extract: str = DEFAULT_EXTRACT,
     skip_existing: bool = False,
     per_problem: bool = False,
     plot: str | None = None,
@@ -1336,6 +1449,7 @@ def run_eval(
     timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
     if timeout <= 0:
         raise OprdError(f"--grade-timeout must be > 0 seconds, got {timeout}")
+    check_extract_mode(extract)
     if data is None and bench is None:
         raise OprdError(f"pass --bench NAME ({', '.join(BENCHMARKS)}) or --data FILE")
     if data is None:
@@ -1378,7 +1492,7 @@ def run_eval(
                 ed.records, samples, ed.bench, name, integer_answers=ed.integer_answers,
                 max_new_tokens=sampling_flags.get("max_new_tokens"), tokenizer=tok,
                 run_dir=target.run_dir if target else None, step=target.step if target else None,
-                data_source=ed.source, sampling=None, grader=grader, show_progress=show,
+                data_source=ed.source, sampling=None, grader=grader, show_progress=show, extract=extract,
             )
             report["graded_from"] = str(responses)
             path, rpath = write_report(report, _report_path(out, target, ed.bench, name, False))
@@ -1391,7 +1505,7 @@ def run_eval(
                         old = json.loads(path.read_text(encoding="utf-8"))
                     except (OSError, json.JSONDecodeError):
                         old = None
-                    if isinstance(old, dict) and same_protocol(old, target, ed, sampling):
+                    if isinstance(old, dict) and same_protocol(old, target, ed, sampling, extract):
                         err_console.print(f"[{i + 1}/{len(targets)}] {target.label}: kept {path} (--skip-existing)",
                                           markup=False)
                         results.append((old, path, None))
@@ -1400,7 +1514,7 @@ def run_eval(
                     err_console.print(f"[{i + 1}/{len(targets)}] {target.label}: {target.model}", markup=False)
                 report = evaluate_target(target, ed, sampling, template, grader=grader, backend=backend,
                                          device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                         tokenizer=tokenizer, show_progress=show)
+                                         tokenizer=tokenizer, show_progress=show, extract=extract)
                 path, rpath = write_report(report, path)
                 if many:
                     err_console.print(f"  {_headline(report)}  -> {path}", markup=False)
@@ -1443,13 +1557,16 @@ def run_eval(
 
 
 __all__ = [
+    "DEFAULT_EXTRACT",
     "DEFAULT_TIMEOUT_S",
     "EVAL_SAMPLING_DEFAULTS",
+    "EXTRACT_MODES",
     "REPORT_VERSION",
     "EvalData",
     "EvalTarget",
     "Grade",
     "Grader",
+    "check_extract_mode",
     "checkpoint_info",
     "default_report_path",
     "dist_n",
@@ -1459,6 +1576,7 @@ __all__ = [
     "evaluate_target",
     "eval_sampling",
     "extract_answer",
+    "float_rounding",
     "k_values",
     "load_eval_data",
     "load_responses_file",

@@ -114,8 +114,13 @@ class Table:
 
 def tabulate_reports(reports: Sequence[Mapping[str, Any]], metric: str = "avg_at_n") -> Table:
     """Rows: models / checkpoints (checkpoints of one run in step order), columns: benchmarks.
-    A later report for the same (row, benchmark) replaces an earlier one, with a warning."""
+    A later report for the same (row, benchmark) replaces an earlier one, with a warning; reports
+    graded with different answer extraction (``grading.extract``) are tabulated with a warning."""
     check_metric(metric)
+    modes = sorted({str((r.get("grading") or {}).get("extract") or "unrecorded") for r in reports})
+    if len(modes) > 1:
+        warn(f"the reports extract answers differently ({', '.join(modes)}; see grading.extract), so their "
+             "scores are not comparable")
     keyed = [(row_label(r), r) for r in reports]
     # group rows by run (first appearance), checkpoints sorted by step inside a run
     group_order: dict[str, int] = {}

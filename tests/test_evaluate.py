@@ -110,6 +110,139 @@ def test_aime24_reference_answers_score_100_and_others_0(aime_records):
     assert rep["grading"]["timeouts"] == 0 and rep["grading"]["errors"] == 0
 
 
+# issue 11 point 10 (a): decimals that parse exactly compare exactly; a rounded decimal is no exact answer
+@pytest.mark.parametrize("pred,gold", [
+    (".0000673", ".0000672"),
+    ("0.0000673", "0.0000672"),
+    ("0.333333", r"\frac{1}{3}"),
+    ("0.333333", "1/3"),
+    ("3.141593", r"\pi"),
+    ("0.7071068", r"\frac{\sqrt{2}}{2}"),
+    ("2.718282", "e"),
+    ("0.1428571", r"\dfrac{1}{7}"),
+    ("1.414214", r"\sqrt{2}"),
+])
+def test_rounded_decimals_are_not_exact_answers(pred, gold):
+    with ev.Grader(timeout=5) as g:
+        assert g.grade(pred, gold).correct is False
+        assert g.grade(gold, pred).correct is False  # nor the other way round
+        assert g.is_correct(f"so the result is \\boxed{{{pred}}}", gold) is False
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("0.5", "1/2"), ("0.5", r"\frac{1}{2}"), (r"\frac{1}{2}", "0.5"), (".5", r"\dfrac12"), ("-0.75", "-3/4"),
+    (r"50\%", "50"), ("50", r"50\%"), ("0.5", r"50\%"), ("1,000", "1000"), ("1000.0", "1,000"), ("0.1", r"\frac{1}{10}"),
+    ("123.1", r"\frac{1231}{10}"), ("2.5", r"\frac{\sqrt{25}}{2}"), (r"\sqrt{2.25}", "1.5"), (r"\$1.50", "1.5"),
+    ("0.0000672", r"6.72\times 10^{-5}"), (r"(0.5, 1)", r"(\frac12, 1)"), (r"\frac{\sqrt{2}}{2}", r"\sqrt{2}/2"),
+])
+def test_exact_equivalent_forms_stay_accepted(pred, gold):
+    with ev.Grader(timeout=5) as g:
+        assert g.grade(pred, gold).correct is True
+
+
+# issue 11 point 10 (b): the Unicode degree sign
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("90°", r"90^\circ", True),
+    (r"90^\circ", "90°", True),
+    ("90°", r"90^{\circ}", True),
+    ("90 °", "90", True),
+    ("90^°", r"90^\circ", True),
+    (r"90\degree", r"90^\circ", True),
+    ("45°", r"90^\circ", False),
+    (r"x = 30°", r"30^\circ", True),
+])
+def test_degree_sign_is_normalised(pred, gold, expected):
+    with ev.Grader(timeout=5) as g:
+        assert g.grade(pred, gold).correct is expected
+        assert g.is_correct(f"The angle is $\\boxed{{{pred}}}$.", gold) is expected
+    if expected and "=" not in pred:
+        assert ev.vote_key(pred) == ev.vote_key(gold)  # one maj@n cluster without asking math-verify
+
+
+# issue 11 point 10 (c): extraction is a documented choice
+LENIENT_ONLY = [
+    ("The answer is 70.", "70"),
+    ("Adding them up, the answer is therefore $\\frac{1}{2}$.", r"\frac{1}{2}"),
+    ("We have 3 cases, and the answer is -2/3.", "-2/3"),
+    ("So the final answer is 1,000.", "1,000"),
+    ("The answer is \\(\\sqrt{3}\\).", r"\sqrt{3}"),
+    ("The answer is 50%.", "50%"),
+    ("First 3 + 4 = 7 apples.\nThen we double it.\nSo there are 14 apples.\n\n", "14"),
+    ("Putting it together:\nThus $x = 5$.", "x = 5"),
+    ("We found 3 roots.\n\nHence\n\\[\nx = 5\n\\]\n", "x = 5"),
+    ("The answers are 12 and 13 respectively, so the smaller one.", "12"),
+    ("Let me check the answer: 3 + 4 = 7.", "7"),
+]
+
+
+@pytest.mark.parametrize("text,expected", LENIENT_ONLY)
+def test_lenient_extraction_takes_unboxed_answers(text, expected):
+    assert ev.extract_answer(text) is None  # the default follows the release: boxed forms only
+    assert ev.extract_answer(text, "boxed") is None
+    assert ev.extract_answer(text, "lenient") == expected
+
+
+@pytest.mark.parametrize("text,expected", LENIENT_ONLY)
+def test_lenient_extraction_agrees_with_math_verify(text, expected):
+    import math_verify
+
+    found = math_verify.parse(text, parsing_timeout=None)
+    assert found, text
+    with ev.Grader(timeout=5) as g:  # math-verify's own extraction finds an equivalent answer
+        assert g.grade(ev.extract_answer(text, "lenient"), str(found[-1])).correct
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"the answer is 6, see \boxed{5}", "5"),  # the release's forms come first
+    ("work...\n**Answer:** $42$.", "42"),
+    ("no digits here at all", None),
+    ("", None),
+    (r"put your final answer within \boxed{}", None),
+])
+def test_lenient_extraction_keeps_the_boxed_forms(text, expected):
+    assert ev.extract_answer(text, "lenient") == expected
+    with pytest.raises(OprdError, match="--extract"):
+        ev.extract_answer(text, "loose")
+
+
+def test_extraction_mode_is_recorded_and_changes_the_score(aime_records):
+    recs = aime_records[:2]
+    samples = [{"index": r.index, "response": f"Counting carefully, the answer is {r.answer}."} for r in recs]
+    rep = ev.evaluate_responses(recs, samples, "aime24", "m", show_progress=False)
+    assert rep["grading"]["extract"] == "boxed" and rep["avg_at_n"] == 0.0 and rep["no_answer_fraction"] == 1.0
+    rep = ev.evaluate_responses(recs, samples, "aime24", "m", show_progress=False, extract="lenient")
+    assert rep["grading"]["extract"] == "lenient" and rep["avg_at_n"] == 1.0
+    buf = Console(record=True, width=120)
+    ev.print_report(rep, console=buf)
+    assert "lenient" in buf.export_text()
+    with pytest.raises(OprdError, match="--extract"):
+        ev.evaluate_responses(recs, samples, "aime24", "m", show_progress=False, extract="any")
+
+
+def test_same_protocol_compares_the_extraction_mode(aime_records, tmp_path):
+    data = ev.EvalData(list(aime_records[:2]), "aime24", True, "local")
+    sampling = ev.eval_sampling(None)
+    target = ev.EvalTarget("m")
+    samples = [{"index": r.index, "response": f"\\boxed{{{r.answer}}}"} for r in data.records]
+    old = ev.evaluate_responses(data.records, samples, "aime24", "m", data_source="local", show_progress=False,
+                                sampling={k: getattr(sampling, k) for k in ("num_samples", "temperature", "top_p",
+                                                                            "top_k", "max_new_tokens", "seed")})
+    assert ev.same_protocol(old, target, data, sampling)
+    assert ev.same_protocol(old, target, data, sampling, "boxed")
+    assert not ev.same_protocol(old, target, data, sampling, "lenient")
+    unrecorded = {**old, "grading": {k: v for k, v in old["grading"].items() if k != "extract"}}
+    assert not ev.same_protocol(unrecorded, target, data, sampling)  # graded before the current rules
+
+
+def test_eval_defaults_follow_the_release():
+    # issue 11 point 6: the release's evaluation script samples at temperature 0.7, top-p 0.95
+    assert ev.EVAL_SAMPLING_DEFAULTS["temperature"] == 0.7 and ev.EVAL_SAMPLING_DEFAULTS["top_p"] == 0.95
+    s = ev.eval_sampling(None)
+    assert (s.temperature, s.top_p, s.top_k, s.num_samples) == (0.7, 0.95, 0, 16)
+    s = ev.eval_sampling({"eval": {"top_p": 0.8}}, temperature=0.6)  # oprd.toml and flags still override
+    assert (s.temperature, s.top_p) == (0.6, 0.8)
+
+
 # --------------------------------------------------------------------------- metrics
 def test_pass_at_k_hand_values():
     assert ev.pass_at_k(4, 1, 1) == pytest.approx(0.25)
@@ -150,6 +283,28 @@ def test_majority_vote():
     assert ev.majority_vote([None, None], [False, False]) == (None, False)
     # a tie goes to the group that appeared first
     assert ev.majority_vote(["1", "2"], [True, False]) == ("1", True)
+
+
+def test_maj_at_n_clusters_answers_among_themselves(aime_records):
+    # issue 11 point 7: x = 3 and y = 3 each grade correct against the gold 3, but they are not
+    # equivalent to each other, so they are two clusters of one, and the two 5s win maj@4
+    recs = [type(aime_records[0])(index=0, id="q", problem="?", messages=None, answer="3")]
+    texts = [r"\boxed{x = 3}", r"\boxed{y = 3}", r"\boxed{5}", r"\boxed{5}"]
+    rep = ev.evaluate_responses(recs, [{"index": 0, "response": t} for t in texts], "custom", "m", show_progress=False)
+    p = rep["per_problem"][0]
+    assert p["num_correct"] == 2 and rep["avg_at_n"] == 0.5
+    assert p["maj_answer"] == "5" and p["maj_correct"] is False and rep["maj_at_n"] == 0.0
+    with ev.Grader(timeout=5) as g:
+        assert g.grade("x = 3", "3").correct and g.grade("y = 3", "3").correct and not g.equivalent("x = 3", "y = 3")
+        assert ev.majority_vote(["x = 3", "y = 3", "5", "5"], [True, True, False, False], g.equivalent) == ("5", False)
+        # three textually different but equivalent answers are one cluster, found without the gold
+        answers = [r"\sqrt{2}/2", "5", r"\frac{1}{\sqrt{2}}", "5", r"\frac{\sqrt2}{2}"]
+        assert ev.majority_vote(answers, [True, False, True, False, True], g.equivalent) == (r"\sqrt{2}/2", True)
+        assert ev.majority_vote(answers, [True, False, True, False, True]) == ("5", False)  # vote keys alone
+        assert ev.majority_vote([r"\sqrt{2}/2", r"\frac{1}{\sqrt{2}}", "1", "1"], [True, True, False, False],
+                                g.equivalent) == (r"\sqrt{2}/2", True)  # 2-2 tie: the cluster seen first
+    # the default equivalence is the vote key alone: "correct" answers are never merged via the gold
+    assert ev.majority_vote(["x = 3", "y = 3", "5", "5"], [True, True, False, False]) == ("5", False)
 
 
 def test_majority_vote_is_equivalence_aware(aime_records):
@@ -405,6 +560,21 @@ def test_report_table_of_two_models(tmp_path):
         bad = tmp_path / "x.json"
         bad.write_text("{}")
         rp.load_report(bad)
+
+
+def test_report_warns_when_extraction_modes_differ(tmp_path, capsys):
+    paths = []
+    for model, mode in (("a", "boxed"), ("b", "lenient")):
+        rep = _fake_report("aime24", model, 0.5)
+        rep["grading"] = {"extract": mode}
+        paths.append(ev.write_report(rep, tmp_path / f"{model}.json")[0])
+    capsys.readouterr()
+    rp.tabulate_reports(rp.load_reports(paths[:1]))
+    assert "extract" not in capsys.readouterr().err
+    table = rp.tabulate_reports(rp.load_reports(paths))
+    err = capsys.readouterr().err
+    assert "boxed, lenient" in err and "not comparable" in err
+    assert table.value("b", "aime24") == 0.5  # still tabulated
 
 
 def test_report_plot_for_one_runs_checkpoints(tmp_path):

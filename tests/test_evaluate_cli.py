@@ -74,6 +74,25 @@ def test_gold_responses_score_100_and_wrong_ones_0(aime24_path, tmp_path):
     assert summary["report_path"] == str(tmp_path / "w.json") and "per_problem" not in summary
 
 
+def test_extract_modes_through_the_cli(aime24_path, tmp_path):
+    rows = _rows(aime24_path)[:3]
+    plain = tmp_path / "unboxed.jsonl"
+    plain.write_text("".join(json.dumps({"id": r["id"], "response": f"Adding the {j + 2} cases, the answer is "
+                                                                   f"{r['answer']}."}) + "\n"
+                             for r in rows for j in range(2)))
+    r = run_cli("eval", "--data", aime24_path, "--limit", "3", "--responses", plain, "--json", "--out", tmp_path / "b.json")
+    s = json.loads(r.stdout)
+    assert s["grading"]["extract"] == "boxed" and s["avg_at_n"] == 0.0 and s["no_answer_fraction"] == 1.0
+    r = run_cli("eval", "--data", aime24_path, "--limit", "3", "--responses", plain, "--extract", "lenient",
+                "--out", tmp_path / "l.json")
+    assert "lenient" in r.stdout
+    rep = json.loads((tmp_path / "l.json").read_text())
+    assert rep["grading"]["extract"] == "lenient" and rep["avg_at_n"] == 1.0 and rep["maj_at_n"] == 1.0
+    r = run_cli("eval", "--data", aime24_path, "--responses", plain, "--extract", "loose", expect=2)
+    _one_line_error(r, "--extract", "boxed", "lenient")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_verl_file_with_responses_and_limit(shared_data, tmp_path):
     verl = shared_data / "aime24_verl.parquet"
     rows = [{"id": str(i), "answer": a["answer"]} for i, a in enumerate(_rows(shared_data / "aime24.jsonl"))]
@@ -116,7 +135,8 @@ def test_tiny_model_end_to_end(tiny_qwen, aime24_path, tmp_path):
     assert rep["num_problems"] == 2 and rep["num_samples"] == 4 and rep["n"] == 2
     assert rep["model"] == str(tiny_qwen) and rep["bench"] == "aime24"
     assert rep["length_unit"] == "tokens" and rep["dist_4g_unit"] == "token_ids"
-    assert rep["sampling"]["temperature"] == 0.7 and rep["sampling"]["top_p"] == 1.0  # the paper's protocol
+    assert rep["sampling"]["temperature"] == 0.7 and rep["sampling"]["top_p"] == 0.95  # the release's protocol
+    assert rep["grading"]["extract"] == "boxed"
     assert rep["sampling"]["num_samples"] == 2 and rep["sampling"]["max_new_tokens"] == 16
     samples = _rows(out.with_name("tiny.responses.jsonl"))
     assert len(samples) == 4
@@ -226,6 +246,11 @@ def test_all_checkpoints_reports_table_and_plot(run, aime24_path):
     out = json.loads(r.stdout)
     assert [s["step"] for s in out["reports"]] == [0, 2, 4] and r.stderr.count("kept") == 3
     assert [row["step"] for row in out["table"]["rows"]] == [0, 2, 4]
+    # ... but not reports whose answers were extracted another way
+    r = run_cli("eval", "--data", aime24_path, "--bench", "aime24", "--run-dir", run, "--all-checkpoints",
+                *TINY_EVAL, "--skip-existing", "--extract", "lenient", "--json")
+    out = json.loads(r.stdout)
+    assert "kept" not in r.stderr and [s["grading"]["extract"] for s in out["reports"]] == ["lenient"] * 3
 
     # oprd report over the folder: the table and the plot
     png.unlink()
@@ -296,7 +321,8 @@ def test_bad_inputs_are_one_line(tiny_qwen, aime24_path, tmp_path, run):
 def test_help_documents_defaults(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # one help line per option
     out = run_cli("eval", "--help").stdout
-    for words in ("--num-samples", "default: 16", "default: 0.7", "--responses", "--all-checkpoints", "--checkpoint"):
+    for words in ("--num-samples", "default: 16", "default: 0.7", "default: 0.95", "--responses", "--all-checkpoints",
+                  "--checkpoint", "--extract", "default: boxed", "lenient"):
         assert words in out
     out = run_cli("report", "--help").stdout
     assert "--metric" in out and "--plot" in out
