@@ -26,7 +26,7 @@ def store(tmp_path_factory, tiny_qwen, aime24_path) -> Path:
 
 def test_info_reports_counts_and_digest(store):
     info = info_json(store)
-    assert info["kind"] == "rollouts" and info["format_version"] == 1 and info["complete"] is True
+    assert info["kind"] == "rollouts" and info["format_version"] == 2 and info["complete"] is True
     assert info["num_samples"] == 6 and info["num_prompts"] == 3
     assert info["num_tokens"] == sum(open_rollouts(str(store)).response_lengths)
     assert info["num_tokens"] <= 6 * 12
