@@ -287,8 +287,6 @@ def test_model_generation_config_never_changes_the_sampling(opinionated_model, a
     run_cli("rollout", "--model", opinionated_model, "--prompts", aime24_path, "--out", out, "--limit", "3",
             "--num-samples", "4", "--max-new-tokens", "24", "--temperature", "1", "--top-p", "1", "--top-k", "0")
     r = open_rollouts(str(out))
-    sampling = r.sampling
-    assert (sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["warped"]) == (1.0, 1.0, 0, False)
     model = AutoModelForCausalLM.from_pretrained(opinionated_model, attn_implementation="eager").eval()
     ranks = []
     for s in r.samples():
@@ -300,6 +298,9 @@ def test_model_generation_config_never_changes_the_sampling(opinionated_model, a
         np.testing.assert_allclose(s.logprobs, chosen[:, 0].numpy(), atol=2e-4)
     # near-uniform tiny model, 400 tokens: the full distribution puts most samples outside the top 20
     assert max(ranks) >= 20 and sum(k >= 20 for k in ranks) > len(ranks) // 2, sorted(ranks)
+    sampling = r.meta["sampling"]  # the store records the sampling used
+    assert (sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling.get("warped")) == (1.0, 1.0, 0, False)
+    assert r.sampling == sampling and not r.warped
 
 
 def test_behaviour_logprobs_are_those_of_the_warped_distribution(tiny_qwen, aime24_path, tmp_path):
@@ -311,8 +312,6 @@ def test_behaviour_logprobs_are_those_of_the_warped_distribution(tiny_qwen, aime
             "--num-samples", "3", "--max-new-tokens", "16", "--temperature", T, "--top-k", K, "--top-p", P,
             "--record-topk", "4")
     r = open_rollouts(str(out))
-    assert r.warped and r.sampling["temperature"] == T and r.sampling["top_k"] == K and r.sampling["top_p"] == P
-    assert "distribution sampled from" in r.meta["logprobs"]
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen, attn_implementation="eager").eval()
     for s in r.samples():
         logits = _teacher_forced_logits(model, s)
@@ -324,6 +323,8 @@ def test_behaviour_logprobs_are_those_of_the_warped_distribution(tiny_qwen, aime
         raw = torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
         assert (torch.from_numpy(s.logprobs) > raw + 1e-3).all()  # truncation always raises the probability
         assert (s.topk_ids == logits.topk(4, -1).indices.numpy()).all()  # top-k ids: the raw ranking
+    assert r.warped and r.sampling["temperature"] == T and r.sampling["top_k"] == K and r.sampling["top_p"] == P
+    assert "distribution sampled from" in r.meta["logprobs"]
 
 
 def test_greedy_stores_log_one(tiny_qwen, aime24_path, tmp_path):
@@ -331,11 +332,11 @@ def test_greedy_stores_log_one(tiny_qwen, aime24_path, tmp_path):
     run_cli("rollout", "--model", tiny_qwen, "--prompts", aime24_path, "--out", out, "--limit", "2",
             "--num-samples", "1", "--max-new-tokens", "8", "--temperature", "0")
     r = open_rollouts(str(out))
-    assert r.warped
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen, attn_implementation="eager").eval()
     for s in r.samples():
         assert (s.logprobs == 0).all()
         assert (_teacher_forced_logits(model, s).argmax(-1).numpy() == s.response_ids).all()
+    assert r.warped
 
 
 def test_old_format_store_is_refused_in_one_line(store, tmp_path):
@@ -356,16 +357,16 @@ def test_old_format_store_is_refused_in_one_line(store, tmp_path):
 
 # ----------------------------------------------------------- policy identity (issue 11.0, 11.3)
 def test_weights_digest_addresses_tensors_over_2_24_elements():
-    from oprd_cli.models import sample_indices, weights_digest
+    from oprd_cli import models
 
     n = 28311552  # SmolLM2-135M's embedding: 49152 x 576
-    idx = sample_indices(n, 4096)
-    assert idx[0] == 0 and idx[-1] == n - 1 and (idx.diff() > 0).all() and idx.dtype == torch.int64
     m = torch.nn.Module()
     m.w = torch.nn.Parameter(torch.zeros(n // 64, 64), requires_grad=False)
-    d0 = weights_digest(m)
+    d0 = models.weights_digest(m)
     m.w.data[-1, -1] = 1.0  # the last element is one of the sampled values
-    assert weights_digest(m) != d0
+    assert models.weights_digest(m) != d0
+    idx = models.sample_indices(n, 4096)
+    assert idx[0] == 0 and idx[-1] == n - 1 and (idx.diff() > 0).all() and idx.dtype == torch.int64
 
 
 def test_weights_digest_is_independent_of_the_dtype(tiny_qwen):
