@@ -218,8 +218,8 @@ def weights_digest(model, samples_per_tensor: int = 4096) -> str:
     patterns, and the dtype itself is not hashed, so fp32 master weights and the bf16 (or fp32)
     copy a rollout runs in give one digest: a rollout made in bf16 from the trainer's current fp32
     weights is on-policy. It changes whenever training changes the weights (an AdamW step moves
-    a good fraction of the thousands of sampled values across a bf16 rounding boundary) and costs
-    milliseconds even for large models (it never hashes whole tensors).
+    a good fraction of the thousands of sampled values across a bf16 rounding boundary) and costs about
+    0.1 s for a 135M model of 273 tensors on 2 CPU cores (it never reads whole tensors).
     """
     h = hashlib.sha256()
     h.update(b"weights-digest-v2|")
@@ -227,7 +227,8 @@ def weights_digest(model, samples_per_tensor: int = 4096) -> str:
         h.update(f"{name}|{tuple(t.shape)}|".encode())
         flat = t.detach().reshape(-1)
         if flat.numel() > samples_per_tensor:
-            flat = flat[sample_indices(flat.numel(), samples_per_tensor).to(flat.device)]
+            # index_select: 1000x faster than advanced indexing on CPU for a few thousand of 28M values
+            flat = flat.index_select(0, sample_indices(flat.numel(), samples_per_tensor).to(flat.device))
         if flat.is_floating_point():
             flat = flat.to(WEIGHTS_DIGEST_DTYPE)
             h.update(b"f|")
