@@ -286,7 +286,9 @@ def tropd_loss(
         s3 = s[:, :, None]
         lp_k = student_topk_logprobs.to(device=device, dtype=dt).masked_fill(~s3, 0.0)
         lq_k = teacher_topk_logprobs.detach().to(device=device, dtype=dt).masked_fill(~s3, 0.0)
-        out_tok = ((1.0 - w) * topk_fkl(lp_k, lq_k, logprob_floor)).masked_fill(~s, 0.0)
+        fkl = topk_fkl(lp_k, lq_k, logprob_floor)
+        out_w = (1.0 - w).masked_fill(~s, 0.0)
+        out_tok = torch.where(out_w > 0, out_w * fkl, torch.zeros_like(fkl))  # trusted tokens: exactly 0, even for inf
     elif outlier == "clip":
         adv_out = ((1.0 - w) * r.clamp_min(float(tau))).masked_fill(~s, 0.0)
         out_tok, clipped_out = pg_per_token(logp, adv_out, s, behaviour, clip_eps, clip_eps_high)
