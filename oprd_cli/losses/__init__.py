@@ -4,13 +4,17 @@
   L2-normalised form.
 - :func:`opd_top1_loss`, :func:`opd_topk_loss`, :func:`opd_full_loss`: output-space OPD baselines
   (sampled-token policy gradient with optional PPO importance ratio, top-k renormalised KL, full KL).
+- :func:`opd_plus_loss` (OPD+: any f-divergence with the corrected advantage :func:`advantage`) and
+  :func:`tropd_loss` (TrOPD: :func:`trust_mask`, top-k FKL on outliers, teacher-prefix guidance).
 - Diagnostics: :func:`entropy_from_logits`, :func:`topk_overlap`, :func:`topk_overlap_from_logits`,
   :func:`masked_mean`.
 """
 
 from oprd_cli.losses.diagnostics import entropy_from_logits, masked_mean, topk_overlap, topk_overlap_from_logits
+from oprd_cli.losses.fdiv import DIVERGENCES, OpdPlusOutput, advantage, f_value, opd_plus_loss
 from oprd_cli.losses.opd import OpdOutput, opd_full_loss, opd_top1_loss, opd_topk_loss
 from oprd_cli.losses.oprd import OprdOutput, oprd_loss
+from oprd_cli.losses.tropd import OUTLIER_MODES, TropdOutput, topk_fkl, tropd_loss, trust_mask, trust_probability
 
 __all__ = [
     "OprdOutput",
@@ -19,6 +23,17 @@ __all__ = [
     "opd_top1_loss",
     "opd_topk_loss",
     "opd_full_loss",
+    "DIVERGENCES",
+    "OpdPlusOutput",
+    "advantage",
+    "f_value",
+    "opd_plus_loss",
+    "OUTLIER_MODES",
+    "TropdOutput",
+    "topk_fkl",
+    "tropd_loss",
+    "trust_mask",
+    "trust_probability",
     "entropy_from_logits",
     "masked_mean",
     "topk_overlap",
