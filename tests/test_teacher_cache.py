@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -221,6 +222,20 @@ def test_old_format_cache_is_refused_in_one_line(reference, tmp_path):
     assert "format version 1" in lines[0] and "reads version 2" in lines[0] and "oprd teacher-cache" in lines[0]
     with pytest.raises(Exception, match="format version 1"):
         open_cache(str(old))
+
+
+def test_layer_names_mean_what_they_mean_in_the_release():
+    """all = HF hidden_states 1..L, last = L, even = blocks with an even 0-based index (HF 1, 3, 5, ...),
+    odd = HF 2, 4, 6, ...; the help text says so."""
+    from oprd_cli.models import select_layers
+
+    assert select_layers("all", 28) == list(range(1, 29)) and select_layers("last", 28) == [28]
+    assert select_layers("even", 28) == list(range(1, 29, 2))  # 0-based blocks 0, 2, ..., 26
+    assert select_layers("odd", 28) == list(range(2, 29, 2))  # 0-based blocks 1, 3, ..., 27
+    assert select_layers("even", 1) == [1] and select_layers("odd", 1) == []
+    for cmd in ("teacher-cache", "loop"):
+        text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", run_cli(cmd, "--help").stdout).split())
+        assert "HF 1,3,5" in text and "HF 2,4,6" in text, cmd
 
 
 def test_plan_batches_length_ordered_within_budget():

@@ -508,7 +508,8 @@ def _help(*cmd) -> str:
 def test_help_shows_defaults_and_the_interface():
     out = _help("train")
     for text in ("--run-dir", "--objective", "--mu", "--max-steps", "--follow", "--resume", "--max-staleness",
-                 "--max-caches", "(default: oprd)", "(default: 1e-5)", "(default: 0.03)"):
+                 "--max-caches", "(default: oprd)", "(default: 1e-5)", "(default: 0.03)", "(default: normalized)",
+                 "(default: token)"):
         assert text in out, text
     out = _help("bench", "loss")
     for text in ("--num-layers", "--seq-len", "--last-k", "--batch-size", "--json", "1536", "151936"):
