@@ -112,7 +112,8 @@ def test_oprd_moves_student_toward_teacher_and_checkpoints_reload(run, tiny_dir,
                 "rep/cosine_similarity", "rep/loss/layer_01", "rep/loss/layer_02", "staleness", "oprd_form"):
         assert key in m[0], key
     assert "opd/kl" not in m[0] and "actor/entropy" not in m[0]  # OPRD alone: no LM head at all
-    assert m[0]["oprd_form"] == "raw" and m[0]["objective"] == "oprd" and m[0]["staleness"] == 0
+    assert m[0]["oprd_form"] == "normalized" and m[0]["reduction"] == "token"  # the release's defaults
+    assert m[0]["objective"] == "oprd" and m[0]["staleness"] == 0
     # per-layer losses average to the OPRD loss (Eq. 6 layer average)
     assert m[0]["rep/loss"] == pytest.approx((m[0]["rep/loss/layer_01"] + m[0]["rep/loss/layer_02"]) / 2, rel=1e-5)
     first, last = m[:2], m[-4:]
