@@ -515,3 +515,29 @@ def test_help_shows_defaults_and_the_interface():
     out = _help("bench", "loss")
     for text in ("--num-layers", "--seq-len", "--last-k", "--batch-size", "--json", "1536", "151936"):
         assert text in out, text
+
+
+def test_every_flag_docs_training_md_names_exists():
+    """docs/training.md documents only flags that `oprd train`, `oprd bench loss` (or, named as such,
+    the rollout and teacher-cache stages) really have; settings without a flag are named as oprd.toml keys."""
+    import re
+
+    import typer.main
+
+    from oprd_cli.cli import app
+
+    cmd = typer.main.get_command(app)
+
+    def opts(*path):
+        c = cmd
+        for name in path:
+            c = c.commands[name]
+        return {o for p in c.params for o in (*p.opts, *p.secondary_opts)}
+
+    known = opts("train") | opts("bench", "loss") | opts("teacher-cache") | opts("rollout")
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    missing = sorted(set(re.findall(r"--[a-z][a-z0-9-]*[a-z0-9]", doc)) - known)
+    assert not missing, missing
+    for flag in ("--min-lr-ratio", "--logits-chunk-tokens", "--prefetch", "--micro-batch-tokens",
+                 "--gradient-checkpointing"):
+        assert flag in opts("train"), flag
