@@ -319,9 +319,10 @@ class _Session:
         top_p = sampling.get("top_p")
         if top_p is not None and float(top_p) < 1.0:
             warped.append(f"top_p {top_p:g}")
-        if warped:
+        if sampling.get("warped", bool(warped)):  # the rollout store's own verdict when it records one
             self._warned_warp = True
-            warn(f"rollout store {rpath} was sampled with {', '.join(warped)}: --objective {self.cfg.objective} "
+            warn(f"rollout store {rpath} was sampled with {', '.join(warped) or 'settings that change the policy'"'"'s distribution'}: "
+                 f"--objective {self.cfg.objective} "
                  "then estimates the reverse KL (and importance ratios) on a warped distribution, not the "
                  "student's own; sample rollouts at temperature 1 without top-k/top-p for an unbiased estimate")
 
