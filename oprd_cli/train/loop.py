@@ -321,7 +321,8 @@ class _Session:
             warped.append(f"top_p {top_p:g}")
         if sampling.get("warped", bool(warped)):  # the rollout store's own verdict when it records one
             self._warned_warp = True
-            warn(f"rollout store {rpath} was sampled with {', '.join(warped) or 'settings that change the policy'"'"'s distribution'}: "
+            reasons = ", ".join(warped) or "settings that change the policy's distribution"
+            warn(f"rollout store {rpath} was sampled with {reasons}: "
                  f"--objective {self.cfg.objective} "
                  "then estimates the reverse KL (and importance ratios) on a warped distribution, not the "
                  "student's own; sample rollouts at temperature 1 without top-k/top-p for an unbiased estimate")
