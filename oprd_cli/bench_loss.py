@@ -133,7 +133,7 @@ def _batch(cfg: BenchLossConfig, objective: str, layers: list[int]):
     B, T, Lp, d, V, K = cfg.batch_size, cfg.seq_len, cfg.prompt_len, cfg.hidden_size, cfg.vocab_size, cfg.topk
     response = torch.randint(0, V, (B, T), generator=g)
     prompt = torch.randint(0, V, (B, Lp), generator=g)
-    mb = MicroBatch(rows=np.arange(B), input_ids=torch.cat([prompt, response[:, :-1]], dim=1),
+    mb = MicroBatch(rows=np.arange(B), input_ids=torch.cat([prompt, response], dim=1),
                     prompt_lens=torch.full((B,), Lp, dtype=torch.long), response_ids=response,
                     response_mask=torch.ones((B, T), dtype=torch.bool),
                     behaviour_logprobs=-torch.rand((B, T), generator=g) * 3)

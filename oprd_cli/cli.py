@@ -167,10 +167,13 @@ def teacher_cache(
                                       "for a run-dir round, else NAME.cache.zarr beside the rollouts)."),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Cache every complete round of this run "
                                           "directory that has no complete cache yet, oldest first."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="last | all | even | odd | comma-separated "
-                                         "hidden_states indices (0 = embeddings). (default: all)"),
-    positions: Optional[str] = typer.Option(None, "--positions", help="all | last | first_k | last_k "
-                                            "(response positions whose hidden states are stored). (default: last_k)"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="last (HF hidden_states index L) | all (1..L) | even "
+                                         "(blocks with an even 0-based index: HF 1,3,5,...) | odd (HF 2,4,6,...) | "
+                                         "comma-separated hidden_states indices (0 = embeddings). (default: all)"),
+    positions: Optional[str] = typer.Option(None, "--positions", help="all | last (the final response "
+                                            "token) | first_k | last_k (the last min(k, T)): response tokens whose "
+                                            "hidden states are stored; token y_t's state is the one at sequence index "
+                                            "Lp + t, which has read y_t. (default: last_k)"),
     k: Optional[int] = typer.Option(None, "--k", help="Positions per sample for first_k/last_k. (default: 2000)"),
     logprobs: Optional[str] = typer.Option(None, "--logprobs", help="none (OPRD only) | sampled (log q of each "
                                            "sampled token) | topk (also on the student's and the teacher's top-k). "
@@ -358,19 +361,22 @@ def train(
     rollouts: Optional[str] = typer.Option(None, "--rollouts", help="The cache's rollout store, when it moved from the path the cache records."),
     objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk (default: oprd)."),
     mu: Optional[float] = typer.Option(None, "--mu", help="Add mu * L_OPRD to an OPD objective, Eq. 7 (default: 0 for OPD, 1 for oprd)."),
-    oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="raw (MSE with 1/d) | normalized (L2-normalised vectors) (default: raw)."),
-    reduction: Optional[str] = typer.Option(None, "--reduction", help="sample (Eq. 6: per-sample means) | token (mean over all supervised tokens) (default: sample)."),
+    oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="normalized (both vectors L2-normalised, then MSE over d: the release) | raw (MSE with 1/d) (default: normalized)."),
+    reduction: Optional[str] = typer.Option(None, "--reduction", help="token (mean over all supervised tokens of the batch, then layers: the release) | sample (Eq. 6 literally: per-sample means) (default: token)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop at this global optimizer step. Without --follow, when one pass over the cache has fewer steps, further passes over it (each freshly shuffled) fill up to N (default: one pass)."),
     total_steps: Optional[int] = typer.Option(None, "--total-steps", help="Planned length of the warm-up + cosine schedule; pass it to interrupt and resume one schedule (default: --max-steps, else the run's earlier plan)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Exactly N passes over each cache (default: 1, or as many as --max-steps needs when not following)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate (default: 1e-5)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0.01)."),
     warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Linear warm-up share of the schedule (default: 0.03)."),
+    min_lr_ratio: Optional[float] = typer.Option(None, "--min-lr-ratio", help="The cosine decay ends at this share of --lr (default: 0)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per optimizer step (default: 16 = 8 prompts x 2 samples)."),
     micro_batch_tokens: Optional[int] = typer.Option(None, "--micro-batch-tokens", help="Padded tokens per forward/backward; larger steps accumulate gradients (default: 16384)."),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm (default: 1.0)."),
     clip_eps: Optional[float] = typer.Option(None, "--clip-eps", help="PPO clip range of the opd-top1 importance ratio (default: 0.2)."),
     topk_logits: Optional[str] = typer.Option(None, "--topk-logits", help="opd-topk logits: support (h @ W[S].T only) | full (verl-style full vocabulary) (default: support)."),
+    logits_chunk_tokens: Optional[int] = typer.Option(None, "--logits-chunk-tokens", help="LM-head rows per checkpointed chunk for OPD log-probs, support logits and entropy; 0 = one chunk (default: 4096)."),
+    prefetch: Optional[int] = typer.Option(None, "--prefetch", help="Steps of teacher data read ahead by a background thread (default: 2)."),
     entropy: Optional[bool] = typer.Option(None, "--entropy/--no-entropy", help="Log actor/entropy (default: on for OPD objectives; for oprd it costs an LM-head pass)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute block activations in backward (default: off)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: auto)."),
@@ -395,7 +401,8 @@ def train(
 
     cfg = merge(TrainConfig, load_run_config(run_dir).get("train"), objective=objective, mu=mu, oprd_form=oprd_form,
                 reduction=reduction, max_steps=max_steps, total_steps=total_steps, lr=lr, weight_decay=weight_decay,
-                warmup_ratio=warmup_ratio, batch_size=batch_size, micro_batch_tokens=micro_batch_tokens,
+                warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, batch_size=batch_size,
+                micro_batch_tokens=micro_batch_tokens, logits_chunk_tokens=logits_chunk_tokens, prefetch=prefetch,
                 max_grad_norm=max_grad_norm, epochs=epochs, clip_eps=clip_eps, topk_logits=topk_logits,
                 entropy=entropy, gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, seed=seed,
                 save_every=save_every, keep_last=keep_last, follow=follow, poll_seconds=poll_seconds, timeout=timeout,
@@ -472,7 +479,7 @@ def loop_cmd(
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the tokenizer's chat template when it has one. (default: on)"),
     system_prompt: Optional[str] = typer.Option(None, help="System prompt to prepend. (default: none)"),
     instruction: Optional[str] = typer.Option(None, help="Suffix appended to plain problems; '' for none. (default: the \\boxed{} convention)"),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Teacher layers to cache: last | all | even | odd | list. (default: all when OPRD is in the loss, else last)"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Teacher layers to cache: last (HF L) | all (1..L) | even (even 0-based blocks: HF 1,3,5,...) | odd (HF 2,4,6,...) | list. (default: all when OPRD is in the loss, else last)"),
     positions: Optional[str] = typer.Option(None, "--positions", help="all | last | first_k | last_k. (default: last_k)"),
     k: Optional[int] = typer.Option(None, "--k", help="Positions per sample for first_k/last_k. (default: 2000)"),
     logprobs: Optional[str] = typer.Option(None, "--logprobs", help="Teacher log-probs to cache: none | sampled | topk. (default: what --objective needs)"),
@@ -480,7 +487,7 @@ def loop_cmd(
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Padded tokens per teacher forward. (default: 16384)"),
     objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk. (default: oprd)"),
     mu: Optional[float] = typer.Option(None, "--mu", help="Add mu * L_OPRD to an OPD objective (Eq. 7). (default: 0 for OPD, 1 for oprd)"),
-    oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="raw (MSE with 1/d) | normalized. (default: raw)"),
+    oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="normalized (L2-normalised vectors: the release) | raw (MSE with 1/d). (default: normalized)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate. (default: 1e-5)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per optimizer step. (default: 16)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over each round's cache. (default: 1)"),

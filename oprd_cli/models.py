@@ -254,18 +254,19 @@ def select_layers(spec: str, n_layers: int) -> list[int]:
     """HF ``hidden_states`` indices for a layer spec.
 
     ``hidden_states[0]`` is the embedding output and ``1..L`` are the block outputs.
-    ``last`` = [L]; ``all`` = 1..L; ``even``/``odd`` = the even/odd block indices in
-    1..L; or an explicit comma-separated list such as ``"4,8,12"`` (0..L allowed).
+    As in the authors' release: ``last`` = [L]; ``all`` = 1..L; ``even`` = the blocks with an even
+    0-based index (HF indices 1, 3, 5, ...); ``odd`` = the blocks with an odd 0-based index (HF
+    indices 2, 4, 6, ...); or an explicit comma-separated list such as ``"4,8,12"`` (0..L allowed).
     """
     spec = str(spec).strip()
     if spec == "last":
         return [n_layers]
     if spec == "all":
         return list(range(1, n_layers + 1))
-    if spec == "even":
-        return list(range(2, n_layers + 1, 2))
-    if spec == "odd":
+    if spec == "even":  # 0-based blocks 0, 2, 4, ... = hidden_states 1, 3, 5, ...
         return list(range(1, n_layers + 1, 2))
+    if spec == "odd":  # 0-based blocks 1, 3, 5, ... = hidden_states 2, 4, 6, ...
+        return list(range(2, n_layers + 1, 2))
     try:
         layers = [int(x) for x in spec.replace(" ", "").split(",") if x != ""]
     except ValueError:

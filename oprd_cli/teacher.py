@@ -8,8 +8,10 @@ How a pass works
   after loading, and a forward hook on the deepest block stops the forward there. The LM head is
   dropped too unless log-probs are asked for; then it runs only on the response positions, a slice
   of rows at a time, never producing ``[B, S, V]`` logits.
-- Each sequence is ``prompt + response`` cut after the last position that is needed (the output at
-  sequence index ``Lp - 1 + t`` predicts response token ``t``).
+- Each sequence is ``prompt + response`` cut after the last position that is needed. Two kinds of
+  positions, kept apart: the hidden state of response token ``y_t`` is the one at sequence index
+  ``Lp + t`` (it has read ``y_t``; the release's ``hidden_states[l][:, -T:]``), while the log-prob of
+  ``y_t`` comes from the output at ``Lp - 1 + t`` (the position that predicts it).
 - Work is done unit by unit (a unit is a group of whole samples owning whole shards of the store).
   Within a unit, sequences are sorted by length and packed into batches of at most
   ``max_batch_tokens`` padded tokens (right padding; causal attention keeps real tokens blind to the
@@ -317,18 +319,18 @@ def _request(data: _RolloutData, layout: cache_store.Layout, row: int, logprobs:
     lp = len(data.prompt_ids[row])
     length = int(layout.response_length[row])
     t0, n = int(layout.position_start[row]), int(layout.num_positions[row])
-    last_t = -1
+    need = 0  # tokens of prompt + response the forward must see
     if n:
-        last_t = t0 + n - 1
+        need = lp + t0 + n  # hidden state of response token t: sequence index lp + t
     if logprobs != "none" and length:
-        last_t = max(last_t, length - 1)
-    if last_t < 0:
+        need = max(need, lp + length - 1)  # log-prob of token t: output at sequence index lp - 1 + t
+        if lp < 1:
+            raise OprdError(f"sample {row} of {data.store.path} has an empty prompt; the teacher needs at least "
+                            "one prompt token to predict the first response token")
+    if need == 0:
         return None
-    if lp < 1:
-        raise OprdError(f"sample {row} of {data.store.path} has an empty prompt; the teacher needs at least one "
-                        "prompt token to predict the first response token")
-    ids = np.concatenate([data.prompt_ids[row], data.response_ids[row]])[: lp + last_t]
-    req = SeqRequest(ids=ids, hidden_index=np.arange(lp - 1 + t0, lp - 1 + t0 + n, dtype=np.int64))
+    ids = np.concatenate([data.prompt_ids[row], data.response_ids[row]])[:need]
+    req = SeqRequest(ids=ids, hidden_index=np.arange(lp + t0, lp + t0 + n, dtype=np.int64))
     if logprobs != "none":
         req.logprob_index = np.arange(lp - 1, lp - 1 + length, dtype=np.int64)
         req.targets = data.response_ids[row]

@@ -56,7 +56,7 @@ def _hand_case():
 
 def test_oprd_hand_values_sample_reduction():
     s, t, mask = _hand_case()
-    out = oprd_loss(s.clone().requires_grad_(True), t, mask)
+    out = oprd_loss(s.clone().requires_grad_(True), t, mask, normalize=False, reduction="sample")
     assert isinstance(out, OprdOutput)
     torch.testing.assert_close(out.per_sample, torch.tensor([1.875, 3.0]))
     torch.testing.assert_close(out.loss, torch.tensor(2.4375))
@@ -68,7 +68,7 @@ def test_oprd_hand_values_sample_reduction():
 
 def test_oprd_hand_values_token_reduction():
     s, t, mask = _hand_case()
-    out = oprd_loss(s, t, mask, reduction="token")
+    out = oprd_loss(s, t, mask, normalize=False, reduction="token")
     torch.testing.assert_close(out.loss, torch.tensor(2.25))
     torch.testing.assert_close(out.per_sample, torch.tensor([1.875, 3.0]))  # per-sample Eq. 6 either way
     torch.testing.assert_close(out.per_layer, torch.tensor([6.5 / 3, 7.0 / 3]))
@@ -94,6 +94,31 @@ def test_oprd_normalized_form_and_cosine_hand_values():
         torch.testing.assert_close(o.per_layer_cosine, torch.tensor([(0.0 + 1.0 + r2) / 3]))
 
 
+def test_oprd_defaults_are_the_release_normalized_form_and_token_mean():
+    """The release's OPRD: both vectors L2-normalised, squared error averaged over d, then over every
+    supervised token of the batch, then over layers. Two samples of different lengths (2 and 1
+    supervised tokens), d = 2, one layer; per-token errors by hand:
+      s0 t0: [1,0] vs [0,1]   normalised [1,0]-[0,1] -> 2/2 = 1 ; raw (1+1)/2  = 1
+      s0 t1: [2,0] vs [4,0]   normalised equal       -> 0       ; raw 4/2      = 2
+      s1 t0: [0,3] vs [0,-1]  normalised [0,1]-[0,-1] -> 4/2 = 2; raw 16/2     = 8
+    normalised: token-mean (1+0+2)/3 = 1, sample-mean ((1+0)/2 + 2)/2 = 1.25
+    raw:        token-mean (1+2+8)/3 = 11/3, sample-mean ((1+2)/2 + 8)/2 = 4.75
+    """
+    s = torch.tensor([[[[1.0, 0.0], [2.0, 0.0]]], [[[0.0, 3.0], [5.0, 5.0]]]])
+    t = torch.tensor([[[[0.0, 1.0], [4.0, 0.0]]], [[[0.0, -1.0], [1.0, 2.0]]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    torch.testing.assert_close(oprd_loss(s, t, mask).loss, torch.tensor(1.0))  # the defaults
+    torch.testing.assert_close(oprd_loss(s, t, mask, normalize=True, reduction="token").loss, torch.tensor(1.0))
+    torch.testing.assert_close(oprd_loss(s, t, mask, normalize=True, reduction="sample").loss, torch.tensor(1.25))
+    torch.testing.assert_close(oprd_loss(s, t, mask, normalize=False, reduction="token").loss,
+                               torch.tensor(11.0 / 3))
+    torch.testing.assert_close(oprd_loss(s, t, mask, normalize=False, reduction="sample").loss, torch.tensor(4.75))
+    # the release computes it this way (F.normalize, mse over d, mean over the supervised tokens)
+    m = mask[:, None, :]
+    ref = F.mse_loss(F.normalize(s, dim=-1), F.normalize(t, dim=-1), reduction="none").mean(-1)[m].mean()
+    torch.testing.assert_close(oprd_loss(s, t, mask).loss, ref)
+
+
 def test_oprd_normalized_is_scale_free():
     torch.manual_seed(0)
     s, t = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
@@ -101,7 +126,8 @@ def test_oprd_normalized_is_scale_free():
     a = oprd_loss(s, t, mask, normalize=True).loss
     b = oprd_loss(3.0 * s, 0.25 * t, mask, normalize=True).loss
     torch.testing.assert_close(a, b)
-    assert not torch.allclose(oprd_loss(s, t, mask).loss, oprd_loss(3.0 * s, t, mask).loss)
+    assert not torch.allclose(oprd_loss(s, t, mask, normalize=False).loss,
+                              oprd_loss(3.0 * s, t, mask, normalize=False).loss)
 
 
 def test_oprd_layer_averaging_matches_per_layer_calls():
@@ -152,9 +178,11 @@ def test_oprd_all_masked_sample_is_zero_not_nan(normalize):
     s = torch.randn(2, 2, 3, 4, requires_grad=True)
     t = torch.randn(2, 2, 3, 4)
     mask = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)
-    out = oprd_loss(s, t, mask, normalize=normalize)
+    out = oprd_loss(s, t, mask, normalize=normalize, reduction="sample")
     assert out.per_sample[1].item() == 0.0
     torch.testing.assert_close(out.loss, out.per_sample[0] / 2)  # the empty sample counts in B
+    tok = oprd_loss(s, t, mask, normalize=normalize, reduction="token")
+    torch.testing.assert_close(tok.loss, out.per_sample[0])  # token-mean: only the 2 supervised tokens count
     out.loss.backward()
     assert torch.isfinite(s.grad).all() and torch.all(s.grad[1] == 0)
     # the whole batch empty: zeros everywhere, no NaN
@@ -176,7 +204,7 @@ def test_oprd_gradient_reaches_only_student_and_matches_analytic():
     n_pos = mask.sum(-1).float()  # [2] = [3, 1]
     m4 = mask[:, None, :, None].float()
 
-    out = oprd_loss(s, t, mask)
+    out = oprd_loss(s, t, mask, normalize=False, reduction="sample")
     out.loss.backward()
     assert t.grad is None
     # d/ds of mean_b mean_l (1/n_b) sum_p m (1/d)||s - t||^2 = m * 2/d (s - t) / (n_b * B * Lyr)
@@ -184,7 +212,7 @@ def test_oprd_gradient_reaches_only_student_and_matches_analytic():
     torch.testing.assert_close(s.grad, expected)
 
     s.grad = None
-    oprd_loss(s, t, mask, reduction="token").loss.backward()
+    oprd_loss(s, t, mask, normalize=False, reduction="token").loss.backward()
     assert t.grad is None
     expected_tok = m4 * (2.0 / d) * (s - t).detach() / (n_pos.sum() * n_layers)
     torch.testing.assert_close(s.grad, expected_tok)
@@ -199,7 +227,7 @@ def test_oprd_normalized_gradient_matches_reference():
     s = torch.randn(2, 2, 3, 6, requires_grad=True)
     t = torch.randn(2, 2, 3, 6)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
-    oprd_loss(s, t, mask, normalize=True).loss.backward()
+    oprd_loss(s, t, mask, normalize=True, reduction="sample").loss.backward()
     s_ref = s.detach().clone().requires_grad_(True)
     err = (F.normalize(s_ref, dim=-1) - F.normalize(t, dim=-1)).pow(2).mean(-1)  # [B, L, P]
     m = mask[:, None, :].float()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,8 +64,9 @@ def _model(path, dtype=torch.float32):
 
 
 def _direct(model, sample):
-    """Full-model forward of prompt + response (without the last response token): hidden states, logits."""
-    ids = np.concatenate([sample.prompt_ids, sample.response_ids[:-1]]).astype(np.int64)
+    """Full-model forward of prompt + response: hidden states, logits (sequence index Lp + t holds
+    response token t)."""
+    ids = np.concatenate([sample.prompt_ids, sample.response_ids]).astype(np.int64)
     with torch.no_grad():
         out = model(torch.from_numpy(ids)[None], output_hidden_states=True, use_cache=False)
     return [h[0] for h in out.hidden_states], out.logits[0].float()
@@ -78,7 +80,7 @@ def _check_hidden(cache_path, rollouts_path, model, exact=True):
         n = int(b.mask.sum())
         lp = len(s.prompt_ids)
         pos = b.positions[0, :n]
-        expected = torch.stack([hs[layer][lp - 1 + pos] for layer in cache.layers])
+        expected = torch.stack([hs[layer][lp + pos] for layer in cache.layers])  # the state that has read y_t
         got = b.hidden[0, :, :n]
         assert got.dtype == expected.dtype
         if exact:
@@ -97,7 +99,7 @@ def test_layers_positions_exact_and_truncated(rollouts, tiny_dir, tmp_path):
             "--positions", "last_k", "--k", "5", "--max-batch-tokens", "1")
     info = info_json(out)
     lengths = open_rollouts(str(rollouts)).response_lengths
-    assert info["kind"] == "teacher_cache" and info["format_version"] == 1 and info["complete"]
+    assert info["kind"] == "teacher_cache" and info["format_version"] == 2 and info["complete"]
     assert info["layers"] == [0, 2] and info["hidden_size"] == 64
     assert info["positions"] == {"mode": "last_k", "k": 5}
     assert info["logprobs"] == {"mode": "none", "k": 0}
@@ -123,7 +125,8 @@ def test_bf16_teacher_is_stored_as_its_bf16_bits(rollouts, tiny_dir, tmp_path):
     run_cli("teacher-cache", "--teacher", deep, "--rollouts", rollouts, "--out", out, "--layers", "even",
             "--positions", "first_k", "--k", "3", "--dtype", "bfloat16", "--max-batch-tokens", "1")
     info = info_json(out)
-    assert info["layers"] == [2, 4] and info["encoding"]["dtype"] == "bfloat16" and info["encoding"]["faithful"]
+    # "even" = blocks with an even 0-based index (0, 2) = hidden_states 1, 3, as in the authors' release
+    assert info["layers"] == [1, 3] and info["encoding"]["dtype"] == "bfloat16" and info["encoding"]["faithful"]
     assert zarr.open_group(str(out), mode="r")["hidden"].dtype == np.uint16
     assert info["bytes_per_value"] <= 2.0
     _check_hidden(out, rollouts, _model(deep, torch.bfloat16))
@@ -141,7 +144,7 @@ def test_batched_all_positions_and_logprobs(rollouts, tiny_qwen, tmp_path):
     cache = _check_hidden(out, rollouts, model, exact=False)
     for s in open_rollouts(str(rollouts)).samples():
         _, logits = _direct(model, s)
-        lp = torch.log_softmax(logits, -1)[len(s.prompt_ids) - 1:]  # row t predicts response token t
+        lp = torch.log_softmax(logits, -1)[len(s.prompt_ids) - 1:-1]  # row t predicts response token t
         T = len(s.response_ids)
         assert lp.shape[0] == T
         b = cache.read([s.row])
@@ -171,9 +174,68 @@ def test_lossy_mantissa_reports_cosine(rollouts, tiny_qwen, tmp_path):
     hs, _ = _direct(_model(tiny_qwen), s)
     b = cache.read([0])
     n = int(b.mask.sum())
-    exact = torch.stack([hs[layer][len(s.prompt_ids) - 1 + b.positions[0, :n]] for layer in cache.layers])
+    exact = torch.stack([hs[layer][len(s.prompt_ids) + b.positions[0, :n]] for layer in cache.layers])
     rel = (b.hidden[0, :, :n].float() - exact).abs() / exact.abs().clamp_min(1e-30)
     assert float(rel.max()) <= 2 ** -4 + 1e-6
+
+
+def test_positions_hidden_at_lp_plus_t_and_logprobs_at_lp_minus_1_plus_t(rollouts, reference, tiny_qwen, tmp_path):
+    """The two kinds of positions, spelled out against a plain HF forward of prompt + response:
+    the cached hidden state of response token t is ``hidden_states[l][0, Lp + t]`` (it has read y_t;
+    the last prompt token's state is never stored) and its teacher log-prob is
+    ``log_softmax(logits[Lp + t - 1])[y_t]``. ``--positions last`` stores the final valid token's state."""
+    model = _model(tiny_qwen)
+    last = tmp_path / "last.zarr"
+    run_cli("teacher-cache", "--teacher", tiny_qwen, "--rollouts", rollouts, "--out", last, "--positions", "last",
+            "--layers", "1,2")
+    full, lastc = open_cache(str(reference[0])), open_cache(str(last))
+    for s in open_rollouts(str(rollouts)).samples():
+        Lp, T, y = len(s.prompt_ids), len(s.response_ids), s.response_ids
+        ids = torch.as_tensor(np.concatenate([s.prompt_ids, y]).astype(np.int64))[None]
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True, use_cache=False)
+        b = full.read([s.row])
+        assert b.positions[0, :T].tolist() == list(range(T))
+        for j, layer in enumerate(full.layers):
+            for t in range(T):
+                torch.testing.assert_close(b.hidden[0, j, t], out.hidden_states[layer][0, Lp + t], atol=1e-5, rtol=1e-5)
+            # not the state before it (the old Lp - 1 + t convention)
+            assert not torch.allclose(b.hidden[0, j, 0], out.hidden_states[layer][0, Lp - 1], atol=1e-3)
+        logq = torch.log_softmax(out.logits[0].float(), -1)
+        for t in range(T):
+            assert float(b.teacher_logprobs[0, t]) == pytest.approx(float(logq[Lp + t - 1, int(y[t])]), abs=1e-5)
+        bl = lastc.read([s.row])
+        assert bl.positions[0].tolist() == [T - 1]
+        for j, layer in enumerate(lastc.layers):  # the final valid token's state (it has read y_{T-1})
+            torch.testing.assert_close(bl.hidden[0, j, 0], out.hidden_states[layer][0, Lp + T - 1], atol=1e-5, rtol=1e-5)
+
+
+def test_old_format_cache_is_refused_in_one_line(reference, tmp_path):
+    """Format version 1 stored the state at Lp - 1 + t: such a cache is refused, never misread."""
+    old = tmp_path / "old.zarr"
+    shutil.copytree(reference[0], old)
+    g = zarr.open_group(str(old), mode="r+")
+    g.attrs["oprd"] = {**g.attrs["oprd"], "format_version": 1}
+    res = run_cli("info", old, "--json", expect=2)
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in res.stderr, res.stderr
+    assert "format version 1" in lines[0] and "reads version 2" in lines[0] and "oprd teacher-cache" in lines[0]
+    with pytest.raises(Exception, match="format version 1"):
+        open_cache(str(old))
+
+
+def test_layer_names_mean_what_they_mean_in_the_release():
+    """all = HF hidden_states 1..L, last = L, even = blocks with an even 0-based index (HF 1, 3, 5, ...),
+    odd = HF 2, 4, 6, ...; the help text says so."""
+    from oprd_cli.models import select_layers
+
+    assert select_layers("all", 28) == list(range(1, 29)) and select_layers("last", 28) == [28]
+    assert select_layers("even", 28) == list(range(1, 29, 2))  # 0-based blocks 0, 2, ..., 26
+    assert select_layers("odd", 28) == list(range(2, 29, 2))  # 0-based blocks 1, 3, ..., 27
+    assert select_layers("even", 1) == [1] and select_layers("odd", 1) == []
+    for cmd in ("teacher-cache", "loop"):
+        text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", run_cli(cmd, "--help").stdout).split())
+        assert "HF 1,3,5" in text and "HF 2,4,6" in text, cmd
 
 
 def test_plan_batches_length_ordered_within_budget():

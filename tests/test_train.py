@@ -42,6 +42,34 @@ def cache(run) -> Path:
     return run / "cache" / "r000001.zarr"
 
 
+def ragged_copy(src: Path, dest: Path, lengths: list[int]) -> Path:
+    """A rollout store with the samples of ``src``, responses cut to ``lengths`` (cycled), written
+    through the store's own writer: samples of different lengths without waiting for EOS."""
+    from oprd_cli.stores.rollouts import RolloutWriter
+
+    store = open_rollouts(str(src))
+    meta = {k: v for k, v in store.meta.items() if k not in ("kind", "format_version", "created_at", "content_digest")}
+    w = RolloutWriter(str(dest), meta, record_topk=store.record_topk)
+    rows: dict[int, int] = {}
+    for s in store.samples():
+        if s.prompt_row not in rows:
+            rows[s.prompt_row] = w.add_prompt(s.prompt_ids, s.prompt_index, s.prompt_id, s.answer)
+        n = lengths[s.row % len(lengths)]
+        w.add_sample(rows[s.prompt_row], s.sample_index, s.response_ids[:n], s.logprobs[:n], "length", s.text,
+                     topk_ids=None if s.topk_ids is None else s.topk_ids[:n])
+    w.finish()
+    return dest
+
+
+@pytest.fixture(scope="module")
+def ragged(run, tiny_dir, tmp_path_factory) -> Path:
+    """A cache of every response position and layer over samples of 12, 7, 3 and 10 tokens."""
+    root = tmp_path_factory.mktemp("ragged")
+    rollouts = ragged_copy(run / "rollouts" / "r000001.zarr", root / "rollouts.zarr", [12, 7, 3, 10])
+    return Path(cache_rollouts(str(tiny_dir / "qwen2-b"), rollouts, root / "cache.zarr", layers="all",
+                               positions="all", show_progress=False))
+
+
 def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 
@@ -84,7 +112,8 @@ def test_oprd_moves_student_toward_teacher_and_checkpoints_reload(run, tiny_dir,
                 "rep/cosine_similarity", "rep/loss/layer_01", "rep/loss/layer_02", "staleness", "oprd_form"):
         assert key in m[0], key
     assert "opd/kl" not in m[0] and "actor/entropy" not in m[0]  # OPRD alone: no LM head at all
-    assert m[0]["oprd_form"] == "raw" and m[0]["objective"] == "oprd" and m[0]["staleness"] == 0
+    assert m[0]["oprd_form"] == "normalized" and m[0]["reduction"] == "token"  # the release's defaults
+    assert m[0]["objective"] == "oprd" and m[0]["staleness"] == 0
     # per-layer losses average to the OPRD loss (Eq. 6 layer average)
     assert m[0]["rep/loss"] == pytest.approx((m[0]["rep/loss/layer_01"] + m[0]["rep/loss/layer_02"]) / 2, rel=1e-5)
     first, last = m[:2], m[-4:]
@@ -109,39 +138,57 @@ def test_oprd_moves_student_toward_teacher_and_checkpoints_reload(run, tiny_dir,
     assert json.loads(again.stdout)["steps"] == 0 and "already trained on" in again.stderr
 
 
-def test_first_step_loss_equals_eq6_by_hand(run, cache, tiny_dir, tmp_path):
-    """The trainer's first OPRD loss equals Eq. 6 computed from a plain HF forward of the student and
-    the cache read directly: positions, masks and layer averaging, raw and normalised forms."""
+def test_first_step_loss_equals_eq6_by_hand(ragged, tiny_dir, tmp_path):
+    """The trainer's first OPRD loss equals the release's OPRD computed from a plain HF forward of the
+    student on prompt + response and the cache read directly: the state of response token t at
+    sequence index Lp + t, masks, layer averaging. Defaults: normalized form, token-mean (every
+    supervised token of the batch, then layers); raw form and sample-mean when asked for."""
+    cache = ragged
     student = AutoModelForCausalLM.from_pretrained(tiny_dir / "qwen2", attn_implementation="eager").eval()
-    rs = open_rollouts(str(run / "rollouts" / "r000001.zarr"))
     c = open_cache(str(cache))
+    rs = open_rollouts(c.rollout["path"])
     cb = c.read(list(range(c.num_samples)))
-    raw, norm, cos = [], [], []
+    err = {"raw": [], "normalized": []}  # per sample: [Lyr, k] per-token errors
+    cos = []
     for i, s in enumerate(rs.samples()):
         seq = torch.tensor(np.concatenate([s.prompt_ids, s.response_ids]).astype(np.int64))[None]
         with torch.no_grad():
             hs = student(seq, output_hidden_states=True).hidden_states
         k = int(cb.mask[i].sum())
-        idx = len(s.prompt_ids) - 1 + cb.positions[i, :k]
+        idx = len(s.prompt_ids) + cb.positions[i, :k]  # the state that has read y_t
         r_l, n_l, c_l = [], [], []
         for j, layer in enumerate(c.layers):
             h, t = hs[layer][0, idx], cb.hidden[i, j, :k].float()
-            r_l.append(((h - t) ** 2).sum(-1).div(h.shape[-1]).mean())
+            r_l.append(((h - t) ** 2).sum(-1).div(h.shape[-1]))
             hn, tn = torch.nn.functional.normalize(h, dim=-1), torch.nn.functional.normalize(t, dim=-1)
-            n_l.append(((hn - tn) ** 2).sum(-1).div(h.shape[-1]).mean())
-            c_l.append(torch.nn.functional.cosine_similarity(h, t, dim=-1).mean())
-        raw.append(torch.stack(r_l).mean())
-        norm.append(torch.stack(n_l).mean())
-        cos.append(torch.stack(c_l).mean())
+            n_l.append(((hn - tn) ** 2).sum(-1).div(h.shape[-1]))
+            c_l.append(torch.nn.functional.cosine_similarity(h, t, dim=-1))
+        err["raw"].append(torch.stack(r_l))
+        err["normalized"].append(torch.stack(n_l))
+        cos.append(torch.stack(c_l))
+
+    def token_mean(per):  # all supervised tokens of the batch per layer, then layers
+        return float(torch.cat(per, dim=1).mean(dim=1).mean())
+
+    def sample_mean(per):  # Eq. 6 literally: per sample over its tokens, layers, then samples
+        return float(torch.stack([e.mean(dim=1).mean() for e in per]).mean())
+
     n = c.num_samples
-    for form, expected in (("raw", raw), ("normalized", norm)):
-        out = tmp_path / form
+    lengths = [int(x) for x in cb.mask.sum(-1)]
+    assert len(set(lengths)) > 1, lengths  # samples of different lengths: the two means differ
+    cases = [([], "normalized", "token", token_mean(err["normalized"])),
+             (["--oprd-form", "raw", "--reduction", "sample"], "raw", "sample", sample_mean(err["raw"])),
+             (["--oprd-form", "raw"], "raw", "token", token_mean(err["raw"])),
+             (["--reduction", "sample"], "normalized", "sample", sample_mean(err["normalized"]))]
+    assert abs(cases[1][3] - cases[2][3]) > 1e-3 * abs(cases[2][3])
+    for i, (flags, form, reduction, expected) in enumerate(cases):
+        out = tmp_path / f"case{i}"
         train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", out, "--max-steps", 1, "--batch-size", n,
-              "--oprd-form", form)
+              *flags)
         m = metrics(out)[0]
-        assert m["oprd_form"] == form
-        assert m["loss"] == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
-        assert m["rep/cosine_similarity"] == pytest.approx(float(torch.stack(cos).mean()), abs=1e-4)
+        assert (m["oprd_form"], m["reduction"]) == (form, reduction)
+        assert m["loss"] == pytest.approx(expected, rel=1e-4), (flags, m["loss"], expected)
+        assert m["rep/cosine_similarity"] == pytest.approx(float(torch.cat(cos, 1).mean(1).mean()), abs=1e-4)
 
 
 @pytest.mark.parametrize("objective,extra,keys,absent", [
@@ -231,6 +278,57 @@ def test_follow_staleness_and_stop_conditions(run, tiny_dir, tmp_path):
     assert [x["staleness"] for x in m] == [0, 0, 1, 1] and m[-1]["cache_name"] == "r000002.zarr"
 
 
+def test_opd_topk_on_a_cache_with_a_smaller_topk_uses_the_common_support(run, tiny_dir, tmp_path):
+    """Rollouts record the student's top-4 ids; a cache made with --topk 2 holds the teacher's log-probs
+    on the first 2 of them. opd-topk trains on that common support (it crashed before), and its
+    first-step KL equals the KL renormalised on those 2 ids, computed by hand."""
+    rpath = run / "rollouts" / "r000001.zarr"
+    small = tmp_path / "top2.zarr"
+    run_cli("teacher-cache", "--teacher", tiny_dir / "qwen2-b", "--rollouts", rpath, "--out", small,
+            "--layers", "last", "--positions", "last", "--logprobs", "topk", "--topk", 2)
+    c = open_cache(str(small))
+    assert c.logprobs["k"] == 2 and open_rollouts(str(rpath)).record_topk == 4
+    out = tmp_path / "out"
+    train("--model", tiny_dir / "qwen2", "--cache", small, "--out", out, "--objective", "opd-topk",
+          "--max-steps", 2, "--batch-size", c.num_samples, *LR)
+    m = metrics(out)
+    assert len(m) == 2 and all(math.isfinite(x["loss"]) for x in m) and "opd/topk_overlap" in m[0]
+    student = AutoModelForCausalLM.from_pretrained(tiny_dir / "qwen2", attn_implementation="eager").eval()
+    cb = c.read(list(range(c.num_samples)))
+    kls = []
+    for i, s in enumerate(open_rollouts(str(rpath)).samples()):
+        ids = torch.tensor(np.concatenate([s.prompt_ids, s.response_ids]).astype(np.int64))[None]
+        with torch.no_grad():
+            logits = student(ids).logits[0].float()
+        Lp, T = len(s.prompt_ids), len(s.response_ids)
+        sup = torch.as_tensor(s.topk_ids[:, :2], dtype=torch.long)  # the common support: first 2 of 4
+        zs = logits[Lp - 1:Lp - 1 + T].gather(1, sup)  # the distribution over y_t comes from Lp - 1 + t
+        logp = torch.log_softmax(zs, -1)
+        logq = torch.log_softmax(cb.support_logprobs[i, :T], -1)
+        kls.append((logp.exp() * (logp - logq)).sum(-1))
+    assert m[0]["opd/kl"] == pytest.approx(float(torch.cat(kls).mean()), rel=1e-4)
+
+
+def test_warns_once_when_opd_trains_on_warped_rollouts(tiny_dir, aime24_path, tmp_path):
+    """Rollouts sampled at temperature 0.7 / top-p 0.9: an OPD objective (teacher log-probs, importance
+    ratios) warns once per invocation, not per step; OPRD alone does not warn."""
+    r = tmp_path / "run"
+    run_cli("rollout", "--model", tiny_dir / "qwen2", "--prompts", aime24_path, "--run-dir", r, "--limit", 2,
+            "--num-samples", 2, "--max-new-tokens", 6, "--temperature", 0.7, "--top-p", 0.9)
+    cache_rollouts(str(tiny_dir / "qwen2-b"), r / "rollouts" / "r000001.zarr", r / "cache" / "r000001.zarr",
+                   layers="last", positions="last", logprobs="sampled", show_progress=False)
+    c = r / "cache" / "r000001.zarr"
+    res = train("--model", tiny_dir / "qwen2", "--cache", c, "--out", tmp_path / "a", "--objective", "opd-top1",
+                "--max-steps", 3, "--batch-size", 2, *LR)
+    assert len(metrics(tmp_path / "a")) == 3
+    err = " ".join(res.stderr.split())
+    assert err.count("warped") == 1, res.stderr
+    assert "warning:" in err and "temperature 0.7" in err and "top_p 0.9" in err
+    res = train("--model", tiny_dir / "qwen2", "--cache", c, "--out", tmp_path / "b", "--max-steps", 2,
+                "--batch-size", 2, *LR)
+    assert "warped" not in res.stderr
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_refuses_caches_that_do_not_fit(run, cache, tiny_dir, tmp_path):
     from oprd_cli.tiny import build_tiny_model, build_tokenizer
@@ -253,6 +351,15 @@ def test_refuses_caches_that_do_not_fit(run, cache, tiny_dir, tmp_path):
     (incomplete / "oprd_complete.json").unlink()
     res = train("--model", tiny_dir / "qwen2", "--cache", incomplete, "--out", out, expect=2)
     one_line_error(res, "incomplete.zarr")
+    # a cache of format version 1 (hidden states at Lp - 1 + t) is refused, never misread
+    old = tmp_path / "old.zarr"
+    shutil.copytree(cache, old)
+    import zarr
+
+    g = zarr.open_group(str(old), mode="r+")
+    g.attrs["oprd"] = {**g.attrs["oprd"], "format_version": 1}
+    res = train("--model", tiny_dir / "qwen2", "--cache", old, "--out", out, expect=2)
+    one_line_error(res, "format version 1", "oprd teacher-cache")
     # opd-top1 on a cache without teacher log-probs
     plain = tmp_path / "plain.zarr"
     cache_rollouts(str(tiny_dir / "qwen2-b"), run / "rollouts" / "r000001.zarr", plain, layers="last", k=4,
@@ -402,8 +509,35 @@ def _help(*cmd) -> str:
 def test_help_shows_defaults_and_the_interface():
     out = _help("train")
     for text in ("--run-dir", "--objective", "--mu", "--max-steps", "--follow", "--resume", "--max-staleness",
-                 "--max-caches", "(default: oprd)", "(default: 1e-5)", "(default: 0.03)"):
+                 "--max-caches", "(default: oprd)", "(default: 1e-5)", "(default: 0.03)", "(default: normalized)",
+                 "(default: token)"):
         assert text in out, text
     out = _help("bench", "loss")
     for text in ("--num-layers", "--seq-len", "--last-k", "--batch-size", "--json", "1536", "151936"):
         assert text in out, text
+
+
+def test_every_flag_docs_training_md_names_exists():
+    """docs/training.md documents only flags that `oprd train`, `oprd bench loss` (or, named as such,
+    the rollout and teacher-cache stages) really have; settings without a flag are named as oprd.toml keys."""
+    import re
+
+    import typer.main
+
+    from oprd_cli.cli import app
+
+    cmd = typer.main.get_command(app)
+
+    def opts(*path):
+        c = cmd
+        for name in path:
+            c = c.commands[name]
+        return {o for p in c.params for o in (*p.opts, *p.secondary_opts)}
+
+    known = opts("train") | opts("bench", "loss") | opts("teacher-cache") | opts("rollout")
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    missing = sorted(set(re.findall(r"--[a-z][a-z0-9-]*[a-z0-9]", doc)) - known)
+    assert not missing, missing
+    for flag in ("--min-lr-ratio", "--logits-chunk-tokens", "--prefetch", "--micro-batch-tokens",
+                 "--gradient-checkpointing"):
+        assert flag in opts("train"), flag

@@ -2,8 +2,11 @@
 
     L_OPRD = E_x [ 1/|Llayer| * sum_l 1/(sum_t m_t) * sum_t m_t * (1/d) * || h^(l)_{s,t} - sg(h^(l)_{T,t}) ||^2 ]
 
-A pure function of tensors. The caller selects layers and positions (``Llayer`` and ``m_t``) and
-passes the stacked hidden states; this module only does the arithmetic.
+The defaults follow the authors' release: both vectors L2-normalised before the squared error
+(``normalize=True``), per-token errors averaged over every supervised token of the batch, then over
+layers (``reduction="token"``). The raw form and the per-sample mean (Eq. 6 read literally) are
+options. A pure function of tensors. The caller selects layers and positions (``Llayer`` and
+``m_t``) and passes the stacked hidden states; this module only does the arithmetic.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ def oprd_loss(
     student_hidden: Tensor,
     teacher_hidden: Tensor,
     mask: Tensor,
-    normalize: bool = False,
-    reduction: str = "sample",
+    normalize: bool = True,
+    reduction: str = "token",
 ) -> OprdOutput:
     """OPRD loss between student and (stop-gradient) teacher hidden states, Eq. 6.
 
@@ -73,12 +76,13 @@ def oprd_loss(
     nor the gradient, and the student's gradient there is exactly 0.
 
     Per position the error is ``e = (1/d) * ||a - b||^2`` with
-      - ``normalize=False``: ``a, b`` the raw hidden states (the paper's reported runs);
-      - ``normalize=True``: ``a = h_s/||h_s||``, ``b = h_t/||h_t||`` (the released code's scale-free
-        form; ``e = (2 - 2 cos)/d``, so the loss is small and needs a large coefficient). The ``1/d``
-        factor is kept in both forms (mean over the hidden axis, as ``F.mse_loss`` computes it).
+      - ``normalize=True`` (default): ``a = h_s/||h_s||``, ``b = h_t/||h_t||`` (the paper's
+        "normalized MSE" as the authors' release computes it; ``e = (2 - 2 cos)/d``);
+      - ``normalize=False``: ``a, b`` the raw hidden states (Eq. 6 as typeset).
+      The ``1/d`` factor is kept in both forms (mean over the hidden axis, as ``F.mse_loss`` computes it).
 
     ``reduction``:
+      - ``"token"`` (default, the release): see below.
       - ``"sample"``: Eq. 6 literally: per sample the masked mean over its positions, averaged over
         layers; ``loss`` is the mean over all ``B`` samples (a sample without supervised positions
         contributes 0 but still counts in ``B``).

@@ -31,11 +31,14 @@ Layout (Zarr v3 group)::
     oprd_layout.json       written once every array above exists (creation is finished)
     oprd_complete.json     completion marker (the last write; atomic)
 
-Response position ``t`` of a sample whose prompt has ``Lp`` tokens is the hidden state at sequence
-index ``Lp - 1 + t``: the position whose output predicts response token ``y_t``; so
-``teacher_logprobs[t] = log_softmax(logits[Lp - 1 + t])[y_t]``. Every stored position range is
-contiguous: ``all`` = [0, T), ``last`` = [T-1], ``first_k`` = [0, min(k, T)), ``last_k`` =
-[T - min(k, T), T).
+Positions (format version 2). Response token ``y_t`` of a sample whose prompt has ``Lp`` tokens sits
+at sequence index ``Lp + t``. Its stored hidden state is the one at that same index (the state that
+has read ``y_t`` and predicts ``y_{t+1}``; the release's ``hidden_states[l][:, -T:]``); the last
+prompt token's state is never stored. Log-probs are another position: the distribution over ``y_t``
+comes from the output at ``Lp - 1 + t``, so ``teacher_logprobs[t] = log_softmax(logits[Lp - 1 + t])[y_t]``.
+Every stored position range is contiguous: ``all`` = [0, T), ``last`` = [T-1] (the final valid
+token), ``first_k`` = [0, min(k, T)), ``last_k`` = [T - min(k, T), T). Version 1 stored the state at
+``Lp - 1 + t``; such a cache is refused with a one-line message.
 
 Units. Samples are grouped, in order, into *units* of whole samples. A unit owns a region of
 ``hidden`` (and of ``token/*``) that starts on a shard boundary and spans whole shards, so a worker
@@ -74,7 +77,11 @@ from oprd_cli.errors import OprdError
 from oprd_cli.stores import common
 from oprd_cli.stores.common import StoreFormat
 
-FORMAT = StoreFormat(kind="teacher_cache", version=1)
+# Version 2: the hidden state of response token t is the one at sequence index Lp + t (version 1
+# stored Lp - 1 + t); an old cache is refused, never misread.
+FORMAT = StoreFormat(kind="teacher_cache", version=2,
+                     older="its hidden states use the old position convention (the state at Lp - 1 + t, not "
+                           "Lp + t); re-run `oprd teacher-cache --overwrite` on its rollouts")
 LAYOUT_MARKER = "oprd_layout.json"
 UNIT_DIR = "units"
 UNIT_RE = re.compile(r"^u(\d{8})\.json$")

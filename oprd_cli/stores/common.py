@@ -86,6 +86,8 @@ def now_iso() -> str:
 class StoreFormat:
     kind: str
     version: int
+    # what to do with a store of an older version (appended to the refusal), e.g. how to remake it
+    older: str = ""
 
 
 def read_meta(path: str) -> dict:
@@ -107,6 +109,9 @@ def check_format(meta: dict, expected: StoreFormat, path: str) -> None:
     if kind != expected.kind:
         raise OprdError(f"{path} is a {kind!r} store, expected a {expected.kind!r} store")
     if version != expected.version:
+        if expected.older and isinstance(version, int) and version < expected.version:
+            raise OprdError(f"{path} has {kind} format version {version}; this oprd reads version "
+                            f"{expected.version}: {expected.older}")
         raise OprdError(
             f"{path} has {kind} format version {version}; this oprd reads version {expected.version} "
             "(upgrade or downgrade oprd to match the store)"

@@ -45,8 +45,9 @@ class RolloutData:
         return len(self.response_ids)
 
     def seq_len(self, row: int) -> int:
-        """Input length of a sample: prompt + response[:-1]."""
-        return len(self.prompt_ids[row]) + max(len(self.response_ids[row]) - 1, 0)
+        """Input length of a sample: prompt + response (the last response token's hidden state is
+        supervised by OPRD; its output distribution is never needed)."""
+        return len(self.prompt_ids[row]) + len(self.response_ids[row])
 
     def response_tokens(self, rows: Sequence[int]) -> int:
         return int(sum(len(self.response_ids[i]) for i in rows))
@@ -109,14 +110,14 @@ def assemble(rows: Sequence[int], rollout: RolloutData, cache, needs: Needs,
     b = len(rows)
     plen = [len(rollout.prompt_ids[r]) for r in rows]
     rlen = [len(rollout.response_ids[r]) for r in rows]
-    S = max(p + max(t - 1, 0) for p, t in zip(plen, rlen))
+    S = max(p + t for p, t in zip(plen, rlen))
     T = max(max(rlen), 1)
     input_ids = torch.zeros((b, max(S, 1)), dtype=torch.long)
     response_ids = torch.zeros((b, T), dtype=torch.long)
     response_mask = torch.zeros((b, T), dtype=torch.bool)
     behaviour = torch.zeros((b, T), dtype=torch.float32)
     for i, r in enumerate(rows):
-        seq = np.concatenate([rollout.prompt_ids[r], rollout.response_ids[r][:-1]])
+        seq = np.concatenate([rollout.prompt_ids[r], rollout.response_ids[r]])
         input_ids[i, :len(seq)] = torch.from_numpy(seq)
         response_ids[i, :rlen[i]] = torch.from_numpy(rollout.response_ids[r])
         response_mask[i, :rlen[i]] = True
@@ -147,6 +148,11 @@ def assemble(rows: Sequence[int], rollout: RolloutData, cache, needs: Needs,
         mb.teacher_logprobs = _pad_to(cb.teacher_logprobs, T)
     if needs.support:
         mb.support_logprobs = _pad_to(cb.support_logprobs, T)
+        k_cache = int(mb.support_logprobs.shape[-1])
+        if mb.support_ids is not None and mb.support_ids.shape[-1] > k_cache:
+            # The cache holds teacher log-probs on the student's top-K ids for K = its --topk, the first
+            # K of the rollout's (sorted) --record-topk K' ids: the common support is those K ids.
+            mb.support_ids = mb.support_ids[..., :k_cache].contiguous()
         if cb.teacher_topk_ids is not None:
             mb.teacher_topk_ids = _pad_to(cb.teacher_topk_ids, T).long()
     return mb

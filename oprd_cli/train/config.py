@@ -21,10 +21,12 @@ class TrainConfig:
       gradient) or ``opd-topk`` (KL on the student's top-k support recorded at rollout time).
     - ``mu``: coefficient of ``L_OPRD`` added to an OPD objective (Eq. 7); ``None`` means 0 for OPD
       objectives and 1 for ``oprd``.
-    - ``oprd_form``: ``raw`` (MSE with the 1/d factor, the paper's runs) or ``normalized`` (both
-      vectors L2-normalised first, the released code).
-    - ``reduction``: ``sample`` (Eq. 6 literally: per-sample means, averaged over the optimizer batch)
-      or ``token`` (one mean over every supervised position/token of the optimizer batch).
+    - ``oprd_form``: ``normalized`` (default, the authors' release: both vectors L2-normalised, then
+      the squared error averaged over the d features) or ``raw`` (MSE with the 1/d factor, Eq. 6 as
+      typeset).
+    - ``reduction``: ``token`` (default, the release: one mean over every supervised position/token
+      of the optimizer batch, then over layers) or ``sample`` (Eq. 6 literally: per-sample means,
+      averaged over the optimizer batch).
     - ``batch_size``: samples per optimizer step (paper: 16 = 8 prompts x 2 samples);
       ``micro_batch_tokens``: padded tokens per forward/backward (gradient accumulation).
     - ``total_steps``: planned length of the warm-up + cosine schedule (default ``max_steps``);
@@ -45,8 +47,8 @@ class TrainConfig:
 
     objective: str = "oprd"
     mu: float | None = None
-    oprd_form: str = "raw"
-    reduction: str = "sample"
+    oprd_form: str = "normalized"
+    reduction: str = "token"
     lr: float = 1e-5
     weight_decay: float = 0.01
     adam_beta1: float = 0.9

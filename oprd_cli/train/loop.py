@@ -167,6 +167,7 @@ class _Session:
         self.checkpoint_steps: list[int] = list(mk.get("checkpoint_steps", []))
         self.layers: list[int] | None = mk.get("layers")
         self._sources: dict[str, Source] = {}  # validated caches by path (complete caches are immutable)
+        self._warned_warp = False  # the warped-rollout warning is said once per invocation
 
         # ---- the explicit cache is validated before the schedule (its size may define the plan)
         self.first_source: Source | None = None
@@ -296,11 +297,35 @@ class _Session:
         if store.num_samples != c.num_samples:
             raise OprdError(f"cache {cache_path} has {c.num_samples} samples but its rollout store {rpath} has "
                             f"{store.num_samples}")
+        self._warn_warped(rpath, store.meta.get("sampling") or {})
         policy = store.meta.get("policy") or {}
         return Source(path=cache_path, name=Path(cache_path.rstrip("/")).name, round=round_index(cache_path),
                       cache=c, rollout_path=rpath, rollout=RolloutData.load(store), digest=str(c.content_digest),
                       store_id=str(c.content_digest).split(":")[-1][:16], policy_step=int(policy.get("step") or 0),
                       policy_digest=policy.get("weights_digest"), record_topk=store.record_topk)
+
+    def _warn_warped(self, rpath: str, sampling: dict[str, Any]) -> None:
+        """Warn once per invocation when an OPD objective (teacher log-probs, importance ratios) trains
+        on rollouts sampled from a warped distribution: the reverse-KL estimate then targets that
+        distribution, not the student's own."""
+        if self._warned_warp or not self.cfg.uses_opd:
+            return
+        warped = []
+        temperature = sampling.get("temperature")
+        if temperature is not None and float(temperature) != 1.0:
+            warped.append(f"temperature {temperature:g}")
+        if int(sampling.get("top_k") or 0) > 0:
+            warped.append(f"top_k {int(sampling['top_k'])}")
+        top_p = sampling.get("top_p")
+        if top_p is not None and float(top_p) < 1.0:
+            warped.append(f"top_p {top_p:g}")
+        if sampling.get("warped", bool(warped)):  # the rollout store's own verdict when it records one
+            self._warned_warp = True
+            reasons = ", ".join(warped) or "settings that change the policy's distribution"
+            warn(f"rollout store {rpath} was sampled with {reasons}: "
+                 f"--objective {self.cfg.objective} "
+                 "then estimates the reverse KL (and importance ratios) on a warped distribution, not the "
+                 "student's own; sample rollouts at temperature 1 without top-k/top-p for an unbiased estimate")
 
     def staleness(self, src: Source) -> int:
         """How many checkpoints older than the current student the cache's rollout policy is."""

@@ -7,11 +7,13 @@ Per micro-batch (:meth:`Trainer.micro_loss`):
 
 - OPRD term (Eq. 6): the student's decoder runs WITHOUT the LM head and only as deep as the deepest
   cached layer (:func:`~oprd_cli.train.forward.backbone_hidden`); its states are gathered at the
-  cached positions (response position ``t`` of a sample with prompt length ``Lp`` is sequence index
-  ``Lp - 1 + t``) and compared with the teacher's per layer (:func:`~oprd_cli.losses.oprd_loss`,
-  called one layer at a time so the float32 copies stay ``[b, P, d]``).
-- OPD terms: the final (post-norm) states are gathered at the valid response positions first
-  (``[N, d]``, no padding, no prompt), then the LM head runs on those rows only: full-vocabulary
+  cached positions and compared with the teacher's per layer (:func:`~oprd_cli.losses.oprd_loss`,
+  called one layer at a time so the float32 copies stay ``[b, P, d]``). Hidden-state position: the
+  state of response token ``y_t`` (prompt length ``Lp``) is the one at sequence index ``Lp + t``, the
+  state that has read ``y_t`` (the release's ``hidden_states[l][:, -T:]``).
+- OPD terms: log-prob position: the distribution over ``y_t`` comes from the final (post-norm) state
+  at sequence index ``Lp - 1 + t``. Those states are gathered at the valid response tokens first
+  (``[N, d]``, no padding), then the LM head runs on those rows only: full-vocabulary
   log-probs of the sampled tokens for top-1 (chunked, checkpointed), ``h @ W[S].T`` at the rollout's
   top-k ids for top-k (or, with ``topk_logits="full"``, the verl way: full logits, log-softmax,
   gather).
@@ -59,8 +61,7 @@ class MicroBatch:
     """One forward/backward unit (all tensors on CPU until :meth:`to`).
 
     ``T`` is the longest response and ``P`` the most cached positions of the micro-batch; ``S`` is the
-    longest ``prompt + response[:-1]`` (the last response token is never an input whose output we
-    need)."""
+    longest ``prompt + response`` (the whole response: the last token's hidden state is supervised)."""
 
     rows: np.ndarray  # [b] sample rows (row i of the cache = row i of the rollout)
     input_ids: Tensor  # [b, S] int64, right-padded
@@ -157,6 +158,19 @@ def warmup_steps(total: int | None, ratio: float) -> int:
     return 0 if total is None else int(round(ratio * total))
 
 
+def hidden_seq_index(prompt_lens: Tensor, positions: Tensor, seq_len: int) -> Tensor:
+    """Sequence index of the hidden state of response position ``t``: ``Lp + t`` (the state that has
+    read ``y_t``; the last prompt token's state is never supervised). ``prompt_lens`` ``[b]``,
+    ``positions`` ``[b, P]`` (padding clamped to a valid index, the mask removes it) -> ``[b, P]``."""
+    return (prompt_lens[:, None] + positions.clamp_min(0)).clamp(0, seq_len - 1)
+
+
+def logprob_seq_index(prompt_lens: Tensor, t: Tensor) -> Tensor:
+    """Sequence index whose output distribution predicts response token ``y_t``: ``Lp - 1 + t``.
+    Not a hidden-state position (see :func:`hidden_seq_index`)."""
+    return prompt_lens - 1 + t
+
+
 def gather_positions(h: Tensor, seq_index: Tensor) -> Tensor:
     """``h`` ``[b, S, d]``, ``seq_index`` ``[b, P]`` (valid indices) -> ``[b, P, d]``."""
     return h.gather(1, seq_index[:, :, None].expand(-1, -1, h.shape[-1]))
@@ -207,7 +221,7 @@ class Trainer:
         if need_hidden:
             mask = mb.hidden_mask.bool()
             pos = mb.hidden_positions.clamp_min(0)
-            seq_index = (lp[:, None] - 1 + pos).clamp(0, mb.input_ids.shape[1] - 1)
+            seq_index = hidden_seq_index(lp, pos, mb.input_ids.shape[1])
             n_layers = len(self.layers)
             per_sample = torch.zeros(b, device=self.device, dtype=torch.float32)
             n_pos = mask.sum(dim=-1).float()
@@ -233,7 +247,7 @@ class Trainer:
         if need_lm:
             rmask = mb.response_mask.bool()
             bi, ti = rmask.nonzero(as_tuple=True)  # valid response tokens, [N]
-            h = out.final[bi, lp[bi] - 1 + ti]  # [N, d]: only the rows the loss needs
+            h = out.final[bi, logprob_seq_index(lp[bi], ti)]  # [N, d]: only the rows the loss needs
             T = rmask.shape[1]
             chunk = cfg.logits_chunk_tokens
             tok_w = rmask.sum().item() / max(1, totals.tokens)
@@ -284,7 +298,8 @@ class Trainer:
                 final = out.final
                 if final is None:
                     final = backbone_hidden(self.model, mb.input_ids, [], need_final=True).final
-                ent = chunked_entropy(self.model, final[bi, lp[bi] - 1 + ti], cfg.logits_chunk_tokens or 2048)
+                ent = chunked_entropy(self.model, final[bi, logprob_seq_index(lp[bi], ti)],
+                                      cfg.logits_chunk_tokens or 2048)
             acc.add("actor/entropy", float(ent.mean()) * rmask.sum().item() / max(1, totals.tokens)
                     if ent.numel() else 0.0)
         return total
