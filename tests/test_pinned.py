@@ -16,10 +16,10 @@ import pytest
 from helpers import info_json, run_cli
 
 PINNED = {
-    "rollout_digest": None,
-    "cache_digest": None,
-    "losses": {"oprd": None, "opd-topk": None},
-    "eval": None,
+    "rollout_digest": "sha256:17d0114f8d08d5407c9516409fede45c3780d0e6b6135c7f64e49d45002161f3",
+    "cache_digest": "sha256:1622aac0950c6b0553cdd6be8f944f7a3c7ecd5b4ae7bbcb3dc569345ce8f7ba",
+    "losses": {"oprd": [0.030219, 0.029974], "opd-topk": [0.040722, 0.050397]},
+    "eval": {"avg_at_n": 0.0, "dist_4g": 1.0, "mean_response_tokens": 8.0, "responses": "245da20ec75d9af4"},
 }
 
 ROLLOUT = ["--limit", "2", "--num-samples", "2", "--max-new-tokens", "8", "--record-topk", "4", "--seed", "0"]
