@@ -4,10 +4,12 @@
   L2-normalised form.
 - :func:`opd_top1_loss`, :func:`opd_topk_loss`, :func:`opd_full_loss`: output-space OPD baselines
   (sampled-token policy gradient with optional PPO importance ratio, top-k renormalised KL, full KL).
+- :func:`bridge_loss`: OPRD-Bridge (Eq. 14-15), the OPRD loss through frozen projections.
 - Diagnostics: :func:`entropy_from_logits`, :func:`topk_overlap`, :func:`topk_overlap_from_logits`,
   :func:`masked_mean`.
 """
 
+from oprd_cli.losses.bridge import BridgeOutput, bridge_loss
 from oprd_cli.losses.diagnostics import entropy_from_logits, masked_mean, topk_overlap, topk_overlap_from_logits
 from oprd_cli.losses.opd import OpdOutput, opd_full_loss, opd_top1_loss, opd_topk_loss
 from oprd_cli.losses.oprd import OprdOutput, oprd_loss
@@ -15,6 +17,8 @@ from oprd_cli.losses.oprd import OprdOutput, oprd_loss
 __all__ = [
     "OprdOutput",
     "oprd_loss",
+    "BridgeOutput",
+    "bridge_loss",
     "OpdOutput",
     "opd_top1_loss",
     "opd_topk_loss",
