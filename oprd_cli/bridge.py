@@ -22,30 +22,38 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from oprd_cli.errors import OprdError
-from oprd_cli.io import atomic_target, atomic_write_bytes, is_local, read_json, url_to_fs, write_json
+from oprd_cli.io import (
+    atomic_target,
+    atomic_write_bytes,
+    is_local,
+    read_json,
+    url_to_fs,
+    write_json,
+)
 
 __all__ = [
     "BRIDGE_FORMAT",
     "BRIDGE_FORMAT_VERSION",
     "Bridge",
-    "layer_map",
-    "sample_rows",
-    "rows_in_range",
-    "fit_teacher_pca",
-    "project_teacher",
-    "fit_student_proj",
-    "fit_bridge",
     "align_by_char_offsets",
     "align_response_positions",
     "encode_with_offsets",
+    "fit_bridge",
+    "fit_student_proj",
+    "fit_teacher_pca",
+    "layer_map",
     "offsets_for_ids",
+    "project_teacher",
+    "rows_in_range",
+    "sample_rows",
 ]
 
 BRIDGE_FORMAT = "oprd-bridge"
@@ -436,7 +444,7 @@ class Bridge:
         write_json(target, doc)
 
     @classmethod
-    def load(cls, folder: str) -> "Bridge":
+    def load(cls, folder: str) -> Bridge:
         """Read a folder written by :meth:`save`; every problem is a one-line :class:`OprdError`."""
         from safetensors.torch import load
 

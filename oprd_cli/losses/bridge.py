@@ -9,8 +9,8 @@ reduced like :func:`oprd_cli.losses.oprd_loss`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
