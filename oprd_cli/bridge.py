@@ -244,8 +244,15 @@ def fit_student_proj(
     Returns ``(weight [r, d_S] float32, stats)`` with ``stats``: ``mse`` and ``cosine`` (mean over
     rows of ``cos(P_S h_S, z_T)``, the stage-2 quantity) of the result over all rows;
     ``lstsq_mse``/``lstsq_cosine`` of the closed-form optimum on the same rows (the best any linear
-    map reaches on them: a check that the training converged); ``r2`` = 1 - mse / mean var(z_T);
+    map reaches on them: a check that the training converged; ``lstsq_gap`` = ``lstsq_cosine -
+    cosine``, which a command should warn about when it is large); ``r2`` = 1 - mse / mean var(z_T);
     ``rows``, ``epochs``.
+
+    Why Adam and not only the closed form: it is what the paper does (20 epochs of a linear layer),
+    and early stopping from a small initialisation is an implicit regulariser. Measured (2-core CPU):
+    on tiny random Qwen2/Llama pairs (16,384 rows, d_S 64, r 8) lr 1e-3 ends within 0.001 cosine of
+    the optimum; on synthetic data whose map needs larger weights (|W| ~ 1) lr 1e-3 stops at cosine
+    0.92 after 20 epochs of 4,096 rows while lr 1e-2 reaches the optimum, hence ``lstsq_gap``.
     """
     if h_student.dim() != 2 or z_teacher.dim() != 2 or h_student.shape[0] != z_teacher.shape[0]:
         raise OprdError(f"student fit needs paired rows [N, d_S] and [N, r], got {tuple(h_student.shape)} "
@@ -296,6 +303,7 @@ def fit_student_proj(
         "r2": 1.0 - mse / var if var > 0 else 0.0,
         "lstsq_mse": ls_mse,
         "lstsq_cosine": ls_cos,
+        "lstsq_gap": ls_cos - cos,
     }
     return w, stats
 
@@ -446,6 +454,7 @@ class Bridge:
     @classmethod
     def load(cls, folder: str) -> Bridge:
         """Read a folder written by :meth:`save`; every problem is a one-line :class:`OprdError`."""
+        from safetensors import SafetensorError
         from safetensors.torch import load
 
         base = str(folder).rstrip("/")
@@ -473,7 +482,7 @@ class Bridge:
             raise OprdError(f"bridge {folder}: {BRIDGE_TENSORS} does not match the digest in {BRIDGE_JSON}")
         try:
             tensors = load(data)
-        except Exception as e:  # safetensors raises its own error types for a damaged header
+        except (SafetensorError, ValueError, RuntimeError) as e:
             raise OprdError(f"bridge {folder}: {BRIDGE_TENSORS} is not a safetensors file ({e.__class__.__name__})") from None
         try:
             s_layers = [int(x) for x in doc["student_layers"]]

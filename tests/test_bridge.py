@@ -225,7 +225,7 @@ def _linear_pair(n=4096, d_s=24, r=4, seed=0, noise=0.01):
 
 
 def test_student_fit_reaches_high_cosine_on_linear_data():
-    h, z, w_true = _linear_pair()
+    h, z, _ = _linear_pair()
     losses = []
     w, stats = fit_student_proj(h, z, epochs=20, lr=1e-2, seed=0, on_epoch=lambda e, loss: losses.append(loss))
     assert w.shape == (4, 24) and w.dtype == torch.float32
