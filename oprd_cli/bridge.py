@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -415,18 +416,25 @@ class Bridge:
         (HF hidden-state indices), ``rank``, ``d_student``, ``d_teacher``, ``cross_tokenizer``,
         ``student``/``teacher`` identities, ``stats``, and ``tensors`` (file name and sha256, so a
         json never pairs with another fit's tensors). The json is written last: a folder without it
-        is not a bridge. An existing bridge is replaced only with ``overwrite``; a folder holding
-        anything else named ``bridge.*`` is never touched.
+        is not a bridge. An existing bridge (or a stray ``bridge.safetensors``) is replaced only
+        with ``overwrite``; other files in the folder are never touched; a path that is a file is
+        refused.
         """
         from safetensors.torch import save
 
         self.validate()
         fs, root = url_to_fs(folder)
         json_path, tensors_path = f"{root}/{BRIDGE_JSON}", f"{root}/{BRIDGE_TENSORS}"
+        if fs.exists(root) and not fs.isdir(root):
+            raise OprdError(f"{folder} is a file, not a folder; choose another --out")
         if fs.exists(json_path) and not overwrite:
             raise OprdError(f"{folder} already holds a bridge; choose another --out or remove it first")
         if fs.exists(tensors_path) and not fs.exists(json_path) and not overwrite:
             raise OprdError(f"{folder} has a {BRIDGE_TENSORS} without {BRIDGE_JSON}; refusing to overwrite it")
+        try:
+            json.dumps([self.student, self.teacher, self.stats])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"Bridge.save: identities and stats must be JSON values ({e})") from None
         data = save(self._tensors(), metadata={"format": BRIDGE_FORMAT, "format_version": str(BRIDGE_FORMAT_VERSION)})
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if is_local(folder):

@@ -410,6 +410,12 @@ def test_bridge_save_never_overwrites_without_asking(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     other.save(str(out), overwrite=True)
     assert Bridge.load(str(out)).rank == 2
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(OprdError) as e:
+        b.save(str(a_file))
+    assert "is a file" in _one_line(e)
+    assert a_file.read_text() == "mine"
 
 
 def test_bridge_check_models():
