@@ -696,3 +696,25 @@ def test_bridge_loss_through_a_fitted_bridge_is_small_for_a_linear_student():
     z = b.project_teacher(0, t_rows[:40]).reshape(1, 4, 10, 3)
     out = bridge_loss(hs, b.student_proj, z, torch.ones(4, 10, dtype=torch.bool))
     assert out.loss.item() < 1e-3 and out.cosine.item() > 0.999
+
+
+def test_fit_bridge_shares_one_pca_per_teacher_layer_and_reports_progress():
+    # 3 student layers over 2 teacher layers (L_S > L_T): layer_map(3, 2) = [1, 1, 2].
+    t_layers = layer_map(3, 2)
+    teacher_rows = {1: _pca_rows(n=300, d=16, seed=21), 2: _pca_rows(n=300, d=16, seed=22)}
+    g = torch.Generator().manual_seed(3)
+    student_rows = [torch.randn(300, 8, generator=g) for _ in range(3)]
+    seen_layers, seen_epochs = [], []
+    b = fit_bridge(student_rows, teacher_rows, [1, 2, 3], t_layers, rank=2, epochs=3,
+                   on_layer=lambda j, st: seen_layers.append((j, st["teacher_layer"])),
+                   on_epoch=lambda j, e, loss: seen_epochs.append((j, e)))
+    assert b.teacher_layers == [1, 1, 2]
+    assert torch.equal(b.teacher_proj[0], b.teacher_proj[1]) and torch.equal(b.teacher_mean[0], b.teacher_mean[1])
+    assert not torch.equal(b.student_proj[0], b.student_proj[1])
+    assert seen_layers == [(0, 1), (1, 1), (2, 2)]
+    assert seen_epochs == [(j, e) for j in range(3) for e in range(3)]
+    P, _, ev = fit_teacher_pca(teacher_rows[2], 2)
+    assert torch.equal(b.teacher_proj[2], P) and b.stats["layers"][2]["explained_variance"] == ev.tolist()
+    with pytest.raises(OprdError) as e:
+        fit_bridge(student_rows, {1: teacher_rows[1]}, [1, 2, 3], t_layers, rank=2)
+    assert "teacher layer 2" in _one_line(e)
