@@ -6,10 +6,12 @@
   (sampled-token policy gradient with optional PPO importance ratio, top-k renormalised KL, full KL).
 - :func:`opd_plus_loss` (OPD+: any f-divergence with the corrected advantage :func:`advantage`) and
   :func:`tropd_loss` (TrOPD: :func:`trust_mask`, top-k FKL on outliers, teacher-prefix guidance).
+- :func:`bridge_loss`: OPRD-Bridge (Eq. 14-15), the OPRD loss through frozen projections.
 - Diagnostics: :func:`entropy_from_logits`, :func:`topk_overlap`, :func:`topk_overlap_from_logits`,
   :func:`masked_mean`.
 """
 
+from oprd_cli.losses.bridge import BridgeOutput, bridge_loss
 from oprd_cli.losses.diagnostics import entropy_from_logits, masked_mean, topk_overlap, topk_overlap_from_logits
 from oprd_cli.losses.fdiv import DIVERGENCES, OpdPlusOutput, advantage, f_value, opd_plus_loss
 from oprd_cli.losses.opd import OpdOutput, opd_full_loss, opd_top1_loss, opd_topk_loss
@@ -19,6 +21,8 @@ from oprd_cli.losses.tropd import OUTLIER_MODES, TropdOutput, topk_fkl, tropd_lo
 __all__ = [
     "OprdOutput",
     "oprd_loss",
+    "BridgeOutput",
+    "bridge_loss",
     "OpdOutput",
     "opd_top1_loss",
     "opd_topk_loss",
