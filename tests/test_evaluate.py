@@ -1,4 +1,4 @@
-"""Grading, metrics and reports (oprd_cli.evaluate, oprd_cli.report); fast, no model, no network."""
+"""Grading, metrics and reports (oprd_cli.eval); fast, no model, no network."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from oprd_cli import evaluate as ev
-from oprd_cli import report as rp
+from oprd_cli import eval as ev
+from oprd_cli.eval import command as gr
+from oprd_cli.eval import compare as rp
 from oprd_cli.data import load_records
 from oprd_cli.errors import OprdError
 
@@ -469,7 +470,7 @@ def _sleeping_verify(*args, **kwargs):
 
 
 def test_grader_hang_times_out_and_counts_wrong(aime_records, monkeypatch):
-    monkeypatch.setattr(ev, "_verify", _sleeping_verify)
+    monkeypatch.setattr(gr, "_verify", _sleeping_verify)
     recs = [type(aime_records[0])(index=0, id="q", problem="?", messages=None, answer=r"\sqrt{2}")]
     samples = [{"index": 0, "response": r"\boxed{\sqrt{2}}"},  # exact: never reaches math-verify
                {"index": 0, "response": r"\boxed{2^{1/2}}"},  # needs math-verify: hangs
@@ -490,7 +491,7 @@ def test_grader_crash_counts_wrong(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("grader bug")
 
-    monkeypatch.setattr(ev, "_verify", boom)
+    monkeypatch.setattr(gr, "_verify", boom)
     g = ev.Grader(timeout=1)
     assert g.grade(r"2^{1/2}", r"\sqrt{2}") == ev.Grade(False, "error")
     assert g.errors == 1
@@ -507,7 +508,7 @@ def test_process_grader_kills_a_hang_no_signal_can_stop(monkeypatch):
             time.sleep(60)
         return real(pred, gold)
 
-    monkeypatch.setattr(ev, "math_verify_equal", stubborn)
+    monkeypatch.setattr(gr, "math_verify_equal", stubborn)
     with ev.Grader(timeout=0.5, mode="process") as g:
         t0 = time.perf_counter()
         assert g.grade("HANG", r"\sqrt{2}") == ev.Grade(False, "timeout")

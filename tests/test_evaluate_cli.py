@@ -176,7 +176,7 @@ def test_verl_parquet_with_llama(tiny_llama, shared_data, tmp_path):
 
 def test_python_api_on_a_json_file(tiny_qwen, aime24_path, tmp_path):
     """evaluate_model (used by oprd demo / oprd loop) on a .json list file: the full report dict."""
-    from oprd_cli.evaluate import evaluate_model
+    from oprd_cli.eval import evaluate_model
 
     data = tmp_path / "aime.json"
     data.write_text(json.dumps([{"problem": r["problem"], "answer": r["answer"]} for r in _rows(aime24_path)[:3]]))

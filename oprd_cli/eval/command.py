@@ -1546,7 +1546,7 @@ def run_eval(
 
     from rich.console import Console
 
-    from oprd_cli.report import run_report
+    from oprd_cli.eval.compare import run_report
 
     quiet = Console(file=StringIO()) if json_output else con
     res = run_report(paths, plot=plot, console=quiet)

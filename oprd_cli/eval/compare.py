@@ -2,7 +2,7 @@
 
 Rows are models (or checkpoints: ``run step N``), columns benchmarks, cells one metric in percent
 (``avg_at_n`` by default), like Table 2 of the OPRD paper. Reports come from
-:func:`oprd_cli.evaluate.write_report`; a folder (e.g. ``RUN/eval``) stands for every report in it.
+:func:`oprd_cli.eval.write_report`; a folder (e.g. ``RUN/eval``) stands for every report in it.
 """
 
 from __future__ import annotations
