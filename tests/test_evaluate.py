@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from oprd_cli import eval as ev
-from oprd_cli.eval import command as gr
+from oprd_cli.eval import grade as gr
 from oprd_cli.eval import compare as rp
 from oprd_cli.data import load_records
 from oprd_cli.errors import OprdError
