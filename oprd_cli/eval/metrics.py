@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,6 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-# ============================================================================ evaluation
 def _sample_index(s: Mapping, by_index: Mapping[int, Record], by_id: Mapping[str, Record]) -> int:
     if "index" in s and s["index"] is not None:
         idx = int(s["index"])
@@ -147,6 +147,166 @@ def _sample_index(s: Mapping, by_index: Mapping[int, Record], by_id: Mapping[str
             raise OprdError(f"response for id {rid!r}, which is not in the dataset")
         return by_id[rid].index
     raise OprdError("a response names neither a problem index nor an id")
+
+
+def _group_by_problem(records: Sequence[Record], responses: Sequence[Mapping[str, Any]]
+                      ) -> tuple[list[Record], dict[int, list[Mapping]]]:
+    """The problems that have responses (in dataset order) and their samples; problems without a
+    reference answer among them are an error, problems without responses a warning."""
+    if not records:
+        raise OprdError("no problems to evaluate")
+    if not responses:
+        raise OprdError("no responses to grade (did sampling produce nothing, or is the responses file empty?)")
+    by_index = {r.index: r for r in records}
+    by_id = {r.id: r for r in records}
+    missing_answer = {r.id for r in records if r.answer is None or not str(r.answer).strip()}
+    grouped: dict[int, list[Mapping]] = {}
+    for s in responses:
+        if not isinstance(s.get("response"), str):
+            raise OprdError(f"a response is not text: {str(s)[:120]}")
+        grouped.setdefault(_sample_index(s, by_index, by_id), []).append(s)
+    evaluated = [r for r in records if r.index in grouped]
+    skipped = len(records) - len(evaluated)
+    if skipped:
+        warn(f"{skipped} of {len(records)} problems have no responses and are left out")
+    bad = [r.id for r in evaluated if r.id in missing_answer]
+    if bad:
+        raise OprdError(f"problems without a reference answer: {', '.join(bad[:10])}"
+                        f"{' ...' if len(bad) > 10 else ''}; fix the data or pass --answer-field")
+    return evaluated, grouped
+
+
+@dataclass
+class _Scorer:
+    """Grades samples one by one and keeps what the whole report needs (the word vocabulary for
+    Dist-4g, how many lengths fell back to whitespace words)."""
+
+    grader: Grader
+    extract: str
+    tokenizer: Any
+    max_new_tokens: int | None
+    use_ids: bool  # Dist-4g over token ids (every sample has them) rather than words
+    vocab: dict[str, int] = field(default_factory=dict)
+    word_counted: int = 0
+
+    def length(self, s: Mapping, text: str) -> int:
+        ntok = s.get("num_tokens")
+        if ntok is None and s.get("token_ids") is not None:
+            ntok = len(s["token_ids"])
+        if ntok is None and self.tokenizer is not None:
+            ntok = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if ntok is None:
+            ntok = len(text.split())
+            self.word_counted += 1
+        return int(ntok)
+
+    def truncated(self, s: Mapping) -> bool | None:
+        finished = s.get("finished_by")
+        if finished is not None:
+            return finished == "length"
+        if self.max_new_tokens is not None and s.get("num_tokens") is not None:
+            return int(s["num_tokens"]) >= self.max_new_tokens
+        return None
+
+    def sample(self, rec: Record, j: int, s: Mapping, gold: str) -> dict[str, Any]:
+        """One graded sample row (``_trunc`` and ``_rows`` are for the problem's metrics)."""
+        text = s["response"]
+        try:
+            ans = extract_answer(text, self.extract)
+        except Exception:  # noqa: BLE001
+            ans = None
+        g = self.grader.grade(ans, gold)
+        ntok = self.length(s, text)
+        trunc = self.truncated(s)
+        seq = [int(t) for t in s["token_ids"]] if self.use_ids else \
+            [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
+        return {"index": rec.index, "id": rec.id, "sample": j, "extracted": ans, "correct": g.correct,
+                "grade": g.status, "num_tokens": ntok, "finished_by": s.get("finished_by"), "response": text,
+                "_trunc": trunc, "_rows": _ngram_rows(seq, 4)}
+
+    def problem(self, rec: Record, samples: Sequence[Mapping], advance: Callable[[], None]
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Grade one problem's samples: (its per-problem entry, its sample rows)."""
+        gold = str(rec.answer).strip()
+        rows = []
+        for j, s in enumerate(samples):
+            rows.append(self.sample(rec, j, s, gold))
+            advance()
+        answers = [r["extracted"] for r in rows]
+        correct = [r["correct"] for r in rows]
+        lengths = [r["num_tokens"] for r in rows]
+        seqs = [r.pop("_rows") for r in rows]
+        known = [t for t in (r.pop("_trunc") for r in rows) if t is not None]
+        n, c = len(correct), sum(correct)
+        maj_answer, maj_ok = majority_vote(answers, correct, self.grader.equivalent)
+        entry = {
+            "index": rec.index, "id": rec.id, "answer": gold, "n": n, "num_correct": c,
+            "accuracy": c / n, "best": c > 0, "maj_answer": maj_answer, "maj_correct": maj_ok,
+            "pass_at_k": {str(k): pass_at_k(n, c, k) for k in k_values(n)},
+            "no_answer": sum(a is None for a in answers),
+            "dist_4g": _ratio(*_count_unique(seqs)), "mean_response_tokens": _mean(lengths),
+            "truncated_fraction": _mean([float(t) for t in known]) if known else None,
+            "_seqs": seqs, "_truncs": known, "_lengths": lengths,
+        }
+        return entry, rows
+
+
+def _grade_all(scorer: _Scorer, evaluated: Sequence[Record], grouped: Mapping[int, list[Mapping]],
+               show_progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Grade every sample under a progress bar: (per-problem entries, sample rows)."""
+    per_problem: list[dict[str, Any]] = []
+    samples_out: list[dict[str, Any]] = []
+    bar = progress(transient=True) if show_progress else None
+    task = bar.add_task("grading", total=sum(len(grouped[r.index]) for r in evaluated)) if bar else None
+    if bar:
+        bar.start()
+    advance = (lambda: bar.advance(task)) if bar else (lambda: None)
+    try:
+        for rec in evaluated:
+            entry, rows = scorer.problem(rec, grouped[rec.index], advance)
+            per_problem.append(entry)
+            samples_out.extend(rows)
+    finally:
+        if bar:
+            bar.stop()
+    return per_problem, samples_out
+
+
+def _length_unit(word_counted: int, num_samples: int) -> str:
+    if not word_counted:
+        return "tokens"
+    return "words" if word_counted == num_samples else "tokens+words"
+
+
+def _benchmark_metrics(per_problem: list[dict[str, Any]], num_samples: int, use_ids: bool,
+                       word_counted: int) -> dict[str, Any]:
+    """The benchmark-level metrics over the per-problem entries (whose private keys are removed here)."""
+    n_min = min(p["n"] for p in per_problem)
+    n_max = max(p["n"] for p in per_problem)
+    if n_min != n_max:
+        warn(f"problems have between {n_min} and {n_max} samples; pass@k uses k <= {n_min}")
+    unique, all_grams = _count_unique([rows for p in per_problem for rows in p["_seqs"]])
+    all_truncs = [t for p in per_problem for t in p["_truncs"]]
+    all_lengths = [x for p in per_problem for x in p["_lengths"]]
+    for p in per_problem:
+        for key in ("_seqs", "_truncs", "_lengths"):
+            del p[key]
+    return {
+        "num_problems": len(per_problem),
+        "num_samples": num_samples,
+        "n": n_min,
+        "avg_at_n": _mean([p["accuracy"] for p in per_problem]),
+        "pass_at_k": {str(k): _mean([pass_at_k(p["n"], p["num_correct"], k) for p in per_problem])
+                      for k in k_values(n_min)},
+        "best_at_n": _mean([float(p["best"]) for p in per_problem]),
+        "maj_at_n": _mean([float(p["maj_correct"]) for p in per_problem]),
+        "dist_4g": unique / all_grams if all_grams else None,
+        "dist_4g_unit": "token_ids" if use_ids else "words",
+        "mean_response_tokens": _mean(all_lengths),
+        "length_unit": _length_unit(word_counted, num_samples),
+        "truncated_fraction": _mean([float(t) for t in all_truncs]) if all_truncs else None,
+        "no_answer_fraction": sum(p["no_answer"] for p in per_problem) / num_samples,
+    }
 
 
 def evaluate_responses(
@@ -182,116 +342,22 @@ def evaluate_responses(
     rows are under ``"samples"`` (``write_report`` moves them to the responses jsonl).
     """
     check_extract_mode(extract)
-    if not records:
-        raise OprdError("no problems to evaluate")
-    if not responses:
-        raise OprdError("no responses to grade (did sampling produce nothing, or is the responses file empty?)")
+    evaluated, grouped = _group_by_problem(records, responses)
     if integer_answers is None:
         integer_answers = BENCHMARKS[bench_name].integer_answers if bench_name in BENCHMARKS else False
-    by_index = {r.index: r for r in records}
-    by_id = {r.id: r for r in records}
-    missing_answer = {r.id for r in records if r.answer is None or not str(r.answer).strip()}
-
-    grouped: dict[int, list[Mapping]] = {}
-    for s in responses:
-        if not isinstance(s.get("response"), str):
-            raise OprdError(f"a response is not text: {str(s)[:120]}")
-        grouped.setdefault(_sample_index(s, by_index, by_id), []).append(s)
-    evaluated = [r for r in records if r.index in grouped]
-    skipped = len(records) - len(evaluated)
-    if skipped:
-        warn(f"{skipped} of {len(records)} problems have no responses and are left out")
-    bad = [r.id for r in evaluated if r.id in missing_answer]
-    if bad:
-        raise OprdError(f"problems without a reference answer: {', '.join(bad[:10])}"
-                        f"{' ...' if len(bad) > 10 else ''}; fix the data or pass --answer-field")
-
     own_grader = grader is None
     if grader is None:
         grader = Grader(timeout=timeout, integer_answers=integer_answers)
     t0 = time.perf_counter()
-    timeouts0, errors0, calls0 = grader.timeouts, grader.errors, grader.math_verify_calls
-
-    use_ids = all(s.get("token_ids") is not None for s in responses)
-    vocab: dict[str, int] = {}  # words -> ids for Dist-4g
-    word_counted = 0  # samples whose length fell back to whitespace words
-    samples_out: list[dict[str, Any]] = []
-    per_problem: list[dict[str, Any]] = []
-    total = sum(len(grouped[r.index]) for r in evaluated)
+    counts0 = (grader.timeouts, grader.errors, grader.math_verify_calls)
+    scorer = _Scorer(grader, extract, tokenizer, max_new_tokens,
+                     use_ids=all(s.get("token_ids") is not None for s in responses))
     try:
-        bar = progress(transient=True) if show_progress else None
-        task = bar.add_task("grading", total=total) if bar else None
-        if bar:
-            bar.start()
-        try:
-            for rec in evaluated:
-                gold = str(rec.answer).strip()
-                answers, correct, lengths, truncs, seqs = [], [], [], [], []
-                for j, s in enumerate(grouped[rec.index]):
-                    text = s["response"]
-                    try:
-                        ans = extract_answer(text, extract)
-                    except Exception:  # noqa: BLE001
-                        ans = None
-                    g = grader.grade(ans, gold)
-                    ntok = s.get("num_tokens")
-                    if ntok is None and s.get("token_ids") is not None:
-                        ntok = len(s["token_ids"])
-                    if ntok is None and tokenizer is not None:
-                        ntok = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-                    if ntok is None:
-                        ntok = len(text.split())
-                        word_counted += 1
-                    finished = s.get("finished_by")
-                    if finished is not None:
-                        trunc = finished == "length"
-                    elif max_new_tokens is not None and s.get("num_tokens") is not None:
-                        trunc = int(s["num_tokens"]) >= max_new_tokens
-                    else:
-                        trunc = None
-                    answers.append(ans)
-                    correct.append(g.correct)
-                    lengths.append(int(ntok))
-                    truncs.append(trunc)
-                    seq = [int(t) for t in s["token_ids"]] if use_ids else \
-                        [vocab.setdefault(w, len(vocab)) for w in text.split()]
-                    seqs.append(_ngram_rows(seq, 4))
-                    samples_out.append({
-                        "index": rec.index, "id": rec.id, "sample": j, "extracted": ans, "correct": g.correct,
-                        "grade": g.status, "num_tokens": int(ntok), "finished_by": finished, "response": text,
-                    })
-                    if bar:
-                        bar.advance(task)
-                n, c = len(correct), sum(correct)
-                maj_answer, maj_ok = majority_vote(answers, correct, grader.equivalent)
-                known = [t for t in truncs if t is not None]
-                per_problem.append({
-                    "index": rec.index, "id": rec.id, "answer": gold, "n": n, "num_correct": c,
-                    "accuracy": c / n, "best": c > 0, "maj_answer": maj_answer, "maj_correct": maj_ok,
-                    "pass_at_k": {str(k): pass_at_k(n, c, k) for k in k_values(n)},
-                    "no_answer": sum(a is None for a in answers),
-                    "dist_4g": _ratio(*_count_unique(seqs)), "mean_response_tokens": _mean(lengths),
-                    "truncated_fraction": _mean([float(t) for t in known]) if known else None,
-                    "_seqs": seqs, "_truncs": known, "_lengths": lengths,
-                })
-        finally:
-            if bar:
-                bar.stop()
+        per_problem, samples_out = _grade_all(scorer, evaluated, grouped, show_progress)
     finally:
         if own_grader:
             grader.close()
     seconds = time.perf_counter() - t0
-
-    n_min = min(p["n"] for p in per_problem)
-    n_max = max(p["n"] for p in per_problem)
-    if n_min != n_max:
-        warn(f"problems have between {n_min} and {n_max} samples; pass@k uses k <= {n_min}")
-    unique, all_grams = _count_unique([rows for p in per_problem for rows in p["_seqs"]])
-    all_truncs = [t for p in per_problem for t in p["_truncs"]]
-    all_lengths = [x for p in per_problem for x in p["_lengths"]]
-    for p in per_problem:
-        for key in ("_seqs", "_truncs", "_lengths"):
-            del p[key]
 
     report: dict[str, Any] = {
         "oprd_report_version": REPORT_VERSION,
@@ -301,29 +367,15 @@ def evaluate_responses(
         "step": int(step) if step is not None else None,
         "data": data_source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "num_problems": len(per_problem),
-        "num_samples": len(samples_out),
-        "n": n_min,
-        "avg_at_n": _mean([p["accuracy"] for p in per_problem]),
-        "pass_at_k": {str(k): _mean([pass_at_k(p["n"], p["num_correct"], k) for p in per_problem])
-                      for k in k_values(n_min)},
-        "best_at_n": _mean([float(p["best"]) for p in per_problem]),
-        "maj_at_n": _mean([float(p["maj_correct"]) for p in per_problem]),
-        "dist_4g": unique / all_grams if all_grams else None,
-        "dist_4g_unit": "token_ids" if use_ids else "words",
-        "mean_response_tokens": _mean(all_lengths),
-        "length_unit": "tokens" if not word_counted else ("words" if word_counted == len(samples_out)
-                                                           else "tokens+words"),
-        "truncated_fraction": _mean([float(t) for t in all_truncs]) if all_truncs else None,
-        "no_answer_fraction": sum(p["no_answer"] for p in per_problem) / len(samples_out),
+        **_benchmark_metrics(per_problem, len(samples_out), scorer.use_ids, scorer.word_counted),
         "sampling": dict(sampling) if sampling else None,
         "grading": {
             "extract": extract,
             "integer_answers": bool(integer_answers),
             "timeout_s": grader.timeout,
-            "timeouts": grader.timeouts - timeouts0,
-            "errors": grader.errors - errors0,
-            "math_verify_calls": grader.math_verify_calls - calls0,
+            "timeouts": grader.timeouts - counts0[0],
+            "errors": grader.errors - counts0[1],
+            "math_verify_calls": grader.math_verify_calls - counts0[2],
             "seconds": round(seconds, 3),
         },
         "per_problem": per_problem,
