@@ -6,13 +6,40 @@ read from a file), ``extract`` (the final answer), ``grade`` (equal to the refer
 ``command`` (``oprd eval``), ``compare`` (``oprd report``: tables and plots over reports).
 """
 
-from oprd_cli.eval.extract import DEFAULT_EXTRACT, EXTRACT_MODES, check_extract_mode, extract_answer, normalize_answer, parse_number, vote_key
+from oprd_cli.eval.command import evaluate_model, evaluate_target, run_eval
+from oprd_cli.eval.extract import (
+    DEFAULT_EXTRACT,
+    EXTRACT_MODES,
+    check_extract_mode,
+    extract_answer,
+    normalize_answer,
+    parse_number,
+    vote_key,
+)
 from oprd_cli.eval.grade import DEFAULT_TIMEOUT_S, Grade, Grader, float_rounding, math_verify_equal, quick_compare
 from oprd_cli.eval.metrics import dist_n, distinct_ngrams, evaluate_responses, k_values, majority_vote, pass_at_k
+from oprd_cli.eval.report import (
+    REPORT_VERSION,
+    default_report_path,
+    print_report,
+    responses_path_for,
+    summary,
+    write_report,
+)
 from oprd_cli.eval.responses import load_responses_file, sample_responses
-from oprd_cli.eval.report import REPORT_VERSION, default_report_path, print_report, responses_path_for, summary, write_report
-from oprd_cli.eval.targets import EVAL_SAMPLING_DEFAULTS, EvalData, EvalTarget, checkpoint_info, eval_sampling, load_eval_data, parse_checkpoint_name, resolve_targets, same_protocol, validate_num_samples
-from oprd_cli.eval.command import evaluate_model, evaluate_target, run_eval
+from oprd_cli.eval.targets import (
+    EVAL_SAMPLING_DEFAULTS,
+    EvalData,
+    EvalTarget,
+    checkpoint_info,
+    eval_sampling,
+    existing_report,
+    load_eval_data,
+    parse_checkpoint_name,
+    resolve_targets,
+    same_protocol,
+    validate_num_samples,
+)
 
 __all__ = [
     "DEFAULT_EXTRACT",
@@ -32,6 +59,7 @@ __all__ = [
     "evaluate_responses",
     "evaluate_model",
     "evaluate_target",
+    "existing_report",
     "eval_sampling",
     "extract_answer",
     "float_rounding",

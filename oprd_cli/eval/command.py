@@ -25,7 +25,7 @@ from oprd_cli.eval.targets import (
     eval_sampling,
     load_eval_data,
     resolve_targets,
-    same_protocol,
+    existing_report,
     validate_num_samples,
 )
 
@@ -161,6 +161,133 @@ def _counting_tokenizer(name: str | None, target: EvalTarget | None, trust_remot
     return M.load_tokenizer(name, trust_remote_code) if name else None
 
 
+def _check_common(bench: str | None, data: str | None, timeout: float | None, extract: str) -> float:
+    """Flag checks that need nothing loaded; returns the grading time limit."""
+    timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    if timeout <= 0:
+        raise OprdError(f"--grade-timeout must be > 0 seconds, got {timeout}")
+    check_extract_mode(extract)
+    if data is None and bench is None:
+        raise OprdError(f"pass --bench NAME ({', '.join(BENCHMARKS)}) or --data FILE")
+    if data is None:
+        get_benchmark(bench)  # an unknown name fails before anything is loaded
+    return timeout
+
+
+def _responses_target(model: str | None, run_dir: str | None, checkpoint: str | None, all_checkpoints: bool,
+                      sampling_flags: Mapping[str, Any], template_flags: Mapping[str, Any]) -> EvalTarget | None:
+    """The model that wrote a ``--responses`` file (None: unnamed); sampling flags only warn."""
+    if all_checkpoints:
+        raise OprdError("--responses grades one set of responses; it cannot be combined with --all-checkpoints")
+    if run_dir is not None and checkpoint is None and model is None:
+        raise OprdError("with --responses and --run-dir, name the checkpoint that wrote them: --checkpoint step-N")
+    if sampling_flags.get("num_samples") is not None:
+        validate_num_samples(sampling_flags["num_samples"])
+    ignored = sorted(k for k, v in {**sampling_flags, **template_flags}.items() if v is not None)
+    if ignored:
+        warn(f"--responses: no sampling happens, so {', '.join('--' + k.replace('_', '-') for k in ignored)} "
+             "are ignored")
+    targets = resolve_targets(model, run_dir, checkpoint, False, need_model=False)
+    return targets[0] if targets else None
+
+
+def _sampling_targets(model: str | None, run_dir: str | None, checkpoint: str | None, all_checkpoints: bool,
+                      sampling_flags: Mapping[str, Any], template_flags: Mapping[str, Any]):
+    """(targets, sampling config, template config) for sampling: flags > the run's oprd.toml > defaults."""
+    from oprd_cli.config import TemplateConfig, load_run_config, merge
+
+    targets = resolve_targets(model, run_dir, checkpoint, all_checkpoints)
+    cfg = load_run_config(targets[0].run_dir if run_dir is not None else None)
+    return targets, eval_sampling(cfg, **sampling_flags), merge(TemplateConfig, cfg.get("template"), **template_flags)
+
+
+def _grade_responses_file(responses: str, target: EvalTarget | None, ed: EvalData, grader: Grader, out: str | None,
+                          *, tokenizer: str | None, trust_remote_code: bool, max_new_tokens: int | None,
+                          show: bool, extract: str) -> tuple[dict[str, Any], Path, Path | None]:
+    """``--responses``: grade a file generated elsewhere and write its report."""
+    samples = load_responses_file(responses, ed.records)
+    name = target.model if target else _responses_label(responses)
+    tok = _counting_tokenizer(tokenizer, target, trust_remote_code) \
+        if any(s.get("num_tokens") is None and s.get("token_ids") is None for s in samples) else None
+    report = evaluate_responses(
+        ed.records, samples, ed.bench, name, integer_answers=ed.integer_answers,
+        max_new_tokens=max_new_tokens, tokenizer=tok,
+        run_dir=target.run_dir if target else None, step=target.step if target else None,
+        data_source=ed.source, sampling=None, grader=grader, show_progress=show, extract=extract,
+    )
+    report["graded_from"] = str(responses)
+    path, rpath = write_report(report, _report_path(out, target, ed.bench, name, False))
+    return report, path, rpath
+
+
+def _evaluate_targets(targets: list[EvalTarget], ed: EvalData, sampling, template, grader: Grader, out: str | None,
+                      *, skip_existing: bool, show: bool, extract: str, load: Mapping[str, Any]
+                      ) -> list[tuple[dict[str, Any], Path, Path | None]]:
+    """Sample, grade and write one report per target (``--skip-existing`` keeps matching reports);
+    ``load``: the model-loading keywords of :func:`evaluate_target`."""
+    from oprd_cli.console import err_console
+
+    many = len(targets) > 1
+    results = []
+    for i, target in enumerate(targets):
+        path = _report_path(out, target, ed.bench, target.model, many)
+        old = existing_report(path, target, ed, sampling, extract) if skip_existing else None
+        if old is not None:
+            err_console.print(f"[{i + 1}/{len(targets)}] {target.label}: kept {path} (--skip-existing)", markup=False)
+            results.append((old, path, None))
+            continue
+        if many:
+            err_console.print(f"[{i + 1}/{len(targets)}] {target.label}: {target.model}", markup=False)
+        report = evaluate_target(target, ed, sampling, template, grader=grader, show_progress=show, extract=extract,
+                                 **load)
+        path, rpath = write_report(report, path)
+        if many:
+            err_console.print(f"  {_headline(report)}  -> {path}", markup=False)
+        results.append((report, path, rpath))
+    return results
+
+
+def _summaries(results: list[tuple[dict[str, Any], Path, Path | None]]) -> list[dict[str, Any]]:
+    out = []
+    for report, path, rpath in results:
+        s = summary(report)
+        s["report_path"] = str(path)
+        s["responses_path"] = str(rpath) if rpath else None
+        out.append(s)
+    return out
+
+
+def _print_one(report: Mapping[str, Any], path: Path, rpath: Path | None, summary_json: Mapping[str, Any],
+               *, json_output: bool, per_problem: bool, con) -> None:
+    """One model's result: the summary JSON on stdout, or the table, the generation speed and the paths."""
+    from oprd_cli.console import err_console
+
+    if json_output:
+        con.out(json.dumps(summary_json, indent=2, ensure_ascii=False, default=str), highlight=False)
+        return
+    print_report(report, console=con, per_problem=per_problem)
+    g = report.get("generation")
+    if g:
+        err_console.print(f"generated {g['tokens']:,} tokens in {g['seconds']:.1f}s "
+                          f"({g['tokens_per_s']:,.0f} tok/s)", markup=False)
+    err_console.print(f"wrote {path}" + (f" and {rpath}" if rpath else ""), markup=False)
+
+
+def _compare_many(outcome: dict[str, Any], paths: list[Path], *, plot: str | None, json_output: bool, con) -> None:
+    """Several models: tabulate and plot their reports as ``oprd report`` does."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from oprd_cli.eval.compare import run_report
+
+    quiet = Console(file=StringIO()) if json_output else con
+    res = run_report(paths, plot=plot, console=quiet)
+    outcome["table"], outcome["plot"] = res["table"], res["plot"]
+    if json_output:
+        con.out(json.dumps(outcome, indent=2, ensure_ascii=False, default=str), highlight=False)
+
+
 def run_eval(
     *,
     bench: str | None = None,
@@ -196,117 +323,37 @@ def run_eval(
     (``--all-checkpoints``) the reports are tabulated and plotted against step as ``oprd report`` does.
     Returns ``{"reports": [summary + report_path, ...], "table": ..., "plot": ...}``.
     """
-    from oprd_cli.config import TemplateConfig, load_run_config, merge
-    from oprd_cli.console import err_console
-
     con = console or default_console
     sampling_flags = dict(sampling_flags or {})
     template_flags = dict(template_flags or {})
-    timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
-    if timeout <= 0:
-        raise OprdError(f"--grade-timeout must be > 0 seconds, got {timeout}")
-    check_extract_mode(extract)
-    if data is None and bench is None:
-        raise OprdError(f"pass --bench NAME ({', '.join(BENCHMARKS)}) or --data FILE")
-    if data is None:
-        get_benchmark(bench)  # an unknown name fails before anything is loaded
-
+    timeout = _check_common(bench, data, timeout, extract)
     if responses is not None:
-        if all_checkpoints:
-            raise OprdError("--responses grades one set of responses; it cannot be combined with --all-checkpoints")
-        if run_dir is not None and checkpoint is None and model is None:
-            raise OprdError("with --responses and --run-dir, name the checkpoint that wrote them: --checkpoint step-N")
-        if sampling_flags.get("num_samples") is not None:
-            validate_num_samples(sampling_flags["num_samples"])
-        ignored = sorted(k for k, v in {**sampling_flags, **template_flags}.items() if v is not None)
-        if ignored:
-            warn(f"--responses: no sampling happens, so {', '.join('--' + k.replace('_', '-') for k in ignored)} "
-                 "are ignored")
-        targets = resolve_targets(model, run_dir, checkpoint, False, need_model=False)
-        sampling = template = None
+        target = _responses_target(model, run_dir, checkpoint, all_checkpoints, sampling_flags, template_flags)
+        targets = [target] if target else []
     else:
-        targets = resolve_targets(model, run_dir, checkpoint, all_checkpoints)
-        cfg = load_run_config(targets[0].run_dir if run_dir is not None else None)
-        sampling = eval_sampling(cfg, **sampling_flags)
-        template = merge(TemplateConfig, cfg.get("template"), **template_flags)
+        targets, sampling, template = _sampling_targets(model, run_dir, checkpoint, all_checkpoints,
+                                                        sampling_flags, template_flags)
     many = len(targets) > 1
     if out is not None and many and Path(os.path.expanduser(str(out))).suffix.lower() == ".json":
         raise OprdError(f"--all-checkpoints writes one report per checkpoint; --out must be a folder, got {out}")
 
     ed = load_eval_data(bench, data, limit, prompt_field, answer_field, id_field, split)
     show = not json_output
-    results: list[dict[str, Any]] = []
-    paths: list[Path] = []
     with Grader(timeout=timeout, integer_answers=ed.integer_answers) as grader:
         if responses is not None:
-            samples = load_responses_file(responses, ed.records)
-            target = targets[0] if targets else None
-            name = target.model if target else _responses_label(responses)
-            tok = _counting_tokenizer(tokenizer, target, trust_remote_code) \
-                if any(s.get("num_tokens") is None and s.get("token_ids") is None for s in samples) else None
-            report = evaluate_responses(
-                ed.records, samples, ed.bench, name, integer_answers=ed.integer_answers,
-                max_new_tokens=sampling_flags.get("max_new_tokens"), tokenizer=tok,
-                run_dir=target.run_dir if target else None, step=target.step if target else None,
-                data_source=ed.source, sampling=None, grader=grader, show_progress=show, extract=extract,
-            )
-            report["graded_from"] = str(responses)
-            path, rpath = write_report(report, _report_path(out, target, ed.bench, name, False))
-            results.append((report, path, rpath))
+            results = [_grade_responses_file(
+                responses, target, ed, grader, out, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                max_new_tokens=sampling_flags.get("max_new_tokens"), show=show, extract=extract)]
         else:
-            for i, target in enumerate(targets):
-                path = _report_path(out, target, ed.bench, target.model, many)
-                if skip_existing and path.is_file():
-                    try:
-                        old = json.loads(path.read_text(encoding="utf-8"))
-                    except (OSError, json.JSONDecodeError):
-                        old = None
-                    if isinstance(old, dict) and same_protocol(old, target, ed, sampling, extract):
-                        err_console.print(f"[{i + 1}/{len(targets)}] {target.label}: kept {path} (--skip-existing)",
-                                          markup=False)
-                        results.append((old, path, None))
-                        continue
-                if many:
-                    err_console.print(f"[{i + 1}/{len(targets)}] {target.label}: {target.model}", markup=False)
-                report = evaluate_target(target, ed, sampling, template, grader=grader, backend=backend,
-                                         device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                         tokenizer=tokenizer, show_progress=show, extract=extract)
-                path, rpath = write_report(report, path)
-                if many:
-                    err_console.print(f"  {_headline(report)}  -> {path}", markup=False)
-                results.append((report, path, rpath))
+            load = {"backend": backend, "device": device, "dtype": dtype, "trust_remote_code": trust_remote_code,
+                    "tokenizer": tokenizer}
+            results = _evaluate_targets(targets, ed, sampling, template, grader, out, skip_existing=skip_existing,
+                                        show=show, extract=extract, load=load)
 
-    summaries = []
-    for report, path, rpath in results:
-        s = summary(report)
-        s["report_path"] = str(path)
-        s["responses_path"] = str(rpath) if rpath else None
-        summaries.append(s)
+    summaries = _summaries(results)
     outcome: dict[str, Any] = {"reports": summaries, "table": None, "plot": None}
-    paths = [p for _, p, _ in results]
-
-    if not many:
-        report, path, rpath = results[0]
-        if json_output:
-            con.out(json.dumps(summaries[0], indent=2, ensure_ascii=False, default=str), highlight=False)
-        else:
-            print_report(report, console=con, per_problem=per_problem)
-            g = report.get("generation")
-            if g:
-                err_console.print(f"generated {g['tokens']:,} tokens in {g['seconds']:.1f}s "
-                                  f"({g['tokens_per_s']:,.0f} tok/s)", markup=False)
-            err_console.print(f"wrote {path}" + (f" and {rpath}" if rpath else ""), markup=False)
-        return outcome
-
-    from io import StringIO
-
-    from rich.console import Console
-
-    from oprd_cli.eval.compare import run_report
-
-    quiet = Console(file=StringIO()) if json_output else con
-    res = run_report(paths, plot=plot, console=quiet)
-    outcome["table"], outcome["plot"] = res["table"], res["plot"]
-    if json_output:
-        con.out(json.dumps(outcome, indent=2, ensure_ascii=False, default=str), highlight=False)
+    if many:
+        _compare_many(outcome, [p for _, p, _ in results], plot=plot, json_output=json_output, con=con)
+    else:
+        _print_one(*results[0], summaries[0], json_output=json_output, per_problem=per_problem, con=con)
     return outcome

@@ -4,6 +4,7 @@ report already answers the same question (:func:`same_protocol`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -221,3 +222,17 @@ def same_protocol(old: Mapping[str, Any], target: EvalTarget, data: EvalData, sa
             and old.get("step") == target.step and all(s.get(k) == getattr(sampling, k) for k in keys)
             and old.get("num_problems", 0) + len((old.get("generation") or {}).get("skipped_problems") or [])
             == len(data.records))
+
+
+def existing_report(path: str | Path, target: EvalTarget, data: EvalData, sampling,
+                    extract: str = DEFAULT_EXTRACT) -> dict[str, Any] | None:
+    """The report at ``path`` when it exists, parses and answers the same question
+    (:func:`same_protocol`); None otherwise (for ``--skip-existing``)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        old = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return old if isinstance(old, dict) and same_protocol(old, target, data, sampling, extract) else None
