@@ -599,6 +599,48 @@ def test_report_plot_for_one_runs_checkpoints(tmp_path):
     assert out.exists()
 
 
+def test_failed_plot_keeps_the_old_png_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    run = tmp_path / "run"
+    paths = [ev.write_report(_fake_report("aime24", f"m{s}", 0.1 * s, run_dir=str(run), step=s), tmp_path / f"{s}.json")[0]
+             for s in (1, 2)]
+    png = tmp_path / "plots" / "p.png"
+    png.parent.mkdir()
+    png.write_bytes(b"old picture")
+
+    def torn_savefig(self, fname, **kw):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", torn_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        rp.plot_against_step(rp.load_reports(paths), png)
+    assert png.read_bytes() == b"old picture"
+    assert sorted(p.name for p in png.parent.iterdir()) == ["p.png"]
+
+
+def test_write_report_failure_keeps_the_old_report(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    first = _fake_report("aime24", "m", 0.5)
+    ev.write_report(first, out)
+    before = out.read_bytes()
+    import oprd_cli.io as io_mod
+
+    real_replace = io_mod.os.replace
+
+    def failing_replace(src, dst):
+        if str(dst) == str(out):
+            raise OSError("no space left")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io_mod.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="no space"):
+        ev.write_report(_fake_report("aime24", "m", 0.9), out)
+    assert out.read_bytes() == before
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
 def test_checkpoint_info_and_default_paths(tmp_path):
     ck = tmp_path / "myrun" / "checkpoints" / "step-000200"
     ck.mkdir(parents=True)
