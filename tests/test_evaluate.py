@@ -235,6 +235,26 @@ def test_same_protocol_compares_the_extraction_mode(aime_records, tmp_path):
     assert not ev.same_protocol(unrecorded, target, data, sampling)  # graded before the current rules
 
 
+def test_existing_report_keeps_only_a_readable_report_of_the_same_protocol(aime_records, tmp_path):
+    data = ev.EvalData(list(aime_records[:2]), "aime24", True, "local")
+    sampling = ev.eval_sampling(None)
+    target = ev.EvalTarget("m")
+    samples = [{"index": r.index, "response": f"\\boxed{{{r.answer}}}"} for r in data.records]
+    rep = ev.evaluate_responses(data.records, samples, "aime24", "m", data_source="local", show_progress=False,
+                                sampling={k: getattr(sampling, k) for k in ("num_samples", "temperature", "top_p",
+                                                                            "top_k", "max_new_tokens", "seed")})
+    path = ev.write_report(rep, tmp_path / "r.json")[0]
+    kept = ev.existing_report(path, target, data, sampling)
+    assert kept is not None and kept["avg_at_n"] == 1.0 and kept["responses_file"] == "r.responses.jsonl"
+    assert ev.existing_report(path, target, data, sampling, "lenient") is None
+    assert ev.existing_report(path, ev.EvalTarget("other"), data, sampling) is None
+    assert ev.existing_report(tmp_path / "missing.json", target, data, sampling) is None
+    path.write_text('{"bench": "aime24", ')  # torn
+    assert ev.existing_report(path, target, data, sampling) is None
+    path.write_text("[1, 2]")
+    assert ev.existing_report(path, target, data, sampling) is None
+
+
 def test_eval_defaults_follow_the_release():
     # issue 11 point 6: the release's evaluation script samples at temperature 0.7, top-p 0.95
     assert ev.EVAL_SAMPLING_DEFAULTS["temperature"] == 0.7 and ev.EVAL_SAMPLING_DEFAULTS["top_p"] == 0.95
