@@ -16,16 +16,16 @@ from oprd_cli.errors import OprdError
 from oprd_cli.eval.extract import DEFAULT_EXTRACT, check_extract_mode
 from oprd_cli.eval.grade import DEFAULT_TIMEOUT_S, Grader
 from oprd_cli.eval.metrics import evaluate_responses
-from oprd_cli.eval.report import _headline, _responses_label, default_report_path, print_report, summary, write_report
-from oprd_cli.eval.responses import load_responses_file, sample_responses
+from oprd_cli.eval.report import default_report_path, headline, print_report, summary, write_report
+from oprd_cli.eval.responses import load_responses_file, responses_label, sample_responses
 from oprd_cli.eval.targets import (
-    _TOKENIZER_FILES,
+    TOKENIZER_FILES,
     EvalData,
     EvalTarget,
     eval_sampling,
+    existing_report,
     load_eval_data,
     resolve_targets,
-    existing_report,
     validate_num_samples,
 )
 
@@ -156,7 +156,7 @@ def _counting_tokenizer(name: str | None, target: EvalTarget | None, trust_remot
 
     if name is None and target is not None:
         local = Path(os.path.expanduser(target.tokenizer))
-        if local.is_dir() and any((local / f).exists() for f in _TOKENIZER_FILES):
+        if local.is_dir() and any((local / f).exists() for f in TOKENIZER_FILES):
             name = str(local)
     return M.load_tokenizer(name, trust_remote_code) if name else None
 
@@ -206,7 +206,7 @@ def _grade_responses_file(responses: str, target: EvalTarget | None, ed: EvalDat
                           show: bool, extract: str) -> tuple[dict[str, Any], Path, Path | None]:
     """``--responses``: grade a file generated elsewhere and write its report."""
     samples = load_responses_file(responses, ed.records)
-    name = target.model if target else _responses_label(responses)
+    name = target.model if target else responses_label(responses)
     tok = _counting_tokenizer(tokenizer, target, trust_remote_code) \
         if any(s.get("num_tokens") is None and s.get("token_ids") is None for s in samples) else None
     report = evaluate_responses(
@@ -242,7 +242,7 @@ def _evaluate_targets(targets: list[EvalTarget], ed: EvalData, sampling, templat
                                  **load)
         path, rpath = write_report(report, path)
         if many:
-            err_console.print(f"  {_headline(report)}  -> {path}", markup=False)
+            err_console.print(f"  {headline(report)}  -> {path}", markup=False)
         results.append((report, path, rpath))
     return results
 

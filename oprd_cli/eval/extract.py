@@ -162,14 +162,14 @@ _SLASH_RE = re.compile(r"^([+-]?)(\d+)/(\d+)$")
 _DEGREE_RE = re.compile(r"\^\{?\\circ\}?|\\degree(?![A-Za-z])|\u00b0|\^\{\u00b0\}|\^\u00b0")
 
 
-def _canonical(ans: str) -> str:
+def canonical(ans: str) -> str:
     """Unicode forms LaTeX graders do not read: the minus sign, and the degree sign (``90°``) as ``^\\circ``."""
     return _DEGREE_RE.sub(lambda _m: "^\\circ", ans.replace("\u2212", "-"))
 
 
 def normalize_answer(ans: str) -> str:
     """A cheap canonical string for exact comparison and vote grouping."""
-    s = _canonical(ans.strip())
+    s = canonical(ans.strip())
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = _SPACES_RE.sub("", s)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oprd_cli.errors import OprdError
-from oprd_cli.eval.extract import DEFAULT_EXTRACT, _canonical, extract_answer, normalize_answer, parse_number
+from oprd_cli.eval.extract import DEFAULT_EXTRACT, canonical, extract_answer, normalize_answer, parse_number
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -113,11 +113,11 @@ def math_verify_equal(pred: str, gold: str) -> bool:
     """math-verify's verdict on two extracted answers (no time limit; see :class:`Grader`)."""
     gold_parsed = _gold_cache.get(gold)
     if gold_parsed is None:
-        gold_parsed = _parse("\\boxed{" + _canonical(gold.strip().strip("$")) + "}")
+        gold_parsed = _parse("\\boxed{" + canonical(gold.strip().strip("$")) + "}")
         if len(_gold_cache) > 10000:
             _gold_cache.clear()
         _gold_cache[gold] = gold_parsed
-    pred_parsed = _parse("\\boxed{" + _canonical(pred) + "}")
+    pred_parsed = _parse("\\boxed{" + canonical(pred) + "}")
     if not gold_parsed or not pred_parsed:
         return False
     return bool(_verify(gold_parsed, pred_parsed, float_rounding(pred, gold)))

@@ -29,7 +29,7 @@ from oprd_cli.errors import OprdError
 from oprd_cli.eval.extract import DEFAULT_EXTRACT, check_extract_mode, extract_answer, vote_key
 from oprd_cli.eval.grade import DEFAULT_TIMEOUT_S, Grader
 from oprd_cli.eval.report import REPORT_VERSION
-from oprd_cli.eval.responses import _id_str
+from oprd_cli.eval.responses import id_str
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -142,7 +142,7 @@ def _sample_index(s: Mapping, by_index: Mapping[int, Record], by_id: Mapping[str
             raise OprdError(f"response for problem index {idx}, but the dataset has no such row")
         return idx
     if "id" in s and s["id"] is not None:
-        rid = _id_str(s["id"])
+        rid = id_str(s["id"])
         if rid not in by_id:
             raise OprdError(f"response for id {rid!r}, which is not in the dataset")
         return by_id[rid].index

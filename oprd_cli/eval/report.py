@@ -116,14 +116,8 @@ def print_report(report: Mapping[str, Any], console=None, per_problem: bool = Fa
         con.print(pt)
 
 
-def _responses_label(path: str | Path) -> str:
-    name = Path(str(path)).name
-    for suffix in (".jsonl", ".json"):
-        name = name.removesuffix(suffix)
-    return name.removesuffix(".responses") or "responses"
-
-
-def _headline(report: Mapping[str, Any]) -> str:
+def headline(report: Mapping[str, Any]) -> str:
+    """One line of the main metrics (per checkpoint, with --all-checkpoints)."""
     n = report.get("n")
     mrt = report.get("mean_response_tokens")
     return (f"Avg@{n} {_pct(report.get('avg_at_n'))}  Best@{n} {_pct(report.get('best_at_n'))}  "

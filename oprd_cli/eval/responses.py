@@ -13,7 +13,7 @@ from oprd_cli.data import Record
 from oprd_cli.errors import OprdError
 
 
-def _id_str(v: Any) -> str:
+def id_str(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     return str(v).strip()
@@ -62,7 +62,7 @@ def load_responses_file(path: str | Path, records: Sequence[Record]) -> list[dic
 
     by_id = {r.id: r for r in records}
     by_row = {str(r.index): r for r in records}
-    ids = [_id_str(r["id"]) for _, r in rows]
+    ids = [id_str(r["id"]) for _, r in rows]
     table = by_id
     unknown = sorted({i for i in ids if i not in by_id}, key=lambda x: (len(x), x))
     if unknown and all(i in by_row for i in ids):
@@ -103,3 +103,11 @@ def sample_responses(backend, tokenizer, records: Sequence[Record], sampling, te
             out.append({"index": rec.index, "response": s.text, "num_tokens": len(ids),
                         "finished_by": s.finish_reason, "token_ids": body})
     return out, result
+
+
+def responses_label(path: str | Path) -> str:
+    """The model name a report of a ``--responses`` file gets when no model is named: the file's stem."""
+    name = Path(str(path)).name
+    for suffix in (".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name.removesuffix(".responses") or "responses"

@@ -104,7 +104,7 @@ def checkpoint_info(model: str | Path) -> tuple[str | None, int | None]:
 # flags override.
 EVAL_SAMPLING_DEFAULTS: dict[str, Any] = {"num_samples": 16, "temperature": 0.7, "top_p": 0.95, "top_k": 0,
                                           "max_new_tokens": 16384, "seed": 0, "batch_size": 16}
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class EvalTarget:
     @property
     def tokenizer(self) -> str:
         p = Path(os.path.expanduser(self.model))
-        if self.tokenizer_fallback and p.is_dir() and not any((p / f).exists() for f in _TOKENIZER_FILES):
+        if self.tokenizer_fallback and p.is_dir() and not any((p / f).exists() for f in TOKENIZER_FILES):
             return self.tokenizer_fallback
         return self.model
 
