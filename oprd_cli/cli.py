@@ -317,7 +317,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", show_default=False, help="Print the report summary as JSON on stdout."),
 ):
     """Sample n responses per problem, grade them and write a report (Avg@n, pass@k, Best@n, maj@n, Dist-4g, lengths)."""
-    from oprd_cli.evaluate import run_eval
+    from oprd_cli.eval import run_eval
 
     run_eval(
         bench=bench, data=data, responses=responses, model=model, run_dir=run_dir, checkpoint=checkpoint,
@@ -345,7 +345,7 @@ def report_cmd(
     as_json: bool = typer.Option(False, "--json", show_default=False, help="Print the table as JSON on stdout."),
 ):
     """Side-by-side table of eval reports (rows: models or checkpoints, columns: benchmarks) and a plot against step."""
-    from oprd_cli.report import run_report
+    from oprd_cli.eval.compare import run_report
 
     run_report(paths, metric=metric, plot=plot, no_plot=no_plot, json_output=as_json)
 
@@ -530,7 +530,7 @@ def loop_cmd(
                                         max_batch_tokens=max_batch_tokens).items() if v is not None}}
     evaluation = None
     if eval_data is not None or eval_bench is not None:
-        from oprd_cli.evaluate import eval_sampling, load_eval_data
+        from oprd_cli.eval import eval_sampling, load_eval_data
 
         evaluation = EvalSettings(
             data=load_eval_data(eval_bench, eval_data, eval_limit),

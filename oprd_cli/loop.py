@@ -2,7 +2,7 @@
 
 Each stage is the function the separate command runs (:func:`oprd_cli.rollout.run_rollout`,
 :func:`oprd_cli.teacher.cache_rollouts`, :func:`oprd_cli.train.run_train` in run-directory mode,
-:func:`oprd_cli.evaluate.evaluate_target`), so the run directory a loop leaves is the one the
+:func:`oprd_cli.eval.evaluate_target`), so the run directory a loop leaves is the one the
 separate commands would have left, and the two ways can be mixed.
 
 What to do next is decided from the run directory alone, so an interrupted loop (Ctrl-C, a crash, a
@@ -178,7 +178,7 @@ def evaluate_step(run: RunDir, model: str, step: int, settings: EvalSettings, te
                   show_progress: bool = True, grader=None) -> dict[str, Any]:
     """Evaluate ``model`` (the run's checkpoint at ``step``, 0 = the initial student) with the eval code,
     writing ``RUN/eval/<bench>-step-NNNNNN.json``; an existing report with the same protocol is kept."""
-    from oprd_cli import evaluate as E
+    from oprd_cli import eval as E
 
     data, sampling = settings.data, settings.sampling
     target = E.EvalTarget(str(model), str(run.root), int(step))
@@ -293,7 +293,7 @@ def run_loop(
     tm: TeacherModel | None = None
     grader = None
     if evaluation is not None:
-        from oprd_cli.evaluate import DEFAULT_TIMEOUT_S, Grader
+        from oprd_cli.eval import DEFAULT_TIMEOUT_S, Grader
 
         grader = Grader(timeout=evaluation.timeout or DEFAULT_TIMEOUT_S,
                         integer_answers=evaluation.data.integer_answers)

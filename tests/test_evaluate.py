@@ -1,4 +1,4 @@
-"""Grading, metrics and reports (oprd_cli.evaluate, oprd_cli.report); fast, no model, no network."""
+"""Grading, metrics and reports (oprd_cli.eval); fast, no model, no network."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from oprd_cli import evaluate as ev
-from oprd_cli import report as rp
+from oprd_cli import eval as ev
+from oprd_cli.eval import grade as gr
+from oprd_cli.eval import compare as rp
 from oprd_cli.data import load_records
 from oprd_cli.errors import OprdError
 
@@ -232,6 +233,26 @@ def test_same_protocol_compares_the_extraction_mode(aime_records, tmp_path):
     assert not ev.same_protocol(old, target, data, sampling, "lenient")
     unrecorded = {**old, "grading": {k: v for k, v in old["grading"].items() if k != "extract"}}
     assert not ev.same_protocol(unrecorded, target, data, sampling)  # graded before the current rules
+
+
+def test_existing_report_keeps_only_a_readable_report_of_the_same_protocol(aime_records, tmp_path):
+    data = ev.EvalData(list(aime_records[:2]), "aime24", True, "local")
+    sampling = ev.eval_sampling(None)
+    target = ev.EvalTarget("m")
+    samples = [{"index": r.index, "response": f"\\boxed{{{r.answer}}}"} for r in data.records]
+    rep = ev.evaluate_responses(data.records, samples, "aime24", "m", data_source="local", show_progress=False,
+                                sampling={k: getattr(sampling, k) for k in ("num_samples", "temperature", "top_p",
+                                                                            "top_k", "max_new_tokens", "seed")})
+    path = ev.write_report(rep, tmp_path / "r.json")[0]
+    kept = ev.existing_report(path, target, data, sampling)
+    assert kept is not None and kept["avg_at_n"] == 1.0 and kept["responses_file"] == "r.responses.jsonl"
+    assert ev.existing_report(path, target, data, sampling, "lenient") is None
+    assert ev.existing_report(path, ev.EvalTarget("other"), data, sampling) is None
+    assert ev.existing_report(tmp_path / "missing.json", target, data, sampling) is None
+    path.write_text('{"bench": "aime24", ')  # torn
+    assert ev.existing_report(path, target, data, sampling) is None
+    path.write_text("[1, 2]")
+    assert ev.existing_report(path, target, data, sampling) is None
 
 
 def test_eval_defaults_follow_the_release():
@@ -469,7 +490,7 @@ def _sleeping_verify(*args, **kwargs):
 
 
 def test_grader_hang_times_out_and_counts_wrong(aime_records, monkeypatch):
-    monkeypatch.setattr(ev, "_verify", _sleeping_verify)
+    monkeypatch.setattr(gr, "_verify", _sleeping_verify)
     recs = [type(aime_records[0])(index=0, id="q", problem="?", messages=None, answer=r"\sqrt{2}")]
     samples = [{"index": 0, "response": r"\boxed{\sqrt{2}}"},  # exact: never reaches math-verify
                {"index": 0, "response": r"\boxed{2^{1/2}}"},  # needs math-verify: hangs
@@ -490,7 +511,7 @@ def test_grader_crash_counts_wrong(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("grader bug")
 
-    monkeypatch.setattr(ev, "_verify", boom)
+    monkeypatch.setattr(gr, "_verify", boom)
     g = ev.Grader(timeout=1)
     assert g.grade(r"2^{1/2}", r"\sqrt{2}") == ev.Grade(False, "error")
     assert g.errors == 1
@@ -507,7 +528,7 @@ def test_process_grader_kills_a_hang_no_signal_can_stop(monkeypatch):
             time.sleep(60)
         return real(pred, gold)
 
-    monkeypatch.setattr(ev, "math_verify_equal", stubborn)
+    monkeypatch.setattr(gr, "math_verify_equal", stubborn)
     with ev.Grader(timeout=0.5, mode="process") as g:
         t0 = time.perf_counter()
         assert g.grade("HANG", r"\sqrt{2}") == ev.Grade(False, "timeout")
@@ -596,6 +617,48 @@ def test_report_plot_for_one_runs_checkpoints(tmp_path):
     assert rows == ["run step 50", "run step 100", "run step 150", "deepseek/base"]
     out = rp.plot_against_step(rp.load_reports(paths), tmp_path / "custom.png", metric="pass@16")
     assert out.exists()
+
+
+def test_failed_plot_keeps_the_old_png_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    run = tmp_path / "run"
+    paths = [ev.write_report(_fake_report("aime24", f"m{s}", 0.1 * s, run_dir=str(run), step=s), tmp_path / f"{s}.json")[0]
+             for s in (1, 2)]
+    png = tmp_path / "plots" / "p.png"
+    png.parent.mkdir()
+    png.write_bytes(b"old picture")
+
+    def torn_savefig(self, fname, **kw):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", torn_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        rp.plot_against_step(rp.load_reports(paths), png)
+    assert png.read_bytes() == b"old picture"
+    assert sorted(p.name for p in png.parent.iterdir()) == ["p.png"]
+
+
+def test_write_report_failure_keeps_the_old_report(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    first = _fake_report("aime24", "m", 0.5)
+    ev.write_report(first, out)
+    before = out.read_bytes()
+    import oprd_cli.io as io_mod
+
+    real_replace = io_mod.os.replace
+
+    def failing_replace(src, dst):
+        if str(dst) == str(out):
+            raise OSError("no space left")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io_mod.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="no space"):
+        ev.write_report(_fake_report("aime24", "m", 0.9), out)
+    assert out.read_bytes() == before
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
 def test_checkpoint_info_and_default_paths(tmp_path):

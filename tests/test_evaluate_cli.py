@@ -109,12 +109,19 @@ def test_responses_lengths_with_a_tokenizer_and_run_labels(tiny_qwen, aime24_pat
     plain = tmp_path / "plain.jsonl"  # no num_tokens: lengths need a tokenizer
     plain.write_text("".join(json.dumps({"id": r["id"], "response": f"so x = \\boxed{{{r['answer']}}}"}) + "\n"
                              for r in rows))
+    texts = [f"so x = \\boxed{{{r['answer']}}}" for r in rows]
     r = run_cli("eval", "--data", aime24_path, "--limit", "3", "--responses", plain, "--json", "--out", tmp_path / "a.json")
-    assert json.loads(r.stdout)["length_unit"] == "words"
+    s = json.loads(r.stdout)
+    assert s["length_unit"] == "words" and s["mean_response_tokens"] == pytest.approx(4.0)
     r = run_cli("eval", "--data", aime24_path, "--limit", "3", "--responses", plain, "--model", tiny_qwen, "--json",
                 "--out", tmp_path / "b.json")
     s = json.loads(r.stdout)
-    assert s["length_unit"] == "tokens" and s["mean_response_tokens"] > 4 and s["avg_at_n"] == 1.0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_qwen))
+    want = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) / 3
+    assert want != pytest.approx(4.0)  # tokens, not words
+    assert s["length_unit"] == "tokens" and s["mean_response_tokens"] == pytest.approx(want) and s["avg_at_n"] == 1.0
     # responses written by a run's checkpoint elsewhere (e.g. vLLM) keep the run and the step
     r = run_cli("eval", "--data", aime24_path, "--limit", "3", "--responses", plain, "--run-dir", run,
                 "--checkpoint", "step-000004", "--json", "--out", tmp_path / "c.json")
@@ -176,7 +183,7 @@ def test_verl_parquet_with_llama(tiny_llama, shared_data, tmp_path):
 
 def test_python_api_on_a_json_file(tiny_qwen, aime24_path, tmp_path):
     """evaluate_model (used by oprd demo / oprd loop) on a .json list file: the full report dict."""
-    from oprd_cli.evaluate import evaluate_model
+    from oprd_cli.eval import evaluate_model
 
     data = tmp_path / "aime.json"
     data.write_text(json.dumps([{"problem": r["problem"], "answer": r["answer"]} for r in _rows(aime24_path)[:3]]))

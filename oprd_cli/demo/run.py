@@ -3,7 +3,7 @@
 1. :func:`oprd_cli.demo.assets.build_assets` builds (or reuses) the task files, the tokenizer, the
    teacher and the student start (an early checkpoint of the teacher's SFT run).
 2. The teacher and the student start are evaluated on the held-out ``eval`` split with the eval code
-   (:func:`oprd_cli.evaluate.evaluate_target`).
+   (:func:`oprd_cli.eval.evaluate_target`).
 3. For each method, :func:`oprd_cli.loop.run_loop` runs the same budget (rounds, prompts per round,
    samples per prompt, optimizer steps, one learning-rate rule) from the same student start in its
    own run directory, evaluating every ``eval_every`` rounds on the held-out split.
@@ -117,7 +117,7 @@ def _gap(acc: float | None, student: float, teacher: float) -> float | None:
 
 def _eval_model(model: str, label: str, out: Path, data, sampling, template, grader) -> dict[str, Any]:
     """Evaluate a model outside a run (teacher, student start); the report is kept for reuse."""
-    from oprd_cli import evaluate as E
+    from oprd_cli import eval as E
 
     target = E.EvalTarget(str(model))
     if out.is_file():
@@ -145,7 +145,7 @@ def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: in
 
     from oprd_cli.config import DataConfig, SamplingConfig
     from oprd_cli.demo.assets import build_assets, default_threads
-    from oprd_cli.evaluate import Grader, eval_sampling, load_eval_data
+    from oprd_cli.eval import Grader, eval_sampling, load_eval_data
     from oprd_cli.loop import EvalSettings, read_log, run_loop
     from oprd_cli.models import machine_info
     from oprd_cli.train import TrainConfig

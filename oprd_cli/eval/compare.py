@@ -2,7 +2,7 @@
 
 Rows are models (or checkpoints: ``run step N``), columns benchmarks, cells one metric in percent
 (``avg_at_n`` by default), like Table 2 of the OPRD paper. Reports come from
-:func:`oprd_cli.evaluate.write_report`; a folder (e.g. ``RUN/eval``) stands for every report in it.
+:func:`oprd_cli.eval.write_report`; a folder (e.g. ``RUN/eval``) stands for every report in it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from oprd_cli.console import console as default_console
 from oprd_cli.console import warn
 from oprd_cli.errors import OprdError
+from oprd_cli.io import atomic_target
 
 METRICS = ("avg_at_n", "best_at_n", "maj_at_n", "dist_4g", "mean_response_tokens", "truncated_fraction")
 PERCENT_METRICS = {"avg_at_n", "best_at_n", "maj_at_n", "dist_4g", "truncated_fraction"}
@@ -221,11 +222,11 @@ def plot_against_step(reports: Sequence[Mapping[str, Any]], out_png: str | Path,
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(os.path.expanduser(str(out_png)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_target(out) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out
 
 
