@@ -174,17 +174,10 @@ class OpdPlusOutput:
 
 
 def opd_plus_loss(
-    student_logprobs: Tensor,
-    teacher_logprobs: Tensor,
-    mask: Tensor,
-    divergence: str = "rkl",
-    corrected: bool = True,
-    log_ratio_clip: float | None = DEFAULT_LOG_RATIO_CLIP,
-    behaviour_logprobs: Tensor | None = None,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    reduction: str = "token",
-    **params,
+    student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor,
+    divergence: str = "rkl", corrected: bool = True, log_ratio_clip: float | None = DEFAULT_LOG_RATIO_CLIP,
+    behaviour_logprobs: Tensor | None = None, clip_eps: float = 0.2, clip_eps_high: float | None = None,
+    reduction: str = "token", **params,
 ) -> OpdPlusOutput:
     """OPD+ (``corrected=True``) or standard stop-gradient f-divergence OPD (``corrected=False``).
 

@@ -117,11 +117,17 @@ def opd_top1_loss(
 
     l_tok = logp.detach() - logq  # sampled-token reverse-KL estimate, current student
     per_token, clipped = pg_per_token(logp, -l_tok, m, behaviour_logprobs, clip_eps, clip_eps_high)
+    return _opd_output(per_token, m, reduction, l_tok, clipped)
+
+
+def _opd_output(per_token: Tensor, m: Tensor, reduction: str, kl_tok: Tensor, clipped: Tensor) -> OpdOutput:
+    """Reduce ``per_token`` ``[B, T]`` float32 and fill :class:`OpdOutput`: ``kl_tok`` ``[B, T]`` the
+    per-token KL values, ``clipped`` ``[B, T]`` bool where PPO clipping was active."""
     per_sample, loss, n_tok = reduce_tokens(per_token, m, reduction)
     return OpdOutput(
         per_sample=per_sample,
         loss=loss,
-        kl=token_mean(l_tok, m),
+        kl=token_mean(kl_tok, m),
         pg_loss=loss.detach(),
         clip_frac=token_mean(clipped.float(), m),
         num_tokens=n_tok.detach(),
@@ -173,11 +179,8 @@ def opd_topk_loss(
 
 
 def opd_full_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    reduction: str = "sample",
-    teacher_logprob_floor: float = DEFAULT_TEACHER_LOGPROB_FLOOR,
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
+    reduction: str = "sample", teacher_logprob_floor: float = DEFAULT_TEACHER_LOGPROB_FLOOR,
 ) -> OpdOutput:
     """Full-vocabulary OPD: exact ``KL(p_t || q_t) = sum_v p_t(v) log(p_t(v)/q_t(v))`` per token.
 
@@ -221,12 +224,4 @@ def _exact_kl_loss(
     else:
         logq = torch.log_softmax(tq.clamp_min(floor), dim=-1)
     per_token = _kl_from_logprobs(logp, logq).masked_fill(~m, 0.0)  # [B, T]
-    per_sample, loss, n_tok = reduce_tokens(per_token, m, reduction)
-    return OpdOutput(
-        per_sample=per_sample,
-        loss=loss,
-        kl=token_mean(per_token, m),
-        pg_loss=loss.detach(),
-        clip_frac=torch.zeros((), dtype=torch.float32, device=loss.device),
-        num_tokens=n_tok.detach(),
-    )
+    return _opd_output(per_token, m, reduction, per_token, torch.zeros_like(m))
