@@ -503,7 +503,7 @@ def two_tokenizers(tmp_path_factory):
 
 def _byte_ends(tok, ids):
     """Cumulative byte length after each token (from the vocabulary's byte-level strings)."""
-    from oprd_cli.bridge import _unicode_to_bytes
+    from oprd_cli.bridge.align import _unicode_to_bytes
 
     table, ends, n = _unicode_to_bytes(), [], 0
     for t in tok.convert_ids_to_tokens(ids):
@@ -556,7 +556,7 @@ def test_offsets_for_sampled_non_canonical_ids(two_tokenizers):
     text = "café 🚀 42"
     # A sampled, non-canonical tokenisation: one byte per token (every byte is in a byte-level vocab),
     # then the EOS the rollout keeps in its ids but not in its text.
-    table = {b: c for c, b in __import__("oprd_cli.bridge", fromlist=["x"])._unicode_to_bytes().items()}
+    table = {b: c for c, b in __import__("oprd_cli.bridge.align", fromlist=["x"])._unicode_to_bytes().items()}
     ids = [small.convert_tokens_to_ids(table[b]) for b in text.encode("utf-8")] + [small.eos_token_id]
     assert small.decode(ids, skip_special_tokens=True) == text
     assert ids[:-1] != small(text, add_special_tokens=False)["input_ids"]
