@@ -47,9 +47,9 @@ def align_by_char_offsets(student_offsets: Offsets, teacher_offsets: Offsets) ->
     masked, never guessed: special tokens, pieces of a split multi-byte character, and tokens whose
     end falls inside a teacher token (the teacher merges what the student splits).
 
-    This pairs the states that have *read* the paired tokens (the release's position convention,
-    ``hidden_states[:, Lp + t]``); for oprd's response positions (index ``Lp - 1 + t``, the state
-    that predicts ``y_t``) use :func:`align_response_positions`.
+    The paired tokens' hidden states have read the same text, so this is also the pairing of
+    response positions (oprd's convention: position ``t`` is the state at sequence index
+    ``Lp + t``, which has read ``y_t``); :func:`align_response_positions` applies it to positions.
     """
     teacher_end = _completing_ends(teacher_offsets)
     student_end = _completing_ends(student_offsets)
@@ -66,23 +66,25 @@ def align_response_positions(student_offsets: Offsets, teacher_offsets: Offsets,
                              n_teacher_positions: int | None = None) -> Tensor:
     """Teacher response position for each student response position, or -1: ``[n_student_positions]``.
 
-    oprd's response position ``t`` is the state at sequence index ``Lp - 1 + t``, which has read the
-    prompt and the tokens ``y_<t``. Position 0 (prompt read, no response text) pairs with the
-    teacher's position 0; position ``t > 0`` pairs with teacher position ``j + 1`` when token
-    ``y_{t-1}`` is paired with teacher token ``j`` by :func:`align_by_char_offsets`. Pairs whose
-    teacher position is ``>= n_teacher_positions`` (default: the teacher's token count) get -1.
-    ``n_student_positions`` defaults to the student's token count.
+    Response position ``t`` is the hidden state at sequence index ``Lp + t`` (``Lp`` prompt
+    tokens): the state that has read the prompt and ``y_0 .. y_t`` and predicts ``y_{t+1}`` (the
+    release's ``hidden_states[l][:, -T:]``, METHOD.md "Which hidden state is position t"; the last
+    prompt token's state is not a response position). Student position ``t`` therefore pairs with
+    teacher position ``j`` exactly when student token ``t`` and teacher token ``j`` end on the same
+    character (:func:`align_by_char_offsets`): both states have read ``text[:end]``. Positions
+    without such a partner (special tokens, pieces of a split character, student tokens ending
+    inside a teacher token) get -1, as do pairs whose teacher position is ``>= n_teacher_positions``
+    (default: the teacher's token count, e.g. smaller when the teacher's response was truncated)
+    and student positions ``>= len(student_offsets)``. ``n_student_positions`` (the length of the
+    result) defaults to the student's token count.
     """
     n_s = len(student_offsets) if n_student_positions is None else int(n_student_positions)
     n_t = len(teacher_offsets) if n_teacher_positions is None else int(n_teacher_positions)
     tokens = align_by_char_offsets(student_offsets, teacher_offsets)
     out = torch.full((n_s,), -1, dtype=torch.int64)
-    if n_s > 0 and n_t > 0:
-        out[0] = 0
-    for t in range(1, min(n_s, len(student_offsets) + 1)):
-        j = int(tokens[t - 1])
-        if j >= 0 and j + 1 < n_t:
-            out[t] = j + 1
+    k = min(n_s, len(tokens))
+    paired = tokens[:k]
+    out[:k] = torch.where(paired < n_t, paired, torch.full_like(paired, -1))
     return out
 
 
