@@ -473,15 +473,22 @@ def test_align_multibyte_characters_and_special_tokens():
             assert text[:student[i][1]] == text[:teacher[j][1]]
 
 
-def test_align_response_positions_follow_the_predicting_state_convention():
-    # Response position t reads y_<t: position 0 (prompt only) pairs with 0; position t > 0 pairs with
-    # teacher position j + 1 when token t - 1 pairs with teacher token j.
+def test_align_response_positions_pair_states_that_have_read_the_same_text():
+    # Response position t is the state at sequence index Lp + t, which has read y_t (METHOD.md, "Which
+    # hidden state is position t"): student position t pairs with the teacher position whose token ends
+    # where student token t ends. No shift by one, and no pair for the prompt-only state.
     student = _spans("he", "llo", " wo", "rld", "!")
     teacher = _spans("hello", " world", "!")
     assert align_by_char_offsets(student, teacher).tolist() == [-1, 0, -1, 1, 2]
-    assert align_response_positions(student, teacher).tolist() == [0, -1, 1, -1, 2]
-    # A partner beyond the teacher's positions is dropped.
-    assert align_response_positions(student, teacher, n_teacher_positions=2).tolist() == [0, -1, 1, -1, -1]
+    assert align_response_positions(student, teacher).tolist() == [-1, 0, -1, 1, 2]
+    # A partner beyond the teacher's positions is dropped; the result has n_student_positions entries.
+    assert align_response_positions(student, teacher, n_teacher_positions=2).tolist() == [-1, 0, -1, 1, -1]
+    assert align_response_positions(student, teacher, n_student_positions=3).tolist() == [-1, 0, -1]
+    assert align_response_positions(student, teacher, n_student_positions=7).tolist() == [-1, 0, -1, 1, 2, -1, -1]
+    # Identical tokenisations pair every position with itself; the teacher merging the student's
+    # pieces pairs only the piece that completes the merged token.
+    assert align_response_positions(teacher, teacher).tolist() == [0, 1, 2]
+    assert align_response_positions(teacher, student).tolist() == [1, 3, 4]
 
 
 _CORPUS = [
@@ -503,7 +510,7 @@ def two_tokenizers(tmp_path_factory):
 
 def _byte_ends(tok, ids):
     """Cumulative byte length after each token (from the vocabulary's byte-level strings)."""
-    from oprd_cli.bridge import _unicode_to_bytes
+    from oprd_cli.bridge.align import _unicode_to_bytes
 
     table, ends, n = _unicode_to_bytes(), [], 0
     for t in tok.convert_ids_to_tokens(ids):
@@ -551,12 +558,35 @@ def test_align_two_real_tokenizers_on_one_response(two_tokenizers):
     assert len(inner) > 1 and all(got[i] == -1 for i in inner[:-1])
 
 
+def test_align_response_positions_on_full_sequences_of_two_real_tokenizers(two_tokenizers):
+    # Each model reads its own prompt + the response; the hidden state at sequence index Lp + t has
+    # read seq[:Lp + t + 1]. Every paired (student, teacher) state has read the same response text,
+    # and it is the text up to the end of student token t.
+    small, large = two_tokenizers
+    text = "Naïve café: 東京 costs 12 + 30 = 42 🚀🦜 and x^2 = 1764, so \\boxed{42}."
+    s_prompt = small("Question: what is 12 + 30?\n", add_special_tokens=False)["input_ids"]
+    t_prompt = large("Question: what is 12 + 30?\n", add_special_tokens=False)["input_ids"]
+    s_ids, s_off = encode_with_offsets(small, text)
+    t_ids, t_off = encode_with_offsets(large, text)
+    s_seq, t_seq = s_prompt + s_ids, t_prompt + t_ids
+    pos = align_response_positions(s_off, t_off).tolist()
+    assert len(pos) == len(s_ids)
+    paired = [(t, j) for t, j in enumerate(pos) if j >= 0]
+    assert 0 < len(paired) < len(pos)
+    for t, j in paired:
+        s_read = s_seq[:len(s_prompt) + t + 1]  # what the student state at Lp + t has read
+        t_read = t_seq[:len(t_prompt) + j + 1]
+        assert small.decode(s_read[len(s_prompt):]) == large.decode(t_read[len(t_prompt):]) == text[:s_off[t][1]]
+    # The last tokens of both pair: both have read the whole response.
+    assert pos[-1] == len(t_ids) - 1
+
+
 def test_offsets_for_sampled_non_canonical_ids(two_tokenizers):
     small, large = two_tokenizers
     text = "café 🚀 42"
     # A sampled, non-canonical tokenisation: one byte per token (every byte is in a byte-level vocab),
     # then the EOS the rollout keeps in its ids but not in its text.
-    table = {b: c for c, b in __import__("oprd_cli.bridge", fromlist=["x"])._unicode_to_bytes().items()}
+    table = {b: c for c, b in __import__("oprd_cli.bridge.align", fromlist=["x"])._unicode_to_bytes().items()}
     ids = [small.convert_tokens_to_ids(table[b]) for b in text.encode("utf-8")] + [small.eos_token_id]
     assert small.decode(ids, skip_special_tokens=True) == text
     assert ids[:-1] != small(text, add_special_tokens=False)["input_ids"]
@@ -681,6 +711,25 @@ def test_bridge_loss_with_identity_projector_equals_oprd_loss():
         o = oprd_loss(hs.permute(1, 0, 2, 3), z.permute(1, 0, 2, 3), mask, normalize=True, reduction=reduction)
         assert a.loss.item() == pytest.approx(o.loss.item(), abs=1e-6)
         assert torch.allclose(a.per_layer_cosine, o.per_layer_cosine, atol=1e-6)
+
+
+def test_bridge_loss_with_identity_projector_is_exactly_oprd_loss():
+    # One home for the representation-loss arithmetic: through an identity P_S the bridge loss is
+    # oprd_loss bit for bit (errors, reductions and cosines), in both forms and reductions.
+    g = torch.Generator().manual_seed(0)
+    B, T, d, L = 3, 5, 4, 2
+    hs = torch.randn(L, B, T, d, generator=g)
+    z = torch.randn(L, B, T, d, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    w = torch.eye(d).expand(L, d, d)
+    fields = ("loss", "per_sample", "per_layer", "cosine", "per_layer_cosine", "num_positions")
+    for normalize in (True, False):
+        for reduction in ("token", "sample"):
+            a = bridge_loss(hs, w, z, mask, normalize=normalize, reduction=reduction)
+            o = oprd_loss(hs.permute(1, 0, 2, 3), z.permute(1, 0, 2, 3), mask, normalize=normalize,
+                          reduction=reduction)
+            for f in fields:
+                assert torch.equal(getattr(a, f), getattr(o, f)), (normalize, reduction, f)
 
 
 def test_bridge_loss_through_a_fitted_bridge_is_small_for_a_linear_student():

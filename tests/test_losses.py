@@ -567,3 +567,108 @@ def test_masked_mean():
     torch.testing.assert_close(masked_mean(x, m), torch.tensor(13.0 / 4))
     torch.testing.assert_close(masked_mean(x, m, dim=-1), torch.tensor([1.5, 5.0]))
     assert masked_mean(x, torch.zeros_like(m)).item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# token-mean over micro-batches
+# --------------------------------------------------------------------------------------------
+
+
+def _micro_batch_cases():
+    """(name, fn(rows, T) -> (output, student leaf, token count)) for every loss with a token mean.
+
+    ``rows`` selects samples of one fixed batch, ``T`` trims it to a shorter padded length (the
+    micro-batch's own longest sample); values at padding are garbage (NaN) and must not matter."""
+    from oprd_cli.losses import bridge_loss, opd_plus_loss, tropd_loss, trust_mask
+
+    g = torch.Generator().manual_seed(5)
+    B, T, K, Lyr, d = 4, 6, 5, 2, 3
+    lengths = torch.tensor([6, 2, 4, 3])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    lq = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    beh = lp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    logits = torch.randn(B, T, K, generator=g)
+    t_logits = torch.randn(B, T, K, generator=g)
+    lk = torch.log_softmax(torch.randn(B, T, K, generator=g, dtype=torch.float64), -1)
+    tk = torch.log_softmax(torch.randn(B, T, K, generator=g, dtype=torch.float64), -1)
+    hs = torch.randn(B, Lyr, T, d, generator=g)
+    ht = torch.randn(B, Lyr, T, d, generator=g)
+    w = torch.randn(Lyr, 2, d, generator=g)
+    z = torch.randn(Lyr, B, T, 2, generator=g)
+    trust = trust_mask(beh, lq, mask, seed=3)
+    prefix = torch.arange(T)[None, :] < torch.tensor([2, 0, 1, 0])[:, None]
+    nan = float("nan")
+
+    def pad(x, rows, t, dim=1):  # select rows, trim to t along dim, NaN at padding
+        x = x[rows].narrow(dim, 0, t).clone()
+        m = mask[rows, :t]
+        shape = [m.shape[0]] + [1] * (x.dim() - 1)
+        shape[dim] = t
+        return x.masked_fill(~m.reshape(shape), nan) if x.is_floating_point() else x
+
+    def leaf(x):
+        return x.clone().requires_grad_(True)
+
+    def top1(rows, t):
+        x = leaf(pad(lp, rows, t))
+        o = opd_top1_loss(x, pad(lq, rows, t), mask[rows, :t], behaviour_logprobs=pad(beh, rows, t), reduction="token")
+        return o, x, o.num_tokens.sum()
+
+    def plus(rows, t):
+        x = leaf(pad(lp, rows, t))
+        o = opd_plus_loss(x, pad(lq, rows, t), mask[rows, :t], "fkl", behaviour_logprobs=pad(beh, rows, t))
+        return o, x, o.num_tokens.sum()
+
+    def topk(rows, t):
+        x = leaf(pad(logits, rows, t))
+        o = opd_topk_loss(x, torch.log_softmax(pad(t_logits, rows, t), -1), mask[rows, :t], reduction="token")
+        return o, x, o.num_tokens.sum()
+
+    def full(rows, t):
+        x = leaf(pad(logits, rows, t))
+        o = opd_full_loss(x, pad(t_logits, rows, t), mask[rows, :t], reduction="token")
+        return o, x, o.num_tokens.sum()
+
+    def tropd(rows, t):
+        x, xk = leaf(pad(lp, rows, t)), leaf(pad(lk, rows, t))
+        o = tropd_loss(x, xk, pad(lq, rows, t), pad(tk, rows, t), mask[rows, :t], trust[rows, :t].nan_to_num(),
+                       prefix_mask=prefix[rows, :t], behaviour_logprobs=pad(beh, rows, t))
+        return o, x, o.num_tokens.sum()
+
+    def oprd(rows, t):
+        x = leaf(pad(hs, rows, t, dim=2))
+        o = oprd_loss(x, pad(ht, rows, t, dim=2), mask[rows, :t])
+        return o, x, o.num_positions.sum()
+
+    def bridge(rows, t):
+        x = leaf(pad(hs, rows, t, dim=2).transpose(0, 1))
+        zz = z[:, rows, :t].masked_fill(~mask[rows, :t][None, :, :, None], nan)
+        o = bridge_loss(x, w, zz, mask[rows, :t])
+        return o, x, o.num_positions.sum()
+
+    return [("opd_top1", top1), ("opd_plus", plus), ("opd_topk", topk), ("opd_full", full), ("tropd", tropd),
+            ("oprd", oprd), ("bridge", bridge)]
+
+
+@pytest.mark.parametrize("name", ["opd_top1", "opd_plus", "opd_topk", "opd_full", "tropd", "oprd", "bridge"])
+def test_token_mean_over_micro_batches_equals_one_batch(name):
+    """Every loss's token mean over micro-batches, weighted by their supervised tokens
+    (``num_tokens``/``num_positions``: what the trainer accumulates with), equals the loss of the whole
+    batch in one call, value and gradient, whatever the micro-batches' padded lengths."""
+    fn = dict(_micro_batch_cases())[name]
+    whole, x_whole, n_whole = fn([0, 1, 2, 3], 6)
+    whole.loss.backward()
+    splits = [([1, 3], 3), ([0], 6), ([2], 4)]  # each trimmed to its own longest sample
+    total, parts = 0.0, []
+    for rows, t in splits:
+        out, x, n = fn(rows, t)
+        (out.loss * n / n_whole).backward()
+        total = total + out.loss.detach() * n / n_whole
+        parts.append((rows, t, x.grad))
+    torch.testing.assert_close(total, whole.loss.detach(), rtol=1e-6, atol=1e-7, msg=name)
+    grad = x_whole.grad
+    for rows, t, g in parts:
+        ref = grad[rows] if name != "bridge" else grad[:, rows]
+        ref = ref.narrow(2 if name in ("oprd", "bridge") else 1, 0, t)
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7, msg=name)

@@ -314,7 +314,12 @@ def test_opd_plus_rkl_stopgrad_is_exactly_top1_opd_on_and_off_policy():
             a.loss.backward()
             b.loss.backward()
             torch.testing.assert_close(a_in.grad, b_in.grad)
-    assert b.clip_frac.item() > 0  # the off-policy case does exercise clipping
+    # The off-policy case does exercise clipping: PPO's clipped branch is active exactly where the ratio
+    # leaves [1 - 0.2, 1 + 0.3] in the direction the advantage favours.
+    ratio, adv = torch.exp(logp0 - beh), logq - logp0
+    ref = ((adv > 0) & (ratio > 1.3)) | ((adv < 0) & (ratio < 0.8))
+    assert ref[mask].any()
+    assert b.clip_frac.item() == pytest.approx(ref[mask].float().mean().item(), abs=1e-7)
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "jsd", "chi2"])
@@ -701,7 +706,10 @@ def test_tropd_importance_ratio_matches_top1_opd():
     b = opd_top1_loss(b_in, lt, mask, behaviour_logprobs=beh, reduction="token")
     torch.testing.assert_close(a.loss, b.loss)
     torch.testing.assert_close(a.clip_frac, b.clip_frac)
-    assert b.clip_frac.item() > 0
+    ratio, adv = torch.exp(lp0 - beh), lt - lp0  # clipped where the ratio leaves [0.8, 1.2] as adv favours
+    ref = ((adv > 0) & (ratio > 1.2)) | ((adv < 0) & (ratio < 0.8))
+    assert ref[mask].any()
+    assert b.clip_frac.item() == pytest.approx(ref[mask].float().mean().item(), abs=1e-7)
     a.loss.backward()
     b.loss.backward()
     torch.testing.assert_close(a_in.grad, b_in.grad)

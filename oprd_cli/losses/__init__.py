@@ -9,6 +9,11 @@
 - :func:`bridge_loss`: OPRD-Bridge (Eq. 14-15), the OPRD loss through frozen projections.
 - Diagnostics: :func:`entropy_from_logits`, :func:`topk_overlap`, :func:`topk_overlap_from_logits`,
   :func:`masked_mean`.
+
+Shared pieces have one home each: ``common`` (argument checks, working dtype, masked token
+reductions), ``pg`` (the policy-gradient surrogate with importance ratio and PPO clip, used by
+top-1 OPD, OPD+ and TrOPD), and ``oprd`` (position error, layer reduction and cosine, reused by the
+bridge loss).
 """
 
 from oprd_cli.losses.bridge import BridgeOutput, bridge_loss

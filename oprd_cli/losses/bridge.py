@@ -15,16 +15,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from oprd_cli.losses.oprd import _NORM_EPS, _l2_normalize
+from oprd_cli.losses.common import check_reduction
+from oprd_cli.losses.oprd import OprdOutput, masked_cosine, position_error, reduce_layers
 
 __all__ = ["BridgeOutput", "bridge_loss"]
 
-_REDUCTIONS = ("sample", "token")
-
 
 @dataclass
-class BridgeOutput:
-    """Result of :func:`bridge_loss` (all float32), with the fields of ``OprdOutput``.
+class BridgeOutput(OprdOutput):
+    """Result of :func:`bridge_loss` (all float32): the fields of :class:`OprdOutput`, measured in
+    the projected space.
 
     - ``per_sample`` ``[B]``, differentiable: per sample, the mean over layers of its masked mean
       over positions (0 for a sample without supervised positions).
@@ -35,13 +35,6 @@ class BridgeOutput:
       ``z_T`` in the projected space, averaged over the supervised positions (per layer, then layers).
     - ``num_positions`` ``[B]``, detached: supervised positions per sample.
     """
-
-    per_sample: Tensor
-    loss: Tensor
-    per_layer: Tensor
-    cosine: Tensor
-    per_layer_cosine: Tensor
-    num_positions: Tensor
 
 
 def _as_layers(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -78,8 +71,7 @@ def bridge_loss(
     (default, the release: mean over every supervised position of the batch, then layers) or
     ``"sample"`` (Eq. 6 literally: per sample first).
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"bridge_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_reduction("bridge_loss", reduction)
     hs = _as_layers(student_hidden)
     ws = _as_layers(student_proj)
     zs = _as_layers(teacher_z)
@@ -106,31 +98,12 @@ def bridge_loss(
         if tuple(z.shape) != (B, T, r):
             raise ValueError(f"bridge_loss: teacher_z must be [B, T, r] = {(B, T, r)}, got {tuple(z.shape)}")
         # Mask the inputs first so garbage at unsupervised positions reaches neither values nor grads.
-        h_in = h.float().masked_fill(~m3, 0.0)
-        a = h_in @ w.detach().to(device=device, dtype=torch.float32).T  # [B, T, r]
+        a = h.float().masked_fill(~m3, 0.0) @ w.detach().to(device=device, dtype=torch.float32).T  # [B, T, r]
         b = z.detach().to(device=device, dtype=torch.float32).masked_fill(~m3, 0.0)
-        if normalize:
-            diff = _l2_normalize(a) - _l2_normalize(b)
-        else:
-            diff = a - b
-        err = diff.square().mean(dim=-1).masked_fill(~m, 0.0)  # [B, T]
-        layer_sums.append(err.sum(dim=-1))  # [B]
-        with torch.no_grad():
-            na = a.detach().norm(dim=-1).clamp_min(_NORM_EPS)
-            nb = b.norm(dim=-1).clamp_min(_NORM_EPS)
-            cos = ((a.detach() * b).sum(dim=-1) / (na * nb)).masked_fill(~m, 0.0)
-            layer_cos.append(cos.sum() / m.sum().clamp_min(1).float())
+        layer_sums.append(position_error(a, b, normalize).masked_fill(~m, 0.0).sum(dim=-1))  # [B]
+        layer_cos.append(masked_cosine(a.detach(), b, m))
 
-    layer_sum = torch.stack(layer_sums, dim=1)  # [B, Lyr]
-    per_sample_layer = layer_sum / n_pos.clamp_min(1.0)[:, None]
-    per_sample = per_sample_layer.mean(dim=-1)  # [B]
-    if reduction == "sample":
-        loss = per_sample.mean() if B > 0 else per_sample.sum()
-        per_layer = per_sample_layer.detach().mean(dim=0) if B > 0 else per_sample_layer.detach().sum(dim=0)
-    else:
-        total = n_pos.sum().clamp_min(1.0)
-        loss = layer_sum.sum() / (total * n_layers)
-        per_layer = layer_sum.detach().sum(dim=0) / total
+    per_sample, loss, per_layer = reduce_layers(torch.stack(layer_sums, dim=1), n_pos, reduction)
     per_layer_cosine = torch.stack(layer_cos)
     return BridgeOutput(
         per_sample=per_sample,

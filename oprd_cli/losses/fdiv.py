@@ -36,6 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from oprd_cli.losses.common import check_reduction, check_shapes, reduce_tokens, token_mean, work_dtype
+from oprd_cli.losses.pg import pg_per_token
+
 __all__ = [
     "DIVERGENCES",
     "DEFAULT_ALPHA",
@@ -44,20 +47,12 @@ __all__ = [
     "f_value",
     "advantage",
     "opd_plus_loss",
-    "pg_per_token",
 ]
 
 DIVERGENCES = ("rkl", "fkl", "jsd", "alpha", "hellinger", "chi2", "tv")
 DEFAULT_ALPHA = 0.5  # [UNSPECIFIED] by the paper; alpha = 0.5 is 2x the squared Hellinger
 DEFAULT_LOG_RATIO_CLIP = 6.0  # third-party default (OPD+ reimplementation), not the paper's
 _PARAMS = ("alpha",)  # the only divergence parameter; accepted (and ignored) by the other f's
-_MAX_LOG_RATIO = 20.0  # exp(+-20) bounds the importance ratio before PPO clipping (as opd_top1_loss)
-_REDUCTIONS = ("sample", "token")
-
-
-def _work_dtype(t: Tensor) -> torch.dtype:
-    """float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
-    return torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32
 
 
 def _params(divergence: str, params: dict) -> float:
@@ -178,76 +173,11 @@ class OpdPlusOutput:
         }
 
 
-def _token_mean(x: Tensor, m: Tensor) -> Tensor:
-    return x.detach().masked_fill(~m, 0.0).sum() / m.sum().clamp_min(1).to(x.dtype)
-
-
-def _reduce(per_token: Tensor, m: Tensor, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``per_token`` ``[B, T]`` (0 at unsupervised tokens) -> (per_sample ``[B]``, loss, num_tokens ``[B]``)."""
-    n_tok = m.sum(dim=-1).to(per_token.dtype)
-    tok_sum = per_token.sum(dim=-1)
-    per_sample = tok_sum / n_tok.clamp_min(1.0)
-    if reduction == "sample":
-        loss = per_sample.mean() if per_sample.numel() > 0 else per_sample.sum()
-    else:
-        loss = tok_sum.sum() / n_tok.sum().clamp_min(1.0)
-    return per_sample, loss, n_tok
-
-
-def pg_per_token(
-    logp: Tensor,
-    adv: Tensor,
-    m: Tensor,
-    behaviour_logprobs: Tensor | None,
-    clip_eps: float,
-    clip_eps_high: float | None,
-) -> tuple[Tensor, Tensor]:
-    """Policy-gradient surrogate per token, exactly as :func:`~oprd_cli.losses.opd_top1_loss`.
-
-    ``logp`` ``[B, T]`` current student log-probs (with grad, 0 at unsupervised tokens), ``adv``
-    ``[B, T]`` detached advantages, ``m`` ``[B, T]`` bool. On-policy (``behaviour_logprobs=None``):
-    ``-exp(logp - sg(logp)) * adv`` (value ``-adv``, gradient ``-adv * grad logp``). Otherwise
-    ``max(-rho adv, -clip(rho, 1-eps, 1+eps_high) adv)`` with ``rho = exp(clamp(logp - logp_old,
-    +-20))``. Returns (per-token surrogate, 0 at unsupervised tokens; bool "PPO clip active").
-    """
-    if behaviour_logprobs is None:
-        ratio = torch.exp(logp - logp.detach())
-        per_token = -ratio * adv
-        clipped = torch.zeros_like(m)
-    else:
-        eps_low = float(clip_eps)
-        eps_high = float(clip_eps if clip_eps_high is None else clip_eps_high)
-        logp_old = behaviour_logprobs.detach().to(device=logp.device, dtype=logp.dtype).masked_fill(~m, 0.0)
-        ratio = torch.exp((logp - logp_old).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-        surr1 = -ratio * adv
-        surr2 = -ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
-        per_token = torch.maximum(surr1, surr2)
-        clipped = (surr2 > surr1) & m
-    return per_token.masked_fill(~m, 0.0), clipped
-
-
-def _check_2d(name: str, ref: Tensor, **tensors: Tensor | None) -> tuple[int, ...]:
-    if ref.dim() != 2:
-        raise ValueError(f"{name}: student_logprobs must be [B, T], got {tuple(ref.shape)}")
-    shape = tuple(ref.shape)
-    for key, t in tensors.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name}: {key} shape {tuple(t.shape)} != {shape}")
-    return shape
-
-
 def opd_plus_loss(
-    student_logprobs: Tensor,
-    teacher_logprobs: Tensor,
-    mask: Tensor,
-    divergence: str = "rkl",
-    corrected: bool = True,
-    log_ratio_clip: float | None = DEFAULT_LOG_RATIO_CLIP,
-    behaviour_logprobs: Tensor | None = None,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    reduction: str = "token",
-    **params,
+    student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor,
+    divergence: str = "rkl", corrected: bool = True, log_ratio_clip: float | None = DEFAULT_LOG_RATIO_CLIP,
+    behaviour_logprobs: Tensor | None = None, clip_eps: float = 0.2, clip_eps_high: float | None = None,
+    reduction: str = "token", **params,
 ) -> OpdPlusOutput:
     """OPD+ (``corrected=True``) or standard stop-gradient f-divergence OPD (``corrected=False``).
 
@@ -274,15 +204,14 @@ def opd_plus_loss(
     ``params``: ``alpha`` for ``divergence="alpha"``.
     """
     name = "opd_plus_loss"
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_reduction(name, reduction)
     _params(divergence, params)
     if log_ratio_clip is not None and not (float(log_ratio_clip) > 0):
         raise ValueError(f"{name}: log_ratio_clip must be > 0 or None, got {log_ratio_clip}")
-    _check_2d(name, student_logprobs, teacher_logprobs=teacher_logprobs, behaviour_logprobs=behaviour_logprobs,
-              mask=mask)
+    check_shapes(name, "student_logprobs", student_logprobs, teacher_logprobs=teacher_logprobs,
+                 behaviour_logprobs=behaviour_logprobs, mask=mask)
     device = student_logprobs.device
-    dt = _work_dtype(student_logprobs)
+    dt = work_dtype(student_logprobs)
     m = mask.to(device=device).bool()
     logp = student_logprobs.to(dt).masked_fill(~m, 0.0)
     logq = teacher_logprobs.detach().to(device=device, dtype=dt).masked_fill(~m, 0.0)
@@ -297,16 +226,16 @@ def opd_plus_loss(
         clipped_lr = (raw.abs() > c) & m
     adv = advantage(r, divergence, corrected, **params).detach().masked_fill(~m, 0.0)
     per_token, ppo_clipped = pg_per_token(logp, adv, m, behaviour_logprobs, clip_eps, clip_eps_high)
-    per_sample, loss, n_tok = _reduce(per_token, m, reduction)
+    per_sample, loss, n_tok = reduce_tokens(per_token, m, reduction)
     return OpdPlusOutput(
         per_token=per_token,
         per_sample=per_sample,
         loss=loss,
         advantages=adv,
-        adv_mean=_token_mean(adv, m),
-        divergence_est=_token_mean(f_value(r, divergence, **params), m),
-        kl=_token_mean(-raw, m),
-        clip_frac=_token_mean(clipped_lr.to(dt), m),
-        ppo_clip_frac=_token_mean(ppo_clipped.to(dt), m),
+        adv_mean=token_mean(adv, m),
+        divergence_est=token_mean(f_value(r, divergence, **params), m),
+        kl=token_mean(-raw, m),
+        clip_frac=token_mean(clipped_lr.to(dt), m),
+        ppo_clip_frac=token_mean(ppo_clipped.to(dt), m),
         num_tokens=n_tok.detach(),
     )

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from oprd_cli.losses.common import check_mask, check_reduction, check_shapes, reduce_tokens, token_mean
+from oprd_cli.losses.pg import pg_per_token
+
 __all__ = ["OpdOutput", "opd_top1_loss", "opd_topk_loss", "opd_full_loss"]
 
-_REDUCTIONS = ("sample", "token")
-_MAX_LOG_RATIO = 20.0  # exp(+-20) bounds the importance ratio before clipping (as verl does)
 DEFAULT_TEACHER_LOGPROB_FLOOR = -100.0
 
 
@@ -46,37 +47,6 @@ class OpdOutput:
     pg_loss: Tensor
     clip_frac: Tensor
     num_tokens: Tensor
-
-
-def _check_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name}: mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-
-
-def _check_reduction(name: str, reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-
-def _reduce(per_token: Tensor, m: Tensor, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``per_token`` ``[B, T]`` float32 (already 0 at unsupervised tokens), ``m`` ``[B, T]`` bool ->
-    (per_sample ``[B]``, loss scalar, num_tokens ``[B]``)."""
-    n_tok = m.sum(dim=-1).float()  # [B]
-    tok_sum = per_token.sum(dim=-1)  # [B]
-    per_sample = tok_sum / n_tok.clamp_min(1.0)
-    if reduction == "sample":
-        loss = per_sample.mean() if per_sample.numel() > 0 else per_sample.sum()
-    else:
-        loss = tok_sum.sum() / n_tok.sum().clamp_min(1.0)
-    return per_sample, loss, n_tok
-
-
-def _token_mean(x: Tensor, m: Tensor) -> Tensor:
-    return (x.detach().masked_fill(~m, 0.0).sum() / m.sum().clamp_min(1).float())
-
-
-def _zero_scalar(like: Tensor) -> Tensor:
-    return torch.zeros((), dtype=torch.float32, device=like.device)
 
 
 def opd_top1_loss(
@@ -135,17 +105,10 @@ def opd_top1_loss(
     an infinite loss by definition of the KL; mask such tokens.
     """
     name = "opd_top1_loss"
-    _check_reduction(name, reduction)
-    if student_logprobs.dim() != 2:
-        raise ValueError(f"{name}: student_logprobs must be [B, T], got {tuple(student_logprobs.shape)}")
-    shape = tuple(student_logprobs.shape)
-    if tuple(teacher_logprobs.shape) != shape:
-        raise ValueError(f"{name}: teacher_logprobs shape {tuple(teacher_logprobs.shape)} != {shape}")
-    if behaviour_logprobs is not None and tuple(behaviour_logprobs.shape) != shape:
-        raise ValueError(f"{name}: behaviour_logprobs shape {tuple(behaviour_logprobs.shape)} != {shape}")
-    _check_mask(name, mask, shape)
-    eps_low = float(clip_eps)
-    eps_high = float(clip_eps if clip_eps_high is None else clip_eps_high)
+    check_reduction(name, reduction)
+    shape = check_shapes(name, "student_logprobs", student_logprobs, teacher_logprobs=teacher_logprobs,
+                         behaviour_logprobs=behaviour_logprobs)
+    check_mask(name, mask, shape)
 
     device = student_logprobs.device
     m = mask.to(device=device).bool()
@@ -153,29 +116,20 @@ def opd_top1_loss(
     logq = teacher_logprobs.detach().to(device=device, dtype=torch.float32).masked_fill(~m, 0.0)
 
     l_tok = logp.detach() - logq  # sampled-token reverse-KL estimate, current student
-    adv = -l_tok
+    per_token, clipped = pg_per_token(logp, -l_tok, m, behaviour_logprobs, clip_eps, clip_eps_high)
+    return _opd_output(per_token, m, reduction, l_tok, clipped)
 
-    if behaviour_logprobs is None:
-        ratio = torch.exp(logp - logp.detach())  # == 1, gradient grad log pi_theta
-        per_token = -ratio * adv
-        clipped = torch.zeros_like(m)
-    else:
-        logp_old = behaviour_logprobs.detach().to(device=device, dtype=torch.float32).masked_fill(~m, 0.0)
-        log_ratio = (logp - logp_old).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-        ratio = torch.exp(log_ratio)
-        surr1 = -ratio * adv
-        surr2 = -ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
-        per_token = torch.maximum(surr1, surr2)
-        clipped = (surr2 > surr1) & m
-    per_token = per_token.masked_fill(~m, 0.0)
 
-    per_sample, loss, n_tok = _reduce(per_token, m, reduction)
+def _opd_output(per_token: Tensor, m: Tensor, reduction: str, kl_tok: Tensor, clipped: Tensor) -> OpdOutput:
+    """Reduce ``per_token`` ``[B, T]`` float32 and fill :class:`OpdOutput`: ``kl_tok`` ``[B, T]`` the
+    per-token KL values, ``clipped`` ``[B, T]`` bool where PPO clipping was active."""
+    per_sample, loss, n_tok = reduce_tokens(per_token, m, reduction)
     return OpdOutput(
         per_sample=per_sample,
         loss=loss,
-        kl=_token_mean(l_tok, m),
+        kl=token_mean(kl_tok, m),
         pg_loss=loss.detach(),
-        clip_frac=_token_mean(clipped.float(), m),
+        clip_frac=token_mean(clipped.float(), m),
         num_tokens=n_tok.detach(),
     )
 
@@ -217,25 +171,16 @@ def opd_topk_loss(
     ``kl`` is the masked token mean of the same values; ``pg_loss`` equals ``loss``; ``clip_frac``
     is 0.
     """
-    name = "opd_topk_loss"
-    _check_reduction(name, reduction)
-    if student_support_logits.dim() != 3:
-        raise ValueError(f"{name}: student_support_logits must be [B, T, K], got {tuple(student_support_logits.shape)}")
-    if teacher_support_logprobs.shape != student_support_logits.shape:
-        raise ValueError(
-            f"{name}: teacher_support_logprobs shape {tuple(teacher_support_logprobs.shape)} != "
-            f"{tuple(student_support_logits.shape)}"
-        )
-    _check_mask(name, mask, tuple(student_support_logits.shape[:2]))
-    return _exact_kl_loss(student_support_logits, teacher_support_logprobs, mask, reduction, teacher_logprob_floor)
+    check_reduction("opd_topk_loss", reduction)
+    check_shapes("opd_topk_loss", "student_support_logits", student_support_logits, "[B, T, K]",
+                 teacher_support_logprobs=teacher_support_logprobs)
+    return _exact_kl_loss("opd_topk_loss", student_support_logits, teacher_support_logprobs, mask, reduction,
+                          teacher_logprob_floor)
 
 
 def opd_full_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    reduction: str = "sample",
-    teacher_logprob_floor: float = DEFAULT_TEACHER_LOGPROB_FLOOR,
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
+    reduction: str = "sample", teacher_logprob_floor: float = DEFAULT_TEACHER_LOGPROB_FLOOR,
 ) -> OpdOutput:
     """Full-vocabulary OPD: exact ``KL(p_t || q_t) = sum_v p_t(v) log(p_t(v)/q_t(v))`` per token.
 
@@ -246,17 +191,14 @@ def opd_full_loss(
     temporaries; chunk over T for long responses. ``kl`` is the masked token mean of the per-token
     KL; ``pg_loss`` equals ``loss``; ``clip_frac`` is 0.
     """
-    name = "opd_full_loss"
-    _check_reduction(name, reduction)
-    if student_logits.dim() != 3:
-        raise ValueError(f"{name}: student_logits must be [B, T, V], got {tuple(student_logits.shape)}")
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"{name}: teacher_logits shape {tuple(teacher_logits.shape)} != {tuple(student_logits.shape)}")
-    _check_mask(name, mask, tuple(student_logits.shape[:2]))
-    return _exact_kl_loss(student_logits, teacher_logits, mask, reduction, teacher_logprob_floor, floor_after=True)
+    check_reduction("opd_full_loss", reduction)
+    check_shapes("opd_full_loss", "student_logits", student_logits, "[B, T, V]", teacher_logits=teacher_logits)
+    return _exact_kl_loss("opd_full_loss", student_logits, teacher_logits, mask, reduction, teacher_logprob_floor,
+                          floor_after=True)
 
 
 def _exact_kl_loss(
+    name: str,
     student_logits: Tensor,
     teacher_scores: Tensor,
     mask: Tensor,
@@ -267,7 +209,9 @@ def _exact_kl_loss(
     """Shared body of top-k and full: ``[B, T, K|V]`` logits/log-probs -> per-token exact KL.
 
     ``floor_after=False`` (top-k): clamp the teacher's log-probs, then renormalise on the support.
-    ``floor_after=True`` (full): log-softmax the teacher's logits, then clamp."""
+    ``floor_after=True`` (full): log-softmax the teacher's logits, then clamp. Checks
+    the mask (the caller has checked the reduction and the two score tensors)."""
+    check_mask(name, mask, tuple(student_logits.shape[:2]))
     device = student_logits.device
     m = mask.to(device=device).bool()
     m3 = m[:, :, None]
@@ -280,12 +224,4 @@ def _exact_kl_loss(
     else:
         logq = torch.log_softmax(tq.clamp_min(floor), dim=-1)
     per_token = _kl_from_logprobs(logp, logq).masked_fill(~m, 0.0)  # [B, T]
-    per_sample, loss, n_tok = _reduce(per_token, m, reduction)
-    return OpdOutput(
-        per_sample=per_sample,
-        loss=loss,
-        kl=_token_mean(per_token, m),
-        pg_loss=loss.detach(),
-        clip_frac=_zero_scalar(loss),
-        num_tokens=n_tok.detach(),
-    )
+    return _opd_output(per_token, m, reduction, per_token, torch.zeros_like(m))

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from oprd_cli.losses.common import check_reduction
+
 __all__ = ["OprdOutput", "oprd_loss"]
 
-_REDUCTIONS = ("sample", "token")
 _NORM_EPS = 1e-12  # as F.normalize: v / max(||v||, eps)
 
 
@@ -48,10 +49,52 @@ class OprdOutput:
     num_positions: Tensor
 
 
-def _l2_normalize(x: Tensor) -> Tensor:
-    # x / max(||x||, eps), written through the squared norm so the backward pass is finite at x = 0.
+def l2_normalize(x: Tensor) -> Tensor:
+    """``x / max(||x||, eps)`` along the last axis, as ``F.normalize``; written through the squared
+    norm so that the backward pass is finite at ``x = 0`` (masked positions)."""
     sq = x.square().sum(dim=-1, keepdim=True)
     return x * torch.rsqrt(sq.clamp_min(_NORM_EPS * _NORM_EPS))
+
+
+def position_error(a: Tensor, b: Tensor, normalize: bool) -> Tensor:
+    """``(1/d) ||a - b||^2`` over the last axis, of the L2-normalised vectors when ``normalize``.
+
+    ``a, b`` ``[..., d]`` float32, already 0 at unsupervised positions (so garbage there reaches
+    neither values nor gradients; a zero vector normalises to zero) -> ``[...]``."""
+    if normalize:
+        a, b = l2_normalize(a), l2_normalize(b)
+    return (a - b).square().mean(dim=-1)
+
+
+def reduce_layers(layer_sum: Tensor, n_pos: Tensor, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The representation losses' reduction of ``layer_sum`` ``[B, Lyr]`` (per sample and layer, the
+    sum of the position errors) with ``n_pos`` ``[B]`` supervised positions per sample ->
+    (per_sample ``[B]``, loss, per_layer ``[Lyr]`` detached), as :class:`OprdOutput` defines them."""
+    B, n_layers = layer_sum.shape
+    per_sample_layer = layer_sum / n_pos.clamp_min(1.0)[:, None]  # [B, Lyr]
+    per_sample = per_sample_layer.mean(dim=-1)  # [B]
+    if reduction == "sample":
+        loss = per_sample.mean() if B > 0 else per_sample.sum()
+        per_layer = per_sample_layer.detach().mean(dim=0) if B > 0 else per_sample_layer.detach().sum(dim=0)
+    else:
+        total = n_pos.sum().clamp_min(1.0)
+        loss = layer_sum.sum() / (total * n_layers) if n_layers > 0 else layer_sum.sum()
+        per_layer = layer_sum.detach().sum(dim=0) / total
+    return per_sample, loss, per_layer
+
+
+@torch.no_grad()
+def masked_cosine(a: Tensor, b: Tensor, m: Tensor) -> Tensor:
+    """Mean over the supervised positions of ``cos(a, b)``: ``a, b`` ``[B, P, d]`` float32, ``m``
+    ``[B, P]`` bool -> scalar (0 without supervised positions; norms clamped at 1e-12)."""
+    m3 = m[:, :, None]
+    a = a.masked_fill(~m3, 0.0)
+    b = b.masked_fill(~m3, 0.0)
+    dot = (a * b).sum(dim=-1)
+    na = a.square().sum(dim=-1).sqrt().clamp_min(_NORM_EPS)
+    nb = b.square().sum(dim=-1).sqrt().clamp_min(_NORM_EPS)
+    cos = (dot / (na * nb)).masked_fill(~m, 0.0)  # [B, P]
+    return cos.sum() / m.sum().clamp_min(1).float()
 
 
 def oprd_loss(
@@ -91,8 +134,7 @@ def oprd_loss(
 
     Returns an :class:`OprdOutput`.
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"oprd_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_reduction("oprd_loss", reduction)
     if student_hidden.dim() != 4:
         raise ValueError(f"oprd_loss: student_hidden must be [B, Lyr, P, d], got shape {tuple(student_hidden.shape)}")
     if teacher_hidden.shape != student_hidden.shape:
@@ -110,30 +152,14 @@ def oprd_loss(
     s = student_hidden.float()
     t = teacher_hidden.detach().to(device=device, dtype=torch.float32)
 
-    if normalize:
-        # Mask the inputs first so garbage at padded positions cannot reach the norms' backward.
-        s_in = s.masked_fill(~m4, 0.0)
-        t_in = t.masked_fill(~m4, 0.0)
-        diff = _l2_normalize(s_in) - _l2_normalize(t_in)
-    else:
-        # masked_fill's backward is a plain masked copy: padded positions get exactly zero gradient.
-        diff = (s - t).masked_fill(~m4, 0.0)
-    err = diff.square().mean(dim=-1)  # [B, Lyr, P], (1/d)||.||^2, 0 at padding
-
+    # Mask the inputs first so garbage at padded positions cannot reach the norms' backward.
+    err = position_error(s.masked_fill(~m4, 0.0), t.masked_fill(~m4, 0.0), normalize)  # [B, Lyr, P], 0 at padding
     n_pos = m.sum(dim=-1).float()  # [B]
-    layer_sum = err.sum(dim=-1)  # [B, Lyr]
-    per_sample_layer = layer_sum / n_pos.clamp_min(1.0)[:, None]  # [B, Lyr]
-    per_sample = per_sample_layer.mean(dim=-1)  # [B]
+    per_sample, loss, per_layer = reduce_layers(err.sum(dim=-1), n_pos, reduction)
 
-    if reduction == "sample":
-        loss = per_sample.mean() if B > 0 else per_sample.sum()
-        per_layer = per_sample_layer.detach().mean(dim=0) if B > 0 else per_sample_layer.detach().sum(dim=0)
-    else:
-        total = n_pos.sum().clamp_min(1.0)
-        loss = layer_sum.sum() / (total * n_layers) if n_layers > 0 else layer_sum.sum()
-        per_layer = layer_sum.detach().sum(dim=0) / total
-
-    per_layer_cosine = _per_layer_cosine(s.detach(), t, m)
+    per_layer_cosine = torch.zeros(n_layers, dtype=torch.float32, device=device)
+    for j in range(n_layers):  # one layer at a time bounds the temporaries
+        per_layer_cosine[j] = masked_cosine(s[:, j].detach(), t[:, j], m)
     cosine = per_layer_cosine.mean() if n_layers > 0 else per_layer_cosine.sum()
     return OprdOutput(
         per_sample=per_sample,
@@ -143,22 +169,3 @@ def oprd_loss(
         per_layer_cosine=per_layer_cosine,
         num_positions=n_pos.detach(),
     )
-
-
-@torch.no_grad()
-def _per_layer_cosine(s: Tensor, t: Tensor, m: Tensor) -> Tensor:
-    """Mean cosine over supervised positions, per layer. ``s, t`` ``[B, Lyr, P, d]`` float32,
-    ``m`` ``[B, P]`` bool -> ``[Lyr]``. Loops over layers to bound temporary memory."""
-    n_layers = s.shape[1]
-    total = m.sum().clamp_min(1).float()
-    out = torch.zeros(n_layers, dtype=torch.float32, device=s.device)
-    m3 = m[:, :, None]
-    for layer in range(n_layers):
-        a = s[:, layer].masked_fill(~m3, 0.0)  # [B, P, d]
-        b = t[:, layer].masked_fill(~m3, 0.0)
-        dot = (a * b).sum(dim=-1)
-        na = a.square().sum(dim=-1).sqrt().clamp_min(_NORM_EPS)
-        nb = b.square().sum(dim=-1).sqrt().clamp_min(_NORM_EPS)
-        cos = (dot / (na * nb)).masked_fill(~m, 0.0)  # [B, P]
-        out[layer] = cos.sum() / total
-    return out

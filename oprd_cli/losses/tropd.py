@@ -18,6 +18,7 @@ tokens (even NaN/inf) reach neither the loss nor the gradient.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from oprd_cli.losses.fdiv import _reduce, _token_mean, _work_dtype, pg_per_token
+from oprd_cli.losses.common import check_reduction, check_shapes, reduce_tokens, token_mean, work_dtype
+from oprd_cli.losses.pg import pg_per_token
 
 __all__ = [
     "OUTLIER_MODES",
@@ -47,7 +49,6 @@ DEFAULT_TROPD_TOPK = 64  # the paper's k
 DEFAULT_GUIDANCE_BETA = 0.001  # the paper's beta
 DEFAULT_TAU = -6.0  # [UNSPECIFIED] by the paper; the same scale as OPD+'s log-ratio clip
 DEFAULT_STUDENT_LOGPROB_FLOOR = -20.0  # [UNSPECIFIED]; exp(-20) ~ 2e-9
-_REDUCTIONS = ("sample", "token")
 
 
 def trust_probability(student_old_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
@@ -57,13 +58,9 @@ def trust_probability(student_old_logprobs: Tensor, teacher_logprobs: Tensor, ma
     ``teacher_logprobs`` ``[B, T]``; ``mask`` ``[B, T]``. 0 at unsupervised tokens. A ``-inf`` teacher
     log-prob gives 0 (always an outlier).
     """
-    if student_old_logprobs.dim() != 2:
-        raise ValueError(f"trust_probability: student_old_logprobs must be [B, T], got {tuple(student_old_logprobs.shape)}")
-    shape = tuple(student_old_logprobs.shape)
-    for key, t in (("teacher_logprobs", teacher_logprobs), ("mask", mask)):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"trust_probability: {key} shape {tuple(t.shape)} != {shape}")
-    dt = _work_dtype(student_old_logprobs)
+    check_shapes("trust_probability", "student_old_logprobs", student_old_logprobs,
+                 teacher_logprobs=teacher_logprobs, mask=mask)
+    dt = work_dtype(student_old_logprobs)
     m = mask.to(device=student_old_logprobs.device).bool()
     ls = student_old_logprobs.detach().to(dt).masked_fill(~m, 0.0)
     lt = teacher_logprobs.detach().to(device=ls.device, dtype=dt).masked_fill(~m, 0.0)
@@ -134,7 +131,7 @@ def topk_fkl(
     ``inf``). Gradient with respect to the student logits ``z`` (no floor active):
     ``pi_S * m_k - pi_T * 1_topk`` with ``m_k = sum_k pi_T(v_k)``.
     """
-    dt = _work_dtype(student_topk_logprobs)
+    dt = work_dtype(student_topk_logprobs)
     lq = teacher_topk_logprobs.detach().to(device=student_topk_logprobs.device, dtype=dt)
     lp = student_topk_logprobs.to(dt)
     if logprob_floor is not None:
@@ -246,30 +243,11 @@ def tropd_loss(
     ``outlier="mask"``.
     """
     name = "tropd_loss"
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if outlier not in OUTLIER_MODES:
-        raise ValueError(f"{name}: outlier must be one of {', '.join(OUTLIER_MODES)}, got {outlier!r}")
-    if not math.isfinite(float(tau)):
-        raise ValueError(f"{name}: tau must be finite, got {tau}")
-    if not (math.isfinite(float(guidance_beta)) and float(guidance_beta) >= 0):
-        raise ValueError(f"{name}: guidance_beta must be >= 0, got {guidance_beta}")
-    if student_logprobs.dim() != 2:
-        raise ValueError(f"{name}: student_logprobs must be [B, T], got {tuple(student_logprobs.shape)}")
-    shape = tuple(student_logprobs.shape)
-    for key, t in (("teacher_logprobs", teacher_logprobs), ("mask", mask), ("trust", trust),
-                   ("prefix_mask", prefix_mask), ("behaviour_logprobs", behaviour_logprobs)):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name}: {key} shape {tuple(t.shape)} != {shape}")
-    if student_topk_logprobs.dim() != 3 or tuple(student_topk_logprobs.shape[:2]) != shape:
-        raise ValueError(f"{name}: student_topk_logprobs must be [B, T, K] with [B, T] = {shape}, "
-                         f"got {tuple(student_topk_logprobs.shape)}")
-    if tuple(teacher_topk_logprobs.shape) != tuple(student_topk_logprobs.shape):
-        raise ValueError(f"{name}: teacher_topk_logprobs shape {tuple(teacher_topk_logprobs.shape)} != "
-                         f"{tuple(student_topk_logprobs.shape)}")
-
+    check_reduction(name, reduction)
+    _check_tropd_args(name, student_logprobs, student_topk_logprobs, teacher_logprobs, teacher_topk_logprobs,
+                      mask, trust, prefix_mask, behaviour_logprobs, outlier, tau, guidance_beta)
     device = student_logprobs.device
-    dt = _work_dtype(student_logprobs)
+    dt = work_dtype(student_logprobs)
     m = mask.to(device=device).bool()
     g = (prefix_mask.to(device=device).bool() & m) if prefix_mask is not None else torch.zeros_like(m)
     s = m & ~g
@@ -278,27 +256,62 @@ def tropd_loss(
     w = trust.detach().to(device=device, dtype=dt).masked_fill(~s, 0.0)
     if bool(((w < 0) | (w > 1) | torch.isnan(w)).any()):
         raise ValueError(f"{name}: trust weights must lie in [0, 1] on continuation tokens")
-
     r = (logq - logp.detach()).masked_fill(~s, 0.0)
-    behaviour = behaviour_logprobs
-    trust_tok, clipped = pg_per_token(logp, (w * r).masked_fill(~s, 0.0), s, behaviour, clip_eps, clip_eps_high)
+
+    pg = functools.partial(pg_per_token, logp, m=s, behaviour_logprobs=behaviour_logprobs, clip_eps=clip_eps,
+                           clip_eps_high=clip_eps_high)
+    trust_tok, clipped = pg((w * r).masked_fill(~s, 0.0))
     if outlier == "fkl":
-        s3 = s[:, :, None]
-        lp_k = student_topk_logprobs.to(device=device, dtype=dt).masked_fill(~s3, 0.0)
-        lq_k = teacher_topk_logprobs.detach().to(device=device, dtype=dt).masked_fill(~s3, 0.0)
-        fkl = topk_fkl(lp_k, lq_k, logprob_floor)
-        out_w = (1.0 - w).masked_fill(~s, 0.0)
-        out_tok = torch.where(out_w > 0, out_w * fkl, torch.zeros_like(fkl))  # trusted tokens: exactly 0, even for inf
+        out_tok = _outlier_fkl(student_topk_logprobs, teacher_topk_logprobs, w, s, logprob_floor)
     elif outlier == "clip":
-        adv_out = ((1.0 - w) * r.clamp_min(float(tau))).masked_fill(~s, 0.0)
-        out_tok, clipped_out = pg_per_token(logp, adv_out, s, behaviour, clip_eps, clip_eps_high)
+        out_tok, clipped_out = pg(((1.0 - w) * r.clamp_min(float(tau))).masked_fill(~s, 0.0))
         clipped = clipped | clipped_out
     else:  # mask: outliers get nothing
         out_tok = torch.zeros_like(trust_tok)
     guid_tok = (float(guidance_beta) * -logp).masked_fill(~g, 0.0)
+    return _tropd_output(trust_tok, out_tok, guid_tok, m, g, s, w, r, clipped, reduction)
 
+
+def _check_tropd_args(name: str, student_logprobs: Tensor, student_topk_logprobs: Tensor, teacher_logprobs: Tensor,
+                      teacher_topk_logprobs: Tensor, mask: Tensor, trust: Tensor, prefix_mask: Tensor | None,
+                      behaviour_logprobs: Tensor | None, outlier: str, tau: float, guidance_beta: float) -> None:
+    """``ValueError`` naming ``name`` for an unknown outlier mode, a non-finite ``tau``, a negative
+    ``guidance_beta`` or a tensor whose shape does not fit ``student_logprobs`` ``[B, T]``."""
+    if outlier not in OUTLIER_MODES:
+        raise ValueError(f"{name}: outlier must be one of {', '.join(OUTLIER_MODES)}, got {outlier!r}")
+    if not math.isfinite(float(tau)):
+        raise ValueError(f"{name}: tau must be finite, got {tau}")
+    if not (math.isfinite(float(guidance_beta)) and float(guidance_beta) >= 0):
+        raise ValueError(f"{name}: guidance_beta must be >= 0, got {guidance_beta}")
+    shape = check_shapes(name, "student_logprobs", student_logprobs, teacher_logprobs=teacher_logprobs, mask=mask,
+                         trust=trust, prefix_mask=prefix_mask, behaviour_logprobs=behaviour_logprobs)
+    if student_topk_logprobs.dim() != 3 or tuple(student_topk_logprobs.shape[:2]) != shape:
+        raise ValueError(f"{name}: student_topk_logprobs must be [B, T, K] with [B, T] = {shape}, "
+                         f"got {tuple(student_topk_logprobs.shape)}")
+    if tuple(teacher_topk_logprobs.shape) != tuple(student_topk_logprobs.shape):
+        raise ValueError(f"{name}: teacher_topk_logprobs shape {tuple(teacher_topk_logprobs.shape)} != "
+                         f"{tuple(student_topk_logprobs.shape)}")
+
+
+def _outlier_fkl(student_topk_logprobs: Tensor, teacher_topk_logprobs: Tensor, w: Tensor, s: Tensor,
+                 logprob_floor: float | None) -> Tensor:
+    """The outlier term ``(1 - w) * topk_fkl`` ``[B, T]`` on continuation tokens ``s`` (0 elsewhere,
+    and exactly 0 on fully trusted tokens, even where the FKL is infinite)."""
+    s3 = s[:, :, None]
+    dt, device = w.dtype, w.device
+    lp_k = student_topk_logprobs.to(device=device, dtype=dt).masked_fill(~s3, 0.0)
+    lq_k = teacher_topk_logprobs.detach().to(device=device, dtype=dt).masked_fill(~s3, 0.0)
+    fkl = topk_fkl(lp_k, lq_k, logprob_floor)
+    out_w = (1.0 - w).masked_fill(~s, 0.0)
+    return torch.where(out_w > 0, out_w * fkl, torch.zeros_like(fkl))
+
+
+def _tropd_output(trust_tok: Tensor, out_tok: Tensor, guid_tok: Tensor, m: Tensor, g: Tensor, s: Tensor,
+                  w: Tensor, r: Tensor, clipped: Tensor, reduction: str) -> TropdOutput:
+    """Sum the three terms per token, reduce, and compute the detached per-term metrics."""
+    dt = w.dtype
     per_token = trust_tok + out_tok + guid_tok
-    per_sample, loss, n_tok = _reduce(per_token, m, reduction)
+    per_sample, loss, n_tok = reduce_tokens(per_token, m, reduction)
     n_all = m.sum().clamp_min(1).to(dt)
     g_len = g.sum(dim=-1).to(dt)
     return TropdOutput(
@@ -308,11 +321,11 @@ def tropd_loss(
         trust_loss=trust_tok.detach().sum() / n_all,
         outlier_loss=out_tok.detach().sum() / n_all,
         guidance_loss=guid_tok.detach().sum() / n_all,
-        outlier_frac=_token_mean(1.0 - w, s),
+        outlier_frac=token_mean(1.0 - w, s),
         guidance_tokens=g_len.sum().detach(),
         prefix_len=(g_len.mean() if g_len.numel() else g_len.sum()).detach(),
-        kl=_token_mean(-r, s),
-        clip_frac=_token_mean(clipped.to(dt), s),
+        kl=token_mean(-r, s),
+        clip_frac=token_mean(clipped.to(dt), s),
         num_tokens=n_tok.detach(),
     )
 
