@@ -392,7 +392,15 @@ def test_refuses_bad_arguments(run, tiny_dir, cache, tmp_path):
 
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(cache, tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setenv("OPRD_TEST_NAN_AT_STEP", "3")
+    from oprd_cli.train.step import Trainer
+
+    micro_loss = Trainer.micro_loss
+
+    def nan_at_step_3(self, *args, **kwargs):  # the loss of global step 3 becomes NaN
+        loss = micro_loss(self, *args, **kwargs)
+        return loss * float("nan") if self.step + 1 == 3 else loss
+
+    monkeypatch.setattr(Trainer, "micro_loss", nan_at_step_3)
     res = train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", out, "--max-steps", 5, "--batch-size", 4,
                 expect=2)
     one_line_error(res, "step 3", "nan", "step-000002", only_line=False)
@@ -415,7 +423,7 @@ def test_oprd_step_never_touches_the_lm_head_and_stops_at_the_deepest_layer(tiny
     bc = BenchLossConfig(num_layers=4, seq_len=10, last_k=4, batch_size=2, prompt_len=5, hidden_size=64,
                          vocab_size=model.config.vocab_size, topk=4)
     for objective, layers, blocks, head_grad in (("oprd", [2], [0, 1], False), ("opd-top1", [], [0, 1, 2, 3], True)):
-        cfg = TrainConfig(objective=objective)
+        cfg = TrainConfig.from_flat(objective=objective)
         trainer = Trainer(model, cfg, layers, torch.device("cpu"), total_steps=None)
         mb = _batch(bc, objective, layers)
         ran.clear()
@@ -429,7 +437,7 @@ def test_oprd_step_never_touches_the_lm_head_and_stops_at_the_deepest_layer(tiny
 
 def test_lr_schedule_and_prefetcher():
     from oprd_cli.train.batches import Prefetcher, plan_steps
-    from oprd_cli.train.step import lr_factor, warmup_steps
+    from oprd_cli.train.schedule import lr_factor, warmup_steps
 
     w = warmup_steps(100, 0.03)
     assert w == 3
