@@ -33,8 +33,20 @@ from oprd_cli.console import err_console, progress, warn
 from oprd_cli.errors import OprdError
 from oprd_cli.stores.rundir import RunDir
 from oprd_cli.train import selection as S
-from oprd_cli.train.batches import Needs, Prefetcher, assemble, plan_steps, split_micro_batches
-from oprd_cli.train.checkpoint import Checkpointer, clean_temporaries, load_trainer_state, read_marker, set_rng_state
+from oprd_cli.train.batches import (
+    Needs,
+    Prefetcher,
+    assemble,
+    plan_steps,
+    split_micro_batches,
+)
+from oprd_cli.train.checkpoint import (
+    Checkpointer,
+    clean_temporaries,
+    load_trainer_state,
+    read_marker,
+    set_rng_state,
+)
 from oprd_cli.train.config import TrainConfig, TrainResult
 from oprd_cli.train.report import MetricsLog, show_step
 from oprd_cli.train.step import NonFiniteLoss, Trainer
