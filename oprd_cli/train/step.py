@@ -89,10 +89,6 @@ class MicroBatch:
     def num_positions(self) -> int:
         return int(self.hidden_mask.sum()) if self.hidden_mask is not None else 0
 
-    @property
-    def padded_tokens(self) -> int:
-        return int(self.input_ids.numel())
-
     def to(self, device: torch.device) -> "MicroBatch":
         nb = device.type == "cuda"
         kw = {}
