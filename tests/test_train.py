@@ -773,3 +773,24 @@ def test_next_source_takes_the_newest_cache_and_skips_older_and_stale_ones(tmp_p
     assert next_source(state, rounds, caches.__getitem__, stale, cfg, step=4) is None
     assert [(s["name"], s["reason"]) for s in state.skipped] == [("r000002.zarr", "newer cache"),
                                                                  ("r000003.zarr", "staleness 2")]
+
+
+def test_the_step_reads_the_device_a_fixed_number_of_times_whatever_the_depth(tiny_dir, monkeypatch):
+    """The per-layer statistics stay on the device: the host syncs of a micro-batch's loss do not grow
+    with the number of supervised layers (it used to sync three times per layer)."""
+    from oprd_cli.train import TrainConfig, Trainer
+    from oprd_cli.train.step import StepTotals, _Acc
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "qwen2-deep", attn_implementation="eager")
+    syncs = []
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name: syncs.append(_n) or _o(self, *a))
+    counts = {}
+    for layers in ([4], [1, 2, 3, 4]):
+        mb = _micro_batch(_samples(model, layers), [0, 1, 2, 3])
+        trainer = Trainer(model, TrainConfig(), layers, torch.device("cpu"), total_steps=None)
+        syncs.clear()
+        trainer.micro_loss(mb, StepTotals(samples=4, tokens=24, positions=15), on_policy=False, acc=_Acc())
+        counts[len(layers)] = list(syncs)
+    assert counts[4] == counts[1] and len(counts[1]) <= 3, counts
