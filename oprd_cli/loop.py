@@ -277,7 +277,8 @@ def run_loop(
     per_round = min(prompts_per_round, len(records)) if prompts_per_round else len(records)
     if train.optim.total_steps is None:
         train = train.replace(total_steps=rounds * steps_per_round(per_round * sampling.num_samples,
-                                                                   train.batching.batch_size, train.batching.epochs or 1))
+                                                                   train.batching.batch_size,
+                                                                   train.batching.epochs or 1))
     run.root.mkdir(parents=True, exist_ok=True)
     write_initial_config(run.root, {
         "models": {"student": model, "teacher": teacher},
@@ -286,7 +287,8 @@ def run_loop(
         "rollout": {k: v for k, v in asdict(sampling).items()},
         "teacher_cache": {k: settings[k] for k in ("layers", "positions", "k", "logprobs", "topk")},
         "train": {"objective": train.loss.objective, "mu": train.loss.mu, "oprd_form": train.loss.oprd_form,
-                  "lr": train.optim.lr, "batch_size": train.batching.batch_size, "total_steps": train.optim.total_steps},
+                  "lr": train.optim.lr, "batch_size": train.batching.batch_size,
+                  "total_steps": train.optim.total_steps},
     })
 
     result = LoopResult(run_dir=str(run.root), rounds=rounds)
@@ -371,10 +373,12 @@ def run_loop(
                                   f"({st['total_seconds']:.1f} s)")
                 stage_done(r, "cache", t0, units=st["units_computed"])
             # -- train
-            what = train.loss.objective + (f" + {train.loss.mu:g}*oprd" if train.loss.uses_opd and train.loss.mu else "")
+            loss = train.loss
+            what = loss.objective + (f" + {loss.mu:g}*oprd" if loss.uses_opd and loss.mu else "")
             header(r, "train", what)
             t0 = time.monotonic()
-            tcfg = train.replace(follow=False, device=device if train.runtime.device == "auto" else train.runtime.device)
+            tdev = train.runtime.device
+            tcfg = train.replace(follow=False, device=device if tdev == "auto" else tdev)
             tr = run_train(model=None if latest is not None else str(model), run_dir=str(run.root), config=tcfg,
                            show_progress=show_progress)
             if r not in _trained_rounds(run):

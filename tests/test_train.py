@@ -572,7 +572,8 @@ def _samples(model, layers: list[int], K: int = 4, seed: int = 0) -> list[dict]:
     out = []
     for lp, t in zip(PROMPTS, RESPONSES):
         p = min(P_CACHED, t)
-        out.append({"prompt": torch.randint(0, V, (lp,), generator=g), "response": torch.randint(0, V, (t,), generator=g),
+        out.append({"prompt": torch.randint(0, V, (lp,), generator=g),
+                    "response": torch.randint(0, V, (t,), generator=g),
                     "behaviour": -torch.rand(t, generator=g) * 3, "teacher_lp": -torch.rand(t, generator=g) * 3,
                     "support": torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(t)]),
                     "support_lp": torch.log_softmax(torch.randn(t, K, generator=g), -1),
@@ -590,7 +591,8 @@ def _micro_batch(samples: list[dict], rows: list[int]):
     P = max(len(s["positions"]) for s in ss)
     b, K, (Ly, _, d) = len(ss), ss[0]["support"].shape[1], ss[0]["hidden"].shape
     mb = MicroBatch(rows=np.array(rows), input_ids=torch.zeros(b, S, dtype=torch.long),
-                    prompt_lens=torch.tensor([len(s["prompt"]) for s in ss]), response_ids=torch.zeros(b, T, dtype=torch.long),
+                    prompt_lens=torch.tensor([len(s["prompt"]) for s in ss]),
+                    response_ids=torch.zeros(b, T, dtype=torch.long),
                     response_mask=torch.zeros(b, T, dtype=torch.bool), behaviour_logprobs=torch.zeros(b, T),
                     support_ids=torch.zeros(b, T, K, dtype=torch.long), teacher_hidden=torch.zeros(b, Ly, P, d),
                     hidden_mask=torch.zeros(b, P, dtype=torch.bool), hidden_positions=torch.full((b, P), -1),
