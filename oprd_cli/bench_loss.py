@@ -183,11 +183,11 @@ def run_worker(cfg: BenchLossConfig, name: str) -> dict[str, Any]:
     model = _build_model(cfg, device, attn)
     spec = OBJECTIVES[name]
     layers = list(range(1, cfg.num_layers + 1))  # all layers, the paper's default
-    tcfg = TrainConfig(objective=spec["objective"], topk_logits=spec.get("topk_logits", "support"),
+    tcfg = TrainConfig.from_flat(objective=spec["objective"], topk_logits=spec.get("topk_logits", "support"),
                        batch_size=cfg.batch_size, micro_batch_tokens=cfg.batch_size * (cfg.prompt_len + cfg.seq_len),
                        device=str(device), seed=cfg.seed)
     tcfg.validate()
-    trainer = Trainer(model, tcfg, layers if tcfg.uses_oprd else [], device, total_steps=cfg.repeats + 1,
+    trainer = Trainer(model, tcfg, layers if tcfg.loss.uses_oprd else [], device, total_steps=cfg.repeats + 1,
                       autocast_dtype=autocast)
     mb = _batch(cfg, spec["objective"], layers).to(device)
     times, deltas, bases = [], [], []
@@ -206,7 +206,7 @@ def run_worker(cfg: BenchLossConfig, name: str) -> dict[str, Any]:
         bases.append(base)
     params = sum(p.numel() for p in model.parameters())
     return {
-        "objective": spec["objective"], "topk_logits": spec.get("topk_logits"), "entropy": tcfg.log_entropy,
+        "objective": spec["objective"], "topk_logits": spec.get("topk_logits"), "entropy": tcfg.loss.log_entropy,
         "step_time_s": statistics.median(times), "delta_peak_bytes": int(statistics.median(deltas)),
         "step_times_s": times, "delta_peaks_bytes": deltas, "start_level_bytes": int(statistics.median(bases)),
         "warmup_step": first, "parameters": params, "threads": torch.get_num_threads(),

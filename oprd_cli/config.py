@@ -88,7 +88,8 @@ def _toml_value(v: Any) -> str:
 
 def merge(cls: type[T], section: dict[str, Any] | None = None, **flags: Any) -> T:
     """Build dataclass ``cls``: flags that are not None win over the toml section."""
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    flat = getattr(cls, "flat_fields", None)  # a grouped config (TrainConfig) with flat keys
+    names = {f.name for f in (flat() if flat else fields(cls))}  # type: ignore[arg-type]
     section = section or {}
     unknown = set(section) - names
     if unknown:
@@ -98,7 +99,7 @@ def merge(cls: type[T], section: dict[str, Any] | None = None, **flags: Any) -> 
         )
     values = {k: v for k, v in section.items()}
     values.update({k: v for k, v in flags.items() if v is not None and k in names})
-    obj = cls(**values)
+    obj = cls.from_flat(values) if flat else cls(**values)  # type: ignore[attr-defined]
     validate = getattr(obj, "validate", None)
     if validate:
         validate()

@@ -257,27 +257,28 @@ def run_loop(
 
     # ---- what the objective needs in the stores
     given = dict(cache_settings or {})
-    need = cache_defaults(train.objective, train.mu, int(given.get("topk") or 16))
+    need = cache_defaults(train.loss.objective, train.loss.mu, int(given.get("topk") or 16))
     settings = {**need, **{k: v for k, v in given.items() if v is not None}}
     settings.setdefault("device", device)
     settings.setdefault("dtype", dtype)
     ccfg = TeacherCacheConfig(**settings)
     ccfg.validate()
-    if train.objective == "opd-topk":
+    if train.loss.objective == "opd-topk":
         if ccfg.logprobs != "topk":
             raise OprdError("--objective opd-topk needs --logprobs topk in the teacher cache")
         if sampling.record_topk < ccfg.topk:
             sampling = replace(sampling, record_topk=ccfg.topk)
-    if train.objective == "opd-top1" and ccfg.logprobs == "none":
+    if train.loss.objective == "opd-top1" and ccfg.logprobs == "none":
         raise OprdError("--objective opd-top1 needs the teacher's log-probs: --logprobs sampled (or topk)")
     settings = {f: getattr(ccfg, f) for f in TeacherCacheConfig.__dataclass_fields__}
 
     # ---- prompts and the schedule
     records = load_records(data.prompts, data.split, data.prompt_field, data.answer_field, data.id_field, data.limit)
     per_round = min(prompts_per_round, len(records)) if prompts_per_round else len(records)
-    if train.total_steps is None:
-        train = replace(train, total_steps=rounds * steps_per_round(per_round * sampling.num_samples,
-                                                                   train.batch_size, train.epochs or 1))
+    if train.optim.total_steps is None:
+        train = train.replace(total_steps=rounds * steps_per_round(per_round * sampling.num_samples,
+                                                                   train.batching.batch_size,
+                                                                   train.batching.epochs or 1))
     run.root.mkdir(parents=True, exist_ok=True)
     write_initial_config(run.root, {
         "models": {"student": model, "teacher": teacher},
@@ -285,8 +286,9 @@ def run_loop(
         "template": asdict(template),
         "rollout": {k: v for k, v in asdict(sampling).items()},
         "teacher_cache": {k: settings[k] for k in ("layers", "positions", "k", "logprobs", "topk")},
-        "train": {"objective": train.objective, "mu": train.mu, "oprd_form": train.oprd_form, "lr": train.lr,
-                  "batch_size": train.batch_size, "total_steps": train.total_steps},
+        "train": {"objective": train.loss.objective, "mu": train.loss.mu, "oprd_form": train.loss.oprd_form,
+                  "lr": train.optim.lr, "batch_size": train.batching.batch_size,
+                  "total_steps": train.optim.total_steps},
     })
 
     result = LoopResult(run_dir=str(run.root), rounds=rounds)
@@ -371,10 +373,12 @@ def run_loop(
                                   f"({st['total_seconds']:.1f} s)")
                 stage_done(r, "cache", t0, units=st["units_computed"])
             # -- train
-            what = train.objective + (f" + {train.mu:g}*oprd" if train.objective != "oprd" and train.mu else "")
+            loss = train.loss
+            what = loss.objective + (f" + {loss.mu:g}*oprd" if loss.uses_opd and loss.mu else "")
             header(r, "train", what)
             t0 = time.monotonic()
-            tcfg = replace(train, follow=False, device=device if train.device == "auto" else train.device)
+            tdev = train.runtime.device
+            tcfg = train.replace(follow=False, device=device if tdev == "auto" else tdev)
             tr = run_train(model=None if latest is not None else str(model), run_dir=str(run.root), config=tcfg,
                            show_progress=show_progress)
             if r not in _trained_rounds(run):

@@ -17,11 +17,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import run_cli
+from oprd_cli.models import weights_digest
 from oprd_cli.stores.cache import open_cache
 from oprd_cli.stores.rollouts import open_rollouts
 from oprd_cli.teacher import cache_rollouts
 
 LR = ["--lr", "3e-3"]
+STILL_UNDER_OPRD = ["lm_head.weight"]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,10 @@ def test_oprd_moves_student_toward_teacher_and_checkpoints_reload(run, tiny_dir,
     assert np.mean([x["loss"] for x in last]) < 0.7 * np.mean([x["loss"] for x in first])
     assert np.mean([x["rep/cosine_similarity"] for x in last]) > np.mean([x["rep/cosine_similarity"] for x in first]) + 0.1
     # warm-up (3% of 24 -> 1 step) then cosine decay
+    from oprd_cli.train.schedule import lr_factor
+
     lrs = [x["lr"] for x in m]
+    assert lrs == pytest.approx([3e-3 * lr_factor(i, 1, 24) for i in range(24)], rel=1e-9)
     assert lrs[0] == pytest.approx(3e-3) and all(a > b for a, b in zip(lrs[1:], lrs[2:]))
     # checkpoints: --save-every 8 and --keep-last 2 leave steps 16 and 24
     ckpts = sorted(p.name for p in (r / "checkpoints").iterdir())
@@ -130,9 +135,14 @@ def test_oprd_moves_student_toward_teacher_and_checkpoints_reload(run, tiny_dir,
         assert (ck / f).exists(), f
     reloaded = AutoModelForCausalLM.from_pretrained(ck)
     initial = AutoModelForCausalLM.from_pretrained(tiny_dir / "qwen2")
-    moved = [not torch.equal(a, b) for a, b in zip(reloaded.parameters(), initial.parameters())]
-    assert any(moved) and all(torch.isfinite(p).all() for p in reloaded.parameters())
-    assert json.loads((ck / "oprd_checkpoint.json").read_text())["step"] == 24
+    initial_params = dict(initial.named_parameters())
+    still = sorted(n for n, p in reloaded.named_parameters() if torch.equal(p, initial_params[n]))
+    assert still == STILL_UNDER_OPRD, still  # OPRD trains the backbone only: the LM head never moves
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+    marker = json.loads((ck / "oprd_checkpoint.json").read_text())
+    assert marker["step"] == 24 and marker["checkpoint_steps"] == [8, 16, 24]
+    assert marker["weights_digest"] == weights_digest(reloaded)  # the marker names exactly these weights
+    assert marker["config"]["batch_size"] == 4 and marker["config"]["lr"] == 3e-3  # flat keys, as oprd.toml
     # the run's cache is used up: a second call says so and takes no step
     again = train("--run-dir", r, "--batch-size", 4, "--json")
     assert json.loads(again.stdout)["steps"] == 0 and "already trained on" in again.stderr
@@ -392,7 +402,15 @@ def test_refuses_bad_arguments(run, tiny_dir, cache, tmp_path):
 
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(cache, tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setenv("OPRD_TEST_NAN_AT_STEP", "3")
+    from oprd_cli.train.step import Trainer
+
+    micro_loss = Trainer.micro_loss
+
+    def nan_at_step_3(self, *args, **kwargs):  # the loss of global step 3 becomes NaN
+        loss = micro_loss(self, *args, **kwargs)
+        return loss * float("nan") if self.step + 1 == 3 else loss
+
+    monkeypatch.setattr(Trainer, "micro_loss", nan_at_step_3)
     res = train("--model", tiny_dir / "qwen2", "--cache", cache, "--out", out, "--max-steps", 5, "--batch-size", 4,
                 expect=2)
     one_line_error(res, "step 3", "nan", "step-000002", only_line=False)
@@ -415,7 +433,7 @@ def test_oprd_step_never_touches_the_lm_head_and_stops_at_the_deepest_layer(tiny
     bc = BenchLossConfig(num_layers=4, seq_len=10, last_k=4, batch_size=2, prompt_len=5, hidden_size=64,
                          vocab_size=model.config.vocab_size, topk=4)
     for objective, layers, blocks, head_grad in (("oprd", [2], [0, 1], False), ("opd-top1", [], [0, 1, 2, 3], True)):
-        cfg = TrainConfig(objective=objective)
+        cfg = TrainConfig.from_flat(objective=objective)
         trainer = Trainer(model, cfg, layers, torch.device("cpu"), total_steps=None)
         mb = _batch(bc, objective, layers)
         ran.clear()
@@ -429,7 +447,7 @@ def test_oprd_step_never_touches_the_lm_head_and_stops_at_the_deepest_layer(tiny
 
 def test_lr_schedule_and_prefetcher():
     from oprd_cli.train.batches import Prefetcher, plan_steps
-    from oprd_cli.train.step import lr_factor, warmup_steps
+    from oprd_cli.train.schedule import lr_factor, warmup_steps
 
     w = warmup_steps(100, 0.03)
     assert w == 3
@@ -541,3 +559,240 @@ def test_every_flag_docs_training_md_names_exists():
     for flag in ("--min-lr-ratio", "--logits-chunk-tokens", "--prefetch", "--micro-batch-tokens",
                  "--gradient-checkpointing"):
         assert flag in opts("train"), flag
+
+
+# ----------------------------------------------------------------------------- the step's arithmetic
+PROMPTS, RESPONSES, P_CACHED = [4, 6, 4, 5], [5, 9, 3, 7], 4
+
+
+def _samples(model, layers: list[int], K: int = 4, seed: int = 0) -> list[dict]:
+    """Four ragged samples with every array an objective reads (what a rollout + cache hold)."""
+    g = torch.Generator().manual_seed(seed)
+    V, d = model.config.vocab_size, model.config.hidden_size
+    out = []
+    for lp, t in zip(PROMPTS, RESPONSES):
+        p = min(P_CACHED, t)
+        out.append({"prompt": torch.randint(0, V, (lp,), generator=g),
+                    "response": torch.randint(0, V, (t,), generator=g),
+                    "behaviour": -torch.rand(t, generator=g) * 3, "teacher_lp": -torch.rand(t, generator=g) * 3,
+                    "support": torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(t)]),
+                    "support_lp": torch.log_softmax(torch.randn(t, K, generator=g), -1),
+                    "hidden": torch.randn(len(layers), p, d, generator=g), "positions": torch.arange(t - p, t)})
+    return out
+
+
+def _micro_batch(samples: list[dict], rows: list[int]):
+    """The right-padded micro-batch of ``rows`` (as batches.assemble lays it out)."""
+    from oprd_cli.train import MicroBatch
+
+    ss = [samples[r] for r in rows]
+    S = max(len(s["prompt"]) + len(s["response"]) for s in ss)
+    T = max(len(s["response"]) for s in ss)
+    P = max(len(s["positions"]) for s in ss)
+    b, K, (Ly, _, d) = len(ss), ss[0]["support"].shape[1], ss[0]["hidden"].shape
+    mb = MicroBatch(rows=np.array(rows), input_ids=torch.zeros(b, S, dtype=torch.long),
+                    prompt_lens=torch.tensor([len(s["prompt"]) for s in ss]),
+                    response_ids=torch.zeros(b, T, dtype=torch.long),
+                    response_mask=torch.zeros(b, T, dtype=torch.bool), behaviour_logprobs=torch.zeros(b, T),
+                    support_ids=torch.zeros(b, T, K, dtype=torch.long), teacher_hidden=torch.zeros(b, Ly, P, d),
+                    hidden_mask=torch.zeros(b, P, dtype=torch.bool), hidden_positions=torch.full((b, P), -1),
+                    teacher_logprobs=torch.zeros(b, T), support_logprobs=torch.zeros(b, T, K))
+    for i, s in enumerate(ss):
+        lp, t, p = len(s["prompt"]), len(s["response"]), len(s["positions"])
+        mb.input_ids[i, :lp + t] = torch.cat([s["prompt"], s["response"]])
+        mb.response_ids[i, :t], mb.response_mask[i, :t] = s["response"], True
+        mb.behaviour_logprobs[i, :t], mb.teacher_logprobs[i, :t] = s["behaviour"], s["teacher_lp"]
+        mb.support_ids[i, :t], mb.support_logprobs[i, :t] = s["support"], s["support_lp"]
+        mb.teacher_hidden[i, :, :p], mb.hidden_mask[i, :p], mb.hidden_positions[i, :p] = s["hidden"], True, s["positions"]
+    return mb
+
+
+def _loss_and_grads(model, cfg, layers, mbs, autocast=None):
+    from oprd_cli.train import Trainer
+    from oprd_cli.train.step import StepTotals, _Acc
+
+    trainer = Trainer(model, cfg, layers, torch.device("cpu"), total_steps=None)
+    model.zero_grad(set_to_none=True)
+    totals, acc, loss = StepTotals.of(mbs), _Acc(), 0.0
+    for mb in mbs:
+        with torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False):
+            part = trainer.micro_loss(mb, totals, on_policy=False, acc=acc)
+        part.backward()
+        loss += float(part.detach())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss, grads, acc.values()
+
+
+@pytest.mark.parametrize("objective,mu", [("oprd", None), ("opd-top1", 1.0), ("opd-topk", 1.0)])
+@pytest.mark.parametrize("reduction", ["token", "sample"])
+def test_micro_batches_give_the_loss_and_gradient_of_one_batch(tiny_dir, objective, mu, reduction):
+    """A step split into ragged micro-batches (gradient accumulation, weights from the step's totals)
+    has exactly the loss, the gradient and the logged statistics of the same step as one batch."""
+    from oprd_cli.train import TrainConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "qwen2", attn_implementation="eager")
+    layers = [1, 2]
+    samples = _samples(model, layers)
+    cfg = TrainConfig.from_flat(objective=objective, mu=mu, reduction=reduction, entropy=True)
+    one = _loss_and_grads(model, cfg, layers, [_micro_batch(samples, [0, 1, 2, 3])])
+    split = _loss_and_grads(model, cfg, layers, [_micro_batch(samples, [0, 3]), _micro_batch(samples, [1]),
+                                                 _micro_batch(samples, [2])])
+    assert split[0] == pytest.approx(one[0], rel=1e-5) and one[0] != 0
+    assert split[1].keys() == one[1].keys() and len(one[1]) > 0
+    for name, g in one[1].items():
+        torch.testing.assert_close(split[1][name], g, rtol=1e-4, atol=1e-7, msg=name)
+    assert split[2].keys() == one[2].keys()
+    for key, v in one[2].items():
+        assert split[2][key] == pytest.approx(v, rel=1e-5, abs=1e-8), key
+
+
+@pytest.mark.parametrize("objective,mu", [("oprd", None), ("opd-top1", 1.0), ("opd-topk", 1.0)])
+def test_bf16_autocast_on_cpu_gives_finite_losses_close_to_fp32(tiny_dir, objective, mu):
+    """The bf16 path: under CPU autocast every objective gives finite losses and gradients within bf16
+    rounding of float32 (the loss code upcasts what it reduces)."""
+    from oprd_cli.train import TrainConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "qwen2", attn_implementation="eager")
+    layers = [1, 2]
+    mbs = [_micro_batch(_samples(model, layers), [0, 1, 2, 3])]
+    cfg = TrainConfig.from_flat(objective=objective, mu=mu)
+    fp32 = _loss_and_grads(model, cfg, layers, mbs)
+    bf16 = _loss_and_grads(model, cfg, layers, mbs, autocast=torch.bfloat16)
+    assert math.isfinite(bf16[0]) and bf16[0] == pytest.approx(fp32[0], rel=2e-2)
+    num = sum(float((bf16[1][n] - g).norm() ** 2) for n, g in fp32[1].items()) ** 0.5
+    den = sum(float(g.norm() ** 2) for g in fp32[1].values()) ** 0.5
+    assert all(torch.isfinite(g).all() for g in bf16[1].values()) and num < 0.1 * den
+
+
+# ----------------------------------------------------------------------------- configuration
+def test_oprd_toml_train_section_precedence_flag_over_toml_over_default(run, tiny_dir, tmp_path):
+    r = copy_run(run, tmp_path / "run")
+    (r / "oprd.toml").write_text('[models]\nstudent = "%s"\n\n[train]\nlr = 2e-3\nbatch_size = 2\nmax_steps = 1\n'
+                                 'warmup_ratio = 0.5\n' % (tiny_dir / "qwen2"))
+    train("--run-dir", r, "--batch-size", 4, "--total-steps", 10)
+    m = metrics(r)
+    assert len(m) == 1  # max_steps from the toml
+    assert m[0]["num_samples"] == 4  # the flag beats the toml's batch_size 2
+    assert m[0]["lr"] == pytest.approx(2e-3 * 1 / 5)  # toml lr and warm-up (5 of 10 steps) over the defaults
+    cfg = json.loads((r / "checkpoints" / "step-000001" / "oprd_checkpoint.json").read_text())["config"]
+    assert (cfg["lr"], cfg["batch_size"], cfg["max_steps"], cfg["total_steps"]) == (2e-3, 4, 1, 10)
+    assert (cfg["weight_decay"], cfg["objective"], cfg["micro_batch_tokens"]) == (0.01, "oprd", 16384)  # defaults
+    (r / "oprd.toml").write_text("[train]\nlearning_rate = 1e-4\n")
+    res = train("--run-dir", r, expect=2)
+    one_line_error(res, "learning_rate")
+
+
+def test_train_config_groups_map_flat_keys_one_to_one():
+    from dataclasses import fields
+
+    from oprd_cli.errors import OprdError
+    from oprd_cli.train import TrainConfig
+
+    names = [f.name for f in TrainConfig.flat_fields()]
+    assert len(names) == len(set(names)) == 37  # every flat key (oprd.toml, flag) lives in exactly one group
+    assert {f.name for f in fields(TrainConfig)} == {"loss", "optim", "batching", "checkpoint", "run", "runtime"}
+    default = TrainConfig()
+    assert TrainConfig.from_flat(default.to_flat()) == default
+    assert default.to_flat() == {f.name: f.default for f in TrainConfig.flat_fields()}
+    cfg = TrainConfig.from_flat({"lr": 3e-4, "objective": "opd-top1", "follow": True, "keep_last": 2})
+    assert (cfg.optim.lr, cfg.loss.objective, cfg.run.follow, cfg.checkpoint.keep_last) == (3e-4, "opd-top1", True, 2)
+    assert cfg.loss.oprd_coef == 0.0 and TrainConfig().loss.oprd_coef == 1.0
+    assert cfg.replace(mu=2.0).loss.oprd_coef == 2.0 and cfg.loss.mu is None  # a copy
+    with pytest.raises(OprdError, match="unknown train setting.*learning_rate"):
+        TrainConfig.from_flat({"learning_rate": 1.0})
+    with pytest.raises(OprdError, match="--keep-last must be at least 1"):
+        TrainConfig.from_flat(keep_last=0).validate()
+
+
+def test_no_test_hook_is_read_by_the_trainer():
+    """Faults are injected by the tests (monkeypatch), never through variables the product reads."""
+    import oprd_cli.train as pkg
+
+    for f in Path(pkg.__file__).parent.glob("*.py"):
+        src = f.read_text()
+        assert "OPRD_TEST" not in src and "os.environ" not in src, f.name
+
+
+# ----------------------------------------------------------------------------- checkpoint policy, cache choice
+class _FakeModel(torch.nn.Linear):
+    def save_pretrained(self, path, safe_serialization=True):
+        (Path(path) / "config.json").write_text("{}")
+
+
+class _FakeTrainer:
+    def __init__(self):
+        self.model, self.step, self.finite = _FakeModel(2, 2), 0, True
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def params_finite(self):
+        return self.finite
+
+
+def test_checkpointer_owns_when_to_save_and_what_to_keep(tmp_path):
+    from oprd_cli.train.checkpoint import Checkpointer, read_marker
+
+    trainer, steps = _FakeTrainer(), []
+    ck = Checkpointer(tmp_path / "checkpoints", trainer, None, lambda: {"note": trainer.step}, steps,
+                      save_every=2, keep_last=2, latest=None, saved_step=None)
+    assert not ck.pending and ck.save_pending() is None  # nothing taken, nothing saved
+    for _ in range(5):
+        trainer.step += 1
+        ck.after_step()
+    assert steps == [2, 4] and ck.pending
+    assert ck.save_pending().endswith("step-000005") and steps == [2, 4, 5] and not ck.pending
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+    assert read_marker(tmp_path / "checkpoints" / "step-000005")["note"] == 5
+    trainer.step, trainer.finite = 6, False  # a failed step 7 after an unsaved, non-finite step 6
+    assert ck.last_good().endswith("step-000005")  # not saved: the weights are not finite
+    with pytest.raises(Exception, match="no longer finite"):
+        ck.save()
+
+
+def test_next_source_takes_the_newest_cache_and_skips_older_and_stale_ones(tmp_path):
+    from types import SimpleNamespace
+
+    from oprd_cli.train import TrainConfig
+    from oprd_cli.train.selection import RunState, Source, next_source
+
+    def src(i, policy_step):
+        return Source(path=str(tmp_path / f"r{i:06d}.zarr"), name=f"r{i:06d}.zarr", round=i,
+                      cache=SimpleNamespace(num_samples=8), rollout_path="", rollout=None, digest=f"sha256:{i}",
+                      store_id=str(i), policy_step=policy_step, policy_digest=None, record_topk=0)
+
+    caches = {str(tmp_path / f"r{i:06d}.zarr"): src(i, p) for i, p in ((1, 0), (2, 0), (3, 4))}
+    rounds = lambda: [(i, tmp_path / f"r{i:06d}.zarr") for i in (1, 2, 3)]  # noqa: E731
+    state = RunState(checkpoint_steps=[2, 4])
+    stale = lambda s: sum(1 for c in state.checkpoint_steps if s.policy_step < c <= 4)  # noqa: E731
+    cfg = TrainConfig.from_flat(batch_size=4, max_staleness=0)
+    got = next_source(state, rounds, caches.__getitem__, stale, cfg, step=4)
+    assert got.name == "r000003.zarr" and [s["name"] for s in state.skipped] == ["r000001.zarr", "r000002.zarr"]
+    state = RunState(checkpoint_steps=[2, 4], consumed=[{**caches[str(tmp_path / "r000003.zarr")].ref(), "steps": 2}])
+    assert next_source(state, rounds, caches.__getitem__, stale, cfg, step=4) is None  # all seen, one pass each
+    state = RunState(checkpoint_steps=[2, 4], consumed=[{"round": 1, "name": "r000001.zarr"}])
+    caches[str(tmp_path / "r000003.zarr")].policy_step = 0  # now two checkpoints behind: skipped as stale
+    assert next_source(state, rounds, caches.__getitem__, stale, cfg, step=4) is None
+    assert [(s["name"], s["reason"]) for s in state.skipped] == [("r000002.zarr", "newer cache"),
+                                                                 ("r000003.zarr", "staleness 2")]
+
+
+def test_the_step_reads_the_device_a_fixed_number_of_times_whatever_the_depth(tiny_dir, monkeypatch):
+    """The per-layer statistics stay on the device: the host syncs of a micro-batch's loss do not grow
+    with the number of supervised layers (it used to sync three times per layer)."""
+    from oprd_cli.train import TrainConfig, Trainer
+    from oprd_cli.train.step import StepTotals, _Acc
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "qwen2-deep", attn_implementation="eager")
+    syncs = []
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name: syncs.append(_n) or _o(self, *a))
+    counts = {}
+    for layers in ([4], [1, 2, 3, 4]):
+        mb = _micro_batch(_samples(model, layers), [0, 1, 2, 3])
+        trainer = Trainer(model, TrainConfig(), layers, torch.device("cpu"), total_steps=None)
+        syncs.clear()
+        trainer.micro_loss(mb, StepTotals(samples=4, tokens=24, positions=15), on_policy=False, acc=_Acc())
+        counts[len(layers)] = list(syncs)
+    assert counts[4] == counts[1] and len(counts[1]) <= 3, counts

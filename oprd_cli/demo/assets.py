@@ -258,10 +258,11 @@ def sample_accuracy(model, tokenizer, records: list[dict], template: TemplateCon
 
 def _lr_at(step: int, cfg: SftConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` (step counts from 1)."""
+    from oprd_cli.train.schedule import cosine_decay
+
     if step <= cfg.warmup:
         return cfg.lr * step / max(1, cfg.warmup)
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    return cfg.lr * cosine_decay((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), cfg.min_lr_ratio)
 
 
 def _save(model, tokenizer, out: Path, meta: dict) -> None:

@@ -199,7 +199,7 @@ def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: in
         for i, m in enumerate(methods):
             err_console.rule(f"[bold magenta]method {i + 1}/{len(methods)}: {m.name}[/]", style="magenta")
             run_dir = work / m.slug
-            tcfg = TrainConfig(objective=m.objective, mu=m.mu, oprd_form=budget.oprd_form, lr=budget.lr,
+            tcfg = TrainConfig.from_flat(objective=m.objective, mu=m.mu, oprd_form=budget.oprd_form, lr=budget.lr,
                                warmup_ratio=budget.warmup_ratio, batch_size=budget.batch_size,
                                total_steps=budget.total_steps, seed=seed, device="cpu")
             samp = SamplingConfig(num_samples=budget.num_samples, temperature=1.0, max_new_tokens=assets.max_new_tokens,
@@ -213,7 +213,7 @@ def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: in
                           evaluation=evaluation, device="cpu", show_progress=show_progress)
             log = read_log(run_dir)
             trains = [e for e in log if e["stage"] == "train"]
-            res = MethodResult(name=m.name, objective=m.objective, mu=float(tcfg.oprd_coef), run_dir=str(run_dir))
+            res = MethodResult(name=m.name, objective=m.objective, mu=float(tcfg.loss.oprd_coef), run_dir=str(run_dir))
             res.train_time_s = round(sum(e.get("train_seconds", e["seconds"]) for e in trains), 2)
             res.peak_mem_bytes = int(max((e.get("peak_mem_bytes") or 0 for e in trains), default=0))
             res.wall_time_s = round(sum(e["seconds"] for e in log), 2) if resume else round(time.monotonic() - tm0, 2)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from oprd_cli.errors import OprdError
-from oprd_cli.stores.common import now_iso, read_json, write_json_atomic
+from oprd_cli.io import read_json, write_json
+from oprd_cli.stores.common import now_iso
 from oprd_cli.stores.rundir import CHECKPOINT_MARKER, STEP_RE, checkpoint_name, is_checkpoint
 
 TRAINER_STATE = "trainer_state.pt"
@@ -66,8 +67,8 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model, tokenizer, trainer_
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save({**trainer_state, "rng": rng_state()}, tmp / TRAINER_STATE)
-        write_json_atomic(str(tmp / CHECKPOINT_MARKER),
-                          {"format_version": CHECKPOINT_FORMAT, "step": step, "created_at": now_iso(), **marker})
+        write_json(str(tmp / CHECKPOINT_MARKER),
+                   {"format_version": CHECKPOINT_FORMAT, "step": step, "created_at": now_iso(), **marker})
         if final.exists():  # an older write of the same step (complete or not): replace it
             old = checkpoints_dir / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
             os.replace(final, old)
@@ -140,3 +141,55 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
         return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file
         raise OprdError(f"cannot read {f}: {type(e).__name__}: {e}") from None
+
+
+class Checkpointer:
+    """The one owner of the checkpoint policy of a run: every ``save_every`` steps, after each cache
+    in a run directory, at the end, and the last good state after a failed step; ``keep_last``
+    pruning. ``marker()`` gives the run's bookkeeping for the marker; ``steps`` (the run state's list
+    of checkpointed steps) is appended to before each save."""
+
+    def __init__(self, checkpoints_dir: Path, trainer, tokenizer, marker, steps: list[int], *,
+                 save_every: int | None, keep_last: int | None, latest: str | None, saved_step: int | None):
+        self.dir = Path(checkpoints_dir)
+        self.trainer, self.tokenizer, self.marker, self.steps = trainer, tokenizer, marker, steps
+        self.save_every, self.keep_last = save_every, keep_last
+        self.last = latest  # newest complete checkpoint of this run
+        self.start_step = trainer.step
+        self.saved_step = saved_step  # step of the state saved last (None: not saved by this run yet)
+
+    @property
+    def pending(self) -> bool:
+        """Steps taken since the last save (or since the start)."""
+        last = self.saved_step if self.saved_step is not None else self.start_step
+        return self.trainer.step != last
+
+    def save(self) -> str:
+        from oprd_cli.models import weights_digest
+
+        step = self.trainer.step
+        if not self.trainer.params_finite():
+            raise OprdError(f"step {step}: the weights are no longer finite (NaN/inf) after the update; nothing was "
+                            f"saved. Last good checkpoint: {self.last or 'none'} (lower --lr?)")
+        if step not in self.steps:
+            self.steps.append(step)
+        marker = {**self.marker(), "weights_digest": weights_digest(self.trainer.model)}
+        path = save_checkpoint(self.dir, step, self.trainer.model, self.tokenizer, self.trainer.state_dict(), marker)
+        self.last, self.saved_step = str(path), step
+        prune_checkpoints(self.dir, self.keep_last, protect=path)
+        return str(path)
+
+    def after_step(self) -> None:
+        if self.save_every and self.trainer.step % self.save_every == 0:
+            self.save()
+
+    def save_pending(self) -> str | None:
+        """Save when there are unsaved steps; the newest checkpoint either way."""
+        return self.save() if self.pending else self.last
+
+    def last_good(self) -> str | None:
+        """After a failed step: save the (finite) state before it when it is not saved yet; returns the
+        newest good checkpoint."""
+        if self.pending and self.trainer.params_finite():
+            return self.save()
+        return self.last

@@ -1,8 +1,15 @@
-"""``TrainConfig`` (the ``[train]`` section of ``oprd.toml`` and the ``oprd train`` flags) and ``TrainResult``."""
+"""``TrainConfig`` (the ``[train]`` section of ``oprd.toml`` and the ``oprd train`` flags) and ``TrainResult``.
+
+The settings are grouped by what they steer: ``loss`` (objective and its terms), ``optim`` (AdamW and
+the schedule), ``batching`` (samples per step, micro-batches, order), ``checkpoint``, ``run`` (when to
+stop, follow mode) and ``runtime`` (device, dtype, attention). ``oprd.toml`` keys and CLI flags stay
+flat (``lr``, ``batch_size``, ...; every name is unique across the groups): :meth:`TrainConfig.from_flat`
+and :meth:`TrainConfig.to_flat` are the one place where flat keys map to groups.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from oprd_cli.errors import OprdError
@@ -13,11 +20,25 @@ REDUCTIONS = ("sample", "token")
 TOPK_LOGITS = ("support", "full")
 
 
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of ``oprd train``. Defaults follow the paper's setup (METHOD.md).
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    - ``objective``: ``oprd`` (Eq. 6 alone), ``opd-top1`` (sampled-token reverse KL as a policy
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise OprdError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _at_least_1(obj: Any, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and v < 1:
+            raise OprdError(f"{_flag(name)} must be at least 1, got {v}")
+
+
+@dataclass
+class LossConfig:
+    """- ``objective``: ``oprd`` (Eq. 6 alone), ``opd-top1`` (sampled-token reverse KL as a policy
       gradient) or ``opd-topk`` (KL on the student's top-k support recorded at rollout time).
     - ``mu``: coefficient of ``L_OPRD`` added to an OPD objective (Eq. 7); ``None`` means 0 for OPD
       objectives and 1 for ``oprd``.
@@ -27,16 +48,7 @@ class TrainConfig:
     - ``reduction``: ``token`` (default, the release: one mean over every supervised position/token
       of the optimizer batch, then over layers) or ``sample`` (Eq. 6 literally: per-sample means,
       averaged over the optimizer batch).
-    - ``batch_size``: samples per optimizer step (paper: 16 = 8 prompts x 2 samples);
-      ``micro_batch_tokens``: padded tokens per forward/backward (gradient accumulation).
-    - ``total_steps``: planned length of the warm-up + cosine schedule (default ``max_steps``);
-      ``max_steps``: the global step at which training stops.
-    - ``epochs``: passes over each cache. ``None`` (auto): one pass per cache, except that a run that
-      does not ``follow`` and has ``max_steps`` keeps making passes over its (newest) cache until it
-      reaches ``max_steps``: asking for N steps trains N steps whenever there is a cache at all.
-      Every pass has its own seeded sample order, so an interrupted and resumed run replays the
-      same batches.
-    - ``max_caches``: with ``follow``, stop after finishing (the first pass over) this many caches.
+    - ``clip_eps`` / ``clip_eps_high``: PPO clip range of the opd-top1 importance ratio.
     - ``topk_logits``: ``support`` (logits at the support ids only, ``h @ W[S].T``) or ``full``
       (full-vocabulary logits, log-softmax, gather: how verl and the paper's baseline do it).
     - ``logits_chunk_tokens``: LM-head rows per chunk for top-1 log-probs / top-k support logits /
@@ -49,47 +61,18 @@ class TrainConfig:
     mu: float | None = None
     oprd_form: str = "normalized"
     reduction: str = "token"
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    total_steps: int | None = None
-    max_steps: int | None = None
-    batch_size: int = 16
-    micro_batch_tokens: int = 16384
-    max_grad_norm: float = 1.0
-    epochs: int | None = None
-    shuffle: bool = True
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     topk_logits: str = "support"
     logits_chunk_tokens: int = 4096
     entropy: bool | None = None
-    gradient_checkpointing: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    attn_implementation: str | None = None
-    seed: int = 0
-    save_every: int | None = None
-    keep_last: int | None = None
-    follow: bool = False
-    poll_seconds: float = 10.0
-    timeout: float | None = None
-    max_caches: int | None = None
-    max_staleness: int | None = None
-    prefetch: int = 2
-    trust_remote_code: bool = False
 
-    # ------------------------------------------------------------------ derived
     @property
     def oprd_coef(self) -> float:
         """Coefficient of the OPRD term: 1 for ``oprd``, ``mu`` (default 0) for OPD objectives."""
-        if self.objective == "oprd":
-            return 1.0 if self.mu is None else float(self.mu)
-        return 0.0 if self.mu is None else float(self.mu)
+        if self.mu is not None:
+            return float(self.mu)
+        return 1.0 if self.objective == "oprd" else 0.0
 
     @property
     def uses_opd(self) -> bool:
@@ -104,46 +87,163 @@ class TrainConfig:
         return self.uses_opd if self.entropy is None else bool(self.entropy)
 
     def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise OprdError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.oprd_form not in OPRD_FORMS:
-            raise OprdError(f"--oprd-form must be one of {', '.join(OPRD_FORMS)}, got {self.oprd_form!r}")
-        if self.reduction not in REDUCTIONS:
-            raise OprdError(f"--reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
-        if self.topk_logits not in TOPK_LOGITS:
-            raise OprdError(f"--topk-logits must be one of {', '.join(TOPK_LOGITS)}, got {self.topk_logits!r}")
-        if not self.lr > 0:
-            raise OprdError(f"--lr must be > 0, got {self.lr}")
+        _one_of("objective", self.objective, OBJECTIVES)
+        _one_of("oprd_form", self.oprd_form, OPRD_FORMS)
+        _one_of("reduction", self.reduction, REDUCTIONS)
+        _one_of("topk_logits", self.topk_logits, TOPK_LOGITS)
         if self.mu is not None and not self.mu >= 0:
             raise OprdError(f"--mu must be >= 0, got {self.mu}")
         if self.objective == "oprd" and self.mu is not None and self.mu == 0:
             raise OprdError("--objective oprd with --mu 0 has no loss at all; use a positive --mu (default 1)")
+        if not 0 <= self.clip_eps < 1:
+            raise OprdError(f"--clip-eps must be in [0, 1), got {self.clip_eps}")
+        if self.logits_chunk_tokens < 0:
+            raise OprdError(f"--logits-chunk-tokens must be >= 0, got {self.logits_chunk_tokens}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the warm-up + cosine schedule. ``total_steps``: planned length of the schedule
+    (default ``max_steps``)."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    total_steps: int | None = None
+    max_grad_norm: float = 1.0
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise OprdError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise OprdError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise OprdError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("total_steps", "max_steps", "save_every", "keep_last", "epochs", "max_caches"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise OprdError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-        if self.batch_size < 1:
-            raise OprdError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.micro_batch_tokens < 1:
-            raise OprdError(f"--micro-batch-tokens must be at least 1, got {self.micro_batch_tokens}")
+        _at_least_1(self, "total_steps")
         if not self.max_grad_norm > 0:
             raise OprdError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
-        if not 0 <= self.clip_eps < 1:
-            raise OprdError(f"--clip-eps must be in [0, 1), got {self.clip_eps}")
+
+
+@dataclass
+class BatchingConfig:
+    """- ``batch_size``: samples per optimizer step (paper: 16 = 8 prompts x 2 samples);
+      ``micro_batch_tokens``: padded tokens per forward/backward (gradient accumulation).
+    - ``epochs``: passes over each cache. ``None`` (auto): one pass per cache, except that a run that
+      does not ``follow`` and has ``max_steps`` keeps making passes over its (newest) cache until it
+      reaches ``max_steps``: asking for N steps trains N steps whenever there is a cache at all.
+      Every pass has its own seeded sample order, so an interrupted and resumed run replays the
+      same batches.
+    - ``prefetch``: steps of teacher data read ahead by a background thread.
+    """
+
+    batch_size: int = 16
+    micro_batch_tokens: int = 16384
+    epochs: int | None = None
+    shuffle: bool = True
+    seed: int = 0
+    prefetch: int = 2
+
+    def validate(self) -> None:
+        _at_least_1(self, "batch_size", "micro_batch_tokens", "epochs", "prefetch")
+
+
+@dataclass
+class CheckpointConfig:
+    """``save_every``: also save every N steps; ``keep_last``: keep only the newest N checkpoints."""
+
+    save_every: int | None = None
+    keep_last: int | None = None
+
+    def validate(self) -> None:
+        _at_least_1(self, "save_every", "keep_last")
+
+
+@dataclass
+class RunConfig:
+    """When an invocation stops: ``max_steps`` (the global step at which training stops); with
+    ``follow``, waiting for new caches every ``poll_seconds`` until ``timeout`` seconds pass without
+    one or ``max_caches`` caches are done; ``max_staleness`` skips caches from too old a policy."""
+
+    max_steps: int | None = None
+    follow: bool = False
+    poll_seconds: float = 10.0
+    timeout: float | None = None
+    max_caches: int | None = None
+    max_staleness: int | None = None
+
+    def validate(self) -> None:
+        _at_least_1(self, "max_steps", "max_caches")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise OprdError(f"--max-staleness must be >= 0, got {self.max_staleness}")
         if not self.poll_seconds > 0:
             raise OprdError(f"--poll-seconds must be > 0, got {self.poll_seconds}")
         if self.timeout is not None and self.timeout < 0:
             raise OprdError(f"--timeout must be >= 0 seconds, got {self.timeout}")
-        if self.prefetch < 1:
-            raise OprdError(f"--prefetch must be at least 1, got {self.prefetch}")
-        if self.logits_chunk_tokens < 0:
-            raise OprdError(f"--logits-chunk-tokens must be >= 0, got {self.logits_chunk_tokens}")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the student runs: device, autocast dtype, attention, activation checkpointing."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        pass
+
+
+_GROUPS: dict[str, type] = {"loss": LossConfig, "optim": OptimConfig, "batching": BatchingConfig,
+                            "checkpoint": CheckpointConfig, "run": RunConfig, "runtime": RuntimeConfig}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of ``oprd train``, grouped. Defaults follow the paper's setup (METHOD.md);
+    each group's docstring explains its fields."""
+
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    # ------------------------------------------------------------------ flat keys <-> groups
+    @staticmethod
+    def flat_fields() -> list[Field]:
+        """Every setting as the dataclass field of its group, in group order (the flat names of
+        ``oprd.toml [train]`` and the flags)."""
+        return [f for cls in _GROUPS.values() for f in fields(cls)]
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any] | None = None, **more: Any) -> "TrainConfig":
+        """Build from flat keys (``{"lr": 1e-4, "objective": "opd-top1"}``); unknown keys are refused."""
+        flat = {**(values or {}), **more}
+        owner = {f.name: g for g, c in _GROUPS.items() for f in fields(c)}
+        unknown = sorted(set(flat) - set(owner))
+        if unknown:
+            raise OprdError(f"unknown train setting(s) {', '.join(unknown)}; known: {', '.join(sorted(owner))}")
+        kw = {g: c(**{k: v for k, v in flat.items() if owner[k] == g}) for g, c in _GROUPS.items()}
+        return cls(**kw)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat ``{name: value}`` view (what the checkpoint marker records as ``config``)."""
+        return {f.name: getattr(getattr(self, g), f.name) for g, c in _GROUPS.items() for f in fields(c)}
+
+    def replace(self, **flat: Any) -> "TrainConfig":
+        """A copy with some flat settings changed."""
+        return TrainConfig.from_flat({**self.to_flat(), **flat})
+
+    def validate(self) -> None:
+        for g in _GROUPS:
+            getattr(self, g).validate()
 
 
 @dataclass
@@ -165,3 +265,7 @@ class TrainResult:
     @property
     def steps(self) -> int:
         return self.step - self.start_step
+
+
+__all__ = ["OBJECTIVES", "OPRD_FORMS", "BatchingConfig", "CheckpointConfig", "LossConfig", "OptimConfig",
+           "RunConfig", "RuntimeConfig", "TrainConfig", "TrainResult"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, fields
-from functools import partial
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from oprd_cli.errors import OprdError
 from oprd_cli.losses import oprd_loss, opd_top1_loss, opd_topk_loss, topk_overlap
 from oprd_cli.train import memory
 from oprd_cli.train.config import TrainConfig
+from oprd_cli.train.schedule import warmup_cosine
 from oprd_cli.train.forward import (
     autocast_context,
     backbone_hidden,
@@ -89,10 +89,6 @@ class MicroBatch:
     def num_positions(self) -> int:
         return int(self.hidden_mask.sum()) if self.hidden_mask is not None else 0
 
-    @property
-    def padded_tokens(self) -> int:
-        return int(self.input_ids.numel())
-
     def to(self, device: torch.device) -> "MicroBatch":
         nb = device.type == "cuda"
         kw = {}
@@ -124,38 +120,22 @@ class StepTotals:
 
 @dataclass
 class _Acc:
-    """Weighted sums of detached per-step statistics."""
+    """Weighted sums of detached per-step statistics. Values stay on the device (float64) and are
+    read with one host sync per step (:meth:`values`)."""
 
-    sums: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, Tensor | float] = field(default_factory=dict)
 
-    def add(self, key: str, value: float) -> None:
-        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+    def add(self, key: str, value: Tensor | float) -> None:
+        if isinstance(value, Tensor):
+            value = value.detach().double()
+        self.sums[key] = self.sums.get(key, 0.0) + value
 
-
-NAN_AT_STEP_ENV = "OPRD_TEST_NAN_AT_STEP"  # test hook: the loss of this global step becomes NaN
-
-
-def _fault_step() -> int | None:
-    import os
-
-    v = os.environ.get(NAN_AT_STEP_ENV)
-    return int(v) if v else None
-
-
-def lr_factor(step: int, warmup: int, total: int | None, min_ratio: float = 0.0) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up over ``warmup``
-    steps (reaching 1 at step ``warmup - 1``), then cosine decay to ``min_ratio`` at step ``total``.
-    With no planned total the lr is constant."""
-    if total is None:
-        return 1.0
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warmup_steps(total: int | None, ratio: float) -> int:
-    return 0 if total is None else int(round(ratio * total))
+    def values(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        dev = next((v.device for v in self.sums.values() if isinstance(v, Tensor)), torch.device("cpu"))
+        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev) for v in self.sums.values()])
+        return dict(zip(self.sums, flat.tolist()))
 
 
 def hidden_seq_index(prompt_lens: Tensor, positions: Tensor, seq_len: int) -> Tensor:
@@ -188,128 +168,128 @@ class Trainer:
         self.total_steps = total_steps
         self.autocast_dtype = autocast_dtype
         self.step = 0  # optimizer steps taken so far (global)
+        opt = config.optim
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                           eps=config.adam_eps, weight_decay=config.weight_decay)
-        self.warmup = warmup_steps(total_steps, config.warmup_ratio)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(lr_factor, warmup=self.warmup, total=total_steps, min_ratio=config.min_lr_ratio))
-        if config.gradient_checkpointing:
+        self.optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
+                                           eps=opt.adam_eps, weight_decay=opt.weight_decay)
+        self.scheduler, self.warmup = warmup_cosine(self.optimizer, total_steps, opt.warmup_ratio, opt.min_lr_ratio)
+        if config.runtime.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
 
     # ------------------------------------------------------------------ loss of one micro-batch
-    def micro_loss(self, mb: MicroBatch, totals: StepTotals, on_policy: bool, acc: _Acc) -> Tensor:
+    def micro_loss(self, mb: MicroBatch, totals: StepTotals, on_policy: bool, acc: _Acc,
+                   counts: tuple[int, int] | None = None) -> Tensor:
         """The micro-batch's share of the optimizer-batch loss (differentiable scalar); detached
-        statistics go into ``acc`` with the same weights."""
-        cfg = self.cfg
-        sample_w = 1.0 / max(1, totals.samples)
-        coef = cfg.oprd_coef
-        need_lm = cfg.uses_opd
-        need_hidden = cfg.uses_oprd
-        if need_hidden and mb.teacher_hidden is None:
+        statistics go into ``acc`` with the same weights. ``counts``: the micro-batch's (tokens,
+        positions), when already known on the host."""
+        cfg = self.cfg.loss
+        if cfg.uses_oprd and mb.teacher_hidden is None:
             raise OprdError("the OPRD term needs teacher hidden states, and this batch has none")
-
         with autocast_context(self.device, self.autocast_dtype):
-            out = backbone_hidden(self.model, mb.input_ids, self.layers if need_hidden else [], need_final=need_lm)
-
+            out = backbone_hidden(self.model, mb.input_ids, self.layers if cfg.uses_oprd else [],
+                                  need_final=cfg.uses_opd)
+        n_tok, n_pos = counts if counts is not None else (mb.num_tokens, mb.num_positions)
+        tok_w = n_tok / max(1, totals.tokens)  # this micro-batch's share of the step's tokens
         total = torch.zeros((), device=self.device, dtype=torch.float32)
-        b = mb.size
-        lp = mb.prompt_lens
-
-        # ---------------------------------------------------------------- OPRD (Eq. 6)
-        if need_hidden:
-            mask = mb.hidden_mask.bool()
-            pos = mb.hidden_positions.clamp_min(0)
-            seq_index = hidden_seq_index(lp, pos, mb.input_ids.shape[1])
-            n_layers = len(self.layers)
-            per_sample = torch.zeros(b, device=self.device, dtype=torch.float32)
-            n_pos = mask.sum(dim=-1).float()
-            if cfg.reduction == "sample":
-                w_samples = torch.full((b,), sample_w, device=self.device)
-            else:
-                w_samples = n_pos / max(1, totals.positions)
-            pos_w = mask.sum().item() / max(1, totals.positions)  # this micro-batch's share of positions
-            for j, layer in enumerate(self.layers):
-                s = gather_positions(out.hidden[layer], seq_index)[:, None]  # [b, 1, P, d]
-                o = oprd_loss(s, mb.teacher_hidden[:, j:j + 1], mask, normalize=cfg.oprd_form == "normalized",
-                              reduction="sample")
-                per_sample = per_sample + o.per_sample / n_layers
-                layer_loss = float((o.per_sample.detach() * w_samples).sum())
-                acc.add(f"rep/loss/layer_{layer:02d}", layer_loss)
-                acc.add(f"rep/cosine/layer_{layer:02d}", float(o.cosine) * pos_w)
-                acc.add("rep/cosine_similarity", float(o.cosine) * pos_w / n_layers)
-            oprd_part = (per_sample * w_samples).sum()
-            acc.add("rep/loss", float(oprd_part.detach()))
-            total = total + coef * oprd_part
-
-        # ---------------------------------------------------------------- OPD
-        if need_lm:
-            rmask = mb.response_mask.bool()
-            bi, ti = rmask.nonzero(as_tuple=True)  # valid response tokens, [N]
-            h = out.final[bi, logprob_seq_index(lp[bi], ti)]  # [N, d]: only the rows the loss needs
-            T = rmask.shape[1]
-            chunk = cfg.logits_chunk_tokens
-            tok_w = rmask.sum().item() / max(1, totals.tokens)
-            with autocast_context(self.device, self.autocast_dtype):
-                if cfg.objective == "opd-top1":
-                    if mb.teacher_logprobs is None:
-                        raise OprdError("opd-top1 needs teacher log-probs of the sampled tokens")
-                    lp_flat = token_logprobs(self.model, h, mb.response_ids[bi, ti], chunk)
-                    student_lp = torch.zeros((b, T), device=self.device, dtype=torch.float32)
-                    student_lp = student_lp.index_put((bi, ti), lp_flat.float())
-                    behaviour = None if on_policy else mb.behaviour_logprobs
-                    o = opd_top1_loss(student_lp, mb.teacher_logprobs, rmask, behaviour_logprobs=behaviour,
-                                      clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, reduction="sample")
-                else:
-                    if mb.support_ids is None or mb.support_logprobs is None:
-                        raise OprdError("opd-topk needs the rollout's top-k ids and the teacher's log-probs on them")
-                    ids = mb.support_ids[bi, ti]  # [N, K]
-                    if cfg.topk_logits == "full":  # verl / the paper's baseline: full logits, log-softmax, gather
-                        logits = full_logits(self.model, h)
-                        z = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids)
-                    else:
-                        z = support_logits(self.model, h, ids, chunk).float()
-                    K = ids.shape[-1]
-                    student_z = torch.zeros((b, T, K), device=self.device, dtype=torch.float32)
-                    student_z = student_z.index_put((bi, ti), z)
-                    o = opd_topk_loss(student_z, mb.support_logprobs, rmask, reduction="sample")
-            if cfg.reduction == "sample":
-                w_samples = torch.full((b,), sample_w, device=self.device)
-            else:
-                w_samples = o.num_tokens / max(1, totals.tokens)
-            opd_part = (o.per_sample * w_samples).sum()
-            acc.add("opd/loss", float(opd_part.detach()))
-            acc.add("opd/pg_loss", float(opd_part.detach()))
-            acc.add("opd/kl", float(o.kl) * tok_w)
-            acc.add("opd/clip_frac", float(o.clip_frac) * tok_w)
-            if mb.support_ids is not None and mb.teacher_topk_ids is not None \
-                    and mb.support_ids.shape[-1] == mb.teacher_topk_ids.shape[-1]:
-                ov = topk_overlap(mb.support_ids[bi, ti], mb.teacher_topk_ids[bi, ti].to(mb.support_ids.dtype))
-                acc.add("opd/topk_overlap", float(ov.mean()) * tok_w if ov.numel() else 0.0)
-            total = total + opd_part
-            if cfg.log_entropy:
-                ent = chunked_entropy(self.model, h, chunk or 2048)
-                acc.add("actor/entropy", float(ent.mean()) * tok_w if ent.numel() else 0.0)
+        if cfg.uses_oprd:
+            total = total + cfg.oprd_coef * self._oprd_term(out, mb, totals, n_pos / max(1, totals.positions), acc)
+        if cfg.uses_opd:
+            total = total + self._opd_term(out, mb, totals, on_policy, tok_w, acc)
         elif cfg.log_entropy:  # OPRD only, asked for explicitly: one LM-head pass without grad
-            rmask = mb.response_mask.bool()
-            bi, ti = rmask.nonzero(as_tuple=True)
-            with torch.no_grad():
-                final = out.final
-                if final is None:
-                    final = backbone_hidden(self.model, mb.input_ids, [], need_final=True).final
-                ent = chunked_entropy(self.model, final[bi, logprob_seq_index(lp[bi], ti)],
-                                      cfg.logits_chunk_tokens or 2048)
-            acc.add("actor/entropy", float(ent.mean()) * rmask.sum().item() / max(1, totals.tokens)
-                    if ent.numel() else 0.0)
+            self._entropy(out, mb, tok_w, acc)
         return total
+
+    def _weights(self, counts: Tensor, step_total: int, samples: int) -> Tensor:
+        """Per-sample weights of a micro-batch in the step's mean: ``1/B_step`` (``reduction="sample"``)
+        or the sample's share of the step's tokens/positions (``"token"``)."""
+        if self.cfg.loss.reduction == "sample":
+            return torch.full((counts.shape[0],), 1.0 / max(1, samples), device=self.device)
+        return counts / max(1, step_total)
+
+    def _oprd_term(self, out, mb: MicroBatch, totals: StepTotals, pos_w: float, acc: _Acc) -> Tensor:
+        """Eq. 6 over the cached layers (averaged), one layer at a time so the float32 copies stay
+        ``[b, P, d]``."""
+        mask = mb.hidden_mask.bool()
+        seq_index = hidden_seq_index(mb.prompt_lens, mb.hidden_positions.clamp_min(0), mb.input_ids.shape[1])
+        w = self._weights(mask.sum(dim=-1).float(), totals.positions, totals.samples)
+        n_layers = len(self.layers)
+        per_sample = torch.zeros(mb.size, device=self.device, dtype=torch.float32)
+        for j, layer in enumerate(self.layers):
+            s = gather_positions(out.hidden[layer], seq_index)[:, None]  # [b, 1, P, d]
+            o = oprd_loss(s, mb.teacher_hidden[:, j:j + 1], mask, normalize=self.cfg.loss.oprd_form == "normalized",
+                          reduction="sample")
+            per_sample = per_sample + o.per_sample / n_layers
+            acc.add(f"rep/loss/layer_{layer:02d}", (o.per_sample.detach() * w).sum())
+            acc.add(f"rep/cosine/layer_{layer:02d}", o.cosine * pos_w)
+            acc.add("rep/cosine_similarity", o.cosine * (pos_w / n_layers))
+        part = (per_sample * w).sum()
+        acc.add("rep/loss", part)
+        return part
+
+    def _student_opd(self, h: Tensor, mb: MicroBatch, bi: Tensor, ti: Tensor, on_policy: bool):
+        """The OPD loss output from the final states ``h`` ``[N, d]`` of the valid tokens ``(bi, ti)``."""
+        cfg = self.cfg.loss
+        rmask = mb.response_mask.bool()
+        b, T = rmask.shape
+        if cfg.objective == "opd-top1":
+            if mb.teacher_logprobs is None:
+                raise OprdError("opd-top1 needs teacher log-probs of the sampled tokens")
+            lp_flat = token_logprobs(self.model, h, mb.response_ids[bi, ti], cfg.logits_chunk_tokens)
+            student_lp = torch.zeros((b, T), device=self.device, dtype=torch.float32).index_put((bi, ti),
+                                                                                                  lp_flat.float())
+            behaviour = None if on_policy else mb.behaviour_logprobs
+            return opd_top1_loss(student_lp, mb.teacher_logprobs, rmask, behaviour_logprobs=behaviour,
+                                 clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, reduction="sample")
+        if mb.support_ids is None or mb.support_logprobs is None:
+            raise OprdError("opd-topk needs the rollout's top-k ids and the teacher's log-probs on them")
+        ids = mb.support_ids[bi, ti]  # [N, K]
+        if cfg.topk_logits == "full":  # verl / the paper's baseline: full logits, log-softmax, gather
+            z = torch.log_softmax(full_logits(self.model, h).float(), dim=-1).gather(-1, ids)
+        else:
+            z = support_logits(self.model, h, ids, cfg.logits_chunk_tokens).float()
+        student_z = torch.zeros((b, T, ids.shape[-1]), device=self.device, dtype=torch.float32).index_put((bi, ti), z)
+        return opd_topk_loss(student_z, mb.support_logprobs, rmask, reduction="sample")
+
+    def _opd_term(self, out, mb: MicroBatch, totals: StepTotals, on_policy: bool, tok_w: float,
+                  acc: _Acc) -> Tensor:
+        """The OPD objective on the LM head's rows of the valid response tokens only."""
+        bi, ti = mb.response_mask.bool().nonzero(as_tuple=True)  # valid response tokens, [N]
+        h = out.final[bi, logprob_seq_index(mb.prompt_lens[bi], ti)]  # [N, d]: only the rows the loss needs
+        with autocast_context(self.device, self.autocast_dtype):
+            o = self._student_opd(h, mb, bi, ti, on_policy)
+        part = (o.per_sample * self._weights(o.num_tokens, totals.tokens, totals.samples)).sum()
+        acc.add("opd/loss", part)
+        acc.add("opd/pg_loss", part)
+        acc.add("opd/kl", o.kl * tok_w)
+        acc.add("opd/clip_frac", o.clip_frac * tok_w)
+        if mb.support_ids is not None and mb.teacher_topk_ids is not None \
+                and mb.support_ids.shape[-1] == mb.teacher_topk_ids.shape[-1]:
+            ov = topk_overlap(mb.support_ids[bi, ti], mb.teacher_topk_ids[bi, ti].to(mb.support_ids.dtype))
+            acc.add("opd/topk_overlap", ov.mean() * tok_w if ov.numel() else 0.0)
+        if self.cfg.loss.log_entropy:
+            ent = chunked_entropy(self.model, h, self.cfg.loss.logits_chunk_tokens or 2048)
+            acc.add("actor/entropy", ent.mean() * tok_w if ent.numel() else 0.0)
+        return part
+
+    def _entropy(self, out, mb: MicroBatch, tok_w: float, acc: _Acc) -> None:
+        """``actor/entropy`` without grad (OPRD runs no LM head otherwise)."""
+        bi, ti = mb.response_mask.bool().nonzero(as_tuple=True)
+        with torch.no_grad():
+            final = out.final
+            if final is None:
+                final = backbone_hidden(self.model, mb.input_ids, [], need_final=True).final
+            ent = chunked_entropy(self.model, final[bi, logprob_seq_index(mb.prompt_lens[bi], ti)],
+                                  self.cfg.loss.logits_chunk_tokens or 2048)
+        acc.add("actor/entropy", ent.mean() * tok_w if ent.numel() else 0.0)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list[MicroBatch], on_policy: bool = False) -> dict:
         """Forward + backward over the micro-batches, gradient clipping, AdamW step, schedule step.
 
         Raises :class:`NonFiniteLoss` (without touching the weights) when the loss or the gradient
-        norm is not finite. Returns the step's metrics (without run bookkeeping such as the cache)."""
+        norm is not finite. Returns the step's metrics (without run bookkeeping such as the cache).
+        The loss and the statistics stay on the device until the step's end (one host sync)."""
         if not micro_batches:
             raise ValueError("train_step needs at least one micro-batch")
         dev = self.device
@@ -319,23 +299,20 @@ class Trainer:
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         acc = _Acc()
-        loss_sum = 0.0
         lr = self.optimizer.param_groups[0]["lr"]
-        fault = _fault_step()
         for mb in micro_batches:
-            mb = mb.to(dev)
-            loss = self.micro_loss(mb, totals, on_policy, acc)
-            if fault == step_no:  # test hook: make this step's loss NaN
-                loss = loss * float("nan")
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLoss(step_no, "the loss", value)
+            counts = (mb.num_tokens, mb.num_positions)  # on the host, before the copy to the device
+            loss = self.micro_loss(mb.to(dev), totals, on_policy, acc, counts)
+            acc.add("loss", loss)
             loss.backward()
-            loss_sum += value
-            del loss, mb
+            del loss
+        stats = acc.values()
+        loss_sum = stats.pop("loss")
+        if not math.isfinite(loss_sum):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(step_no, "the loss", loss_sum)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)) if params else 0.0
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)) if params else 0.0
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(step_no, "the gradient norm", grad_norm)
@@ -359,7 +336,7 @@ class Trainer:
             "num_positions": totals.positions,
             "num_micro_batches": len(micro_batches),
         }
-        metrics.update(acc.sums)
+        metrics.update(stats)
         return metrics
 
     # ------------------------------------------------------------------ state
