@@ -245,7 +245,7 @@ def bench_cache(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Teacher-cache speed and size: truncated vs full forward, writer overhead, bytes per value."""
-    from oprd_cli.bench_cache import print_report, run_bench
+    from oprd_cli.bench.cache import print_report, run_bench
 
     report = run_bench(
         teacher=teacher, rollouts=rollouts, device=device, dtype=dtype, store_dtype=store_dtype, layers=layers,
@@ -443,7 +443,7 @@ def bench_loss(
     The real training step (forward, backward, clipping, AdamW) on a Qwen2 model of the given shape with
     random weights. On a CPU reduce the depth and sequence length (docs/training.md has the figures).
     """
-    from oprd_cli.bench_loss import BenchLossConfig, print_bench, run_bench_loss
+    from oprd_cli.bench.loss import BenchLossConfig, print_bench, run_bench_loss
 
     cfg = BenchLossConfig(num_layers=num_layers, seq_len=seq_len, last_k=last_k, batch_size=batch_size,
                           prompt_len=prompt_len, topk=topk, hidden_size=hidden_size, vocab_size=vocab_size,
