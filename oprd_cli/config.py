@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -86,27 +86,122 @@ def _toml_value(v: Any) -> str:
     return f'"{s}"'
 
 
-def merge(cls: type[T], section: dict[str, Any] | None = None, **flags: Any) -> T:
-    """Build dataclass ``cls``: flags that are not None win over the toml section."""
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+# toml section -> the dataclass it fills ("module:Class", imported only when needed: the train and teacher
+# modules import torch, which `oprd --help` should not wait for)
+SECTIONS = {
+    "data": "oprd_cli.config:DataConfig",
+    "template": "oprd_cli.config:TemplateConfig",
+    "rollout": "oprd_cli.config:SamplingConfig",
+    "teacher_cache": "oprd_cli.teacher:TeacherCacheConfig",
+    "train": "oprd_cli.train.config:TrainConfig",
+}
+
+
+def section_class(section: str) -> type:
+    """The dataclass of an ``oprd.toml`` section (see :data:`SECTIONS`)."""
+    import importlib
+
+    module, name = SECTIONS[section].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Flat field name -> type of a configuration dataclass; fields that are dataclasses themselves
+    (sub-groups) contribute their own fields, so the toml keys and flags stay flat."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        t = hints.get(f.name, Any)
+        if dataclasses.is_dataclass(t):
+            out.update(field_types(t))
+        else:
+            out[f.name] = t
+    return out
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of (flat) field ``name`` of ``cls``."""
+    obj = cls()
+    if name in {f.name for f in fields(obj)}:  # type: ignore[arg-type]
+        return getattr(obj, name)
+    for f in fields(obj):  # type: ignore[arg-type]
+        sub = getattr(obj, f.name)
+        if dataclasses.is_dataclass(sub) and name in field_types(type(sub)):
+            return field_default(type(sub), name)
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def format_default(value: Any) -> str:
+    """How ``--help`` shows a default: on/off for booleans, none for None, the value otherwise."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    if value == "":
+        return "''"
+    return str(value)
+
+
+def help_default(section: str, name: str) -> str:
+    """How ``--help`` shows the default of field ``name`` of the dataclass of ``section``: the one source
+    of the defaults the CLI shows (it fills its ``<section.name>`` placeholders with this)."""
+    return format_default(field_default(section_class(section), name))
+
+
+def _type_ok(value: Any, t: Any) -> bool:
+    import types
+    import typing
+
+    if t is Any:
+        return True
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(t))
+    if t is type(None):
+        return value is None
+    if origin is not None:  # list[...], dict[...]
+        return isinstance(value, origin)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, t) if isinstance(t, type) else True
+
+
+def _type_name(t: Any) -> str:
+    return str(t).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def merge(cls: type[T], section: dict[str, Any] | None = None, *, defaults: dict[str, Any] | None = None,
+          **flags: Any) -> T:
+    """The one merge path of every command: ``defaults`` <- the ``oprd.toml`` section <- flags.
+
+    ``defaults`` override the dataclass defaults where a command has its own (eval sampling, what a
+    loop's objective needs in the cache); flags that are None were not given and do not override.
+    An unknown toml key or a value of the wrong type is one line naming the key.
+    """
+    types_ = field_types(cls)
     section = section or {}
-    unknown = set(section) - names
+    unknown = set(section) - set(types_)
     if unknown:
         raise OprdError(
             f"unknown key(s) {', '.join(sorted(unknown))} in oprd.toml for {cls.__name__}; "
-            f"known: {', '.join(sorted(names))}"
+            f"known: {', '.join(sorted(types_))}"
         )
-    values = {k: v for k, v in section.items()}
-    values.update({k: v for k, v in flags.items() if v is not None and k in names})
-    obj = cls(**values)
+    for k, v in section.items():
+        if not _type_ok(v, types_[k]):
+            raise OprdError(f"oprd.toml key {k} = {v!r} for {cls.__name__} should be {_type_name(types_[k])}")
+    values = {k: v for k, v in (defaults or {}).items() if k in types_}
+    values.update(section)
+    values.update({k: v for k, v in flags.items() if v is not None and k in types_})
+    from_flat = getattr(cls, "from_flat", None)
+    obj = from_flat(values) if from_flat is not None else cls(**values)
     validate = getattr(obj, "validate", None)
     if validate:
         validate()
     return obj
-
-
-def asdict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
 
 
 # ------------------------------------------------------------------- sections
@@ -159,12 +254,3 @@ class SamplingConfig:
             raise OprdError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.record_topk < 0:
             raise OprdError(f"--record-topk must be >= 0, got {self.record_topk}")
-
-
-@dataclass
-class ModelConfig:
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
