@@ -521,13 +521,11 @@ def loop_cmd(
                      max_new_tokens=max_new_tokens, seed=seed, batch_size=gen_batch_size)
     template = merge(TemplateConfig, cfg.get("template"), chat_template=chat_template, system_prompt=system_prompt,
                      instruction=instruction)
-    tc = dict(cfg.get("train") or {})
-    train = merge(TrainConfig, tc, objective=objective, mu=mu, oprd_form=oprd_form, lr=lr, batch_size=batch_size,
+    train = merge(TrainConfig, cfg.get("train"), objective=objective, mu=mu, oprd_form=oprd_form, lr=lr, batch_size=batch_size,
                   epochs=epochs, total_steps=total_steps, warmup_ratio=warmup_ratio,
                   micro_batch_tokens=micro_batch_tokens, seed=seed)
-    cache = {**(cfg.get("teacher_cache") or {}),
-             **{k_: v for k_, v in dict(layers=layers, positions=positions, k=k, logprobs=logprobs, topk=topk,
-                                        max_batch_tokens=max_batch_tokens).items() if v is not None}}
+    cache = dict(layers=layers, positions=positions, k=k, logprobs=logprobs, topk=topk,
+                 max_batch_tokens=max_batch_tokens)  # over [teacher_cache] in oprd.toml (loop.cache_config)
     evaluation = None
     if eval_data is not None or eval_bench is not None:
         from oprd_cli.evaluate import eval_sampling, load_eval_data
