@@ -107,10 +107,27 @@ def _root(
     ctx.obj = {"debug": debug}
 
 
+# options shared by rollout, loop and eval (one definition, one help text)
+_CHAT_TEMPLATE = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the tokenizer's chat template when it has one. (default: <template.chat_template>)")
+_SYSTEM_PROMPT = typer.Option(None, help="System prompt to prepend. (default: <template.system_prompt>)")
+_INSTRUCTION = typer.Option(None, help="Suffix appended to plain problems; '' for none. (default: <template.instruction>)")
+_PROMPT_FIELD = typer.Option(None, help="Field holding the problem text or chat messages. (default: auto: problem/question/prompt)")
+_ANSWER_FIELD = typer.Option(None, help="Field holding the reference answer (dots reach into records). (default: auto: answer or reward_model.ground_truth)")
+_ID_FIELD = typer.Option(None, help="Field holding the problem id. (default: id, else the row number)")
+
+
 def emit_json(obj) -> None:
     """One JSON object on stdout (machine-readable; nothing else goes to stdout with --json)."""
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def show(result, as_json: bool, printer) -> None:
+    """A command's result: one JSON object with ``--json``, else the human summary ``printer`` writes."""
+    if as_json:
+        emit_json(result)
+    else:
+        printer(result)
 
 
 # --------------------------------------------------------------------- rollout
@@ -124,9 +141,9 @@ def rollout(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-r", help="Run directory: writes rollouts/rNNNNNN.zarr, the next round."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Store path (local or fsspec URL) instead of a run directory."),
     split: Optional[str] = typer.Option(None, help="Dataset split for hub datasets. (default: <data.split>)"),
-    prompt_field: Optional[str] = typer.Option(None, help="Field holding the problem text or chat messages. (default: auto: problem/question/prompt)"),
-    answer_field: Optional[str] = typer.Option(None, help="Field holding the reference answer (dots reach into records). (default: auto: answer or reward_model.ground_truth)"),
-    id_field: Optional[str] = typer.Option(None, help="Field holding the problem id. (default: id, else the row number)"),
+    prompt_field: Optional[str] = _PROMPT_FIELD,
+    answer_field: Optional[str] = _ANSWER_FIELD,
+    id_field: Optional[str] = _ID_FIELD,
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Samples per prompt. (default: <rollout.num_samples>)"),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 = greedy. (default: <rollout.temperature>)"),
@@ -136,9 +153,9 @@ def rollout(
     seed: Optional[int] = typer.Option(None, help="Random seed; same seed, model, prompts and device give the same store. (default: <rollout.seed>)"),
     batch_size: Optional[int] = typer.Option(None, help="Sequences generated together. (default: <rollout.batch_size>)"),
     record_topk: Optional[int] = typer.Option(None, "--record-topk", help="Also store the student's top-K token ids per position (for top-k OPD). (default: <rollout.record_topk> = off)"),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the tokenizer's chat template when it has one. (default: <template.chat_template>)"),
-    system_prompt: Optional[str] = typer.Option(None, help="System prompt to prepend. (default: <template.system_prompt>)"),
-    instruction: Optional[str] = typer.Option(None, help="Suffix appended to plain problems; '' for none. (default: <template.instruction>)"),
+    chat_template: Optional[bool] = _CHAT_TEMPLATE,
+    system_prompt: Optional[str] = _SYSTEM_PROMPT,
+    instruction: Optional[str] = _INSTRUCTION,
     backend: str = typer.Option("hf", help="Generation backend: hf (transformers generate)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="Model dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."),
@@ -175,10 +192,7 @@ def info(
     from oprd_cli.describe import describe, print_description
 
     desc = describe(path, verify=verify)
-    if as_json:
-        emit_json(desc)
-    else:
-        print_description(desc)
+    show(desc, as_json, print_description)
 
 
 # --------------------------------------------------------------- teacher-cache
@@ -278,10 +292,7 @@ def bench_cache(
         num_layers=num_layers, vocab_size=vocab_size, max_batch_tokens=max_batch_tokens, repeats=repeats,
         threads=threads, show_progress=not as_json,
     )
-    if as_json:
-        emit_json(report)
-    else:
-        print_report(report)
+    show(report, as_json, print_report)
 
 
 # ------------------------------------------------------------------------ eval
@@ -306,10 +317,9 @@ def eval_cmd(
                                       "(default: RUN/eval/BENCH-step-N.json, else eval/BENCH-MODEL.json)"),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N problems."),
     split: Optional[str] = typer.Option(None, help="Dataset split. (default: the benchmark's, else train)"),
-    prompt_field: Optional[str] = typer.Option(None, help="Field holding the problem text or chat messages. (default: auto)"),
-    answer_field: Optional[str] = typer.Option(None, help="Field holding the reference answer (dots reach into records). "
-                                               "(default: auto: answer or reward_model.ground_truth)"),
-    id_field: Optional[str] = typer.Option(None, help="Field holding the problem id. (default: id, else the row number)"),
+    prompt_field: Optional[str] = _PROMPT_FIELD,
+    answer_field: Optional[str] = _ANSWER_FIELD,
+    id_field: Optional[str] = _ID_FIELD,
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Samples per problem, the n of Avg@n. (default: 16)"),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 = greedy. (default: 0.7)"),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass in (0, 1]. (default: 0.95)"),
@@ -318,10 +328,9 @@ def eval_cmd(
                                                  "truncated. (default: 16384, capped by the model's context)"),
     seed: Optional[int] = typer.Option(None, help="Random seed; same seed, model and device give the same samples. (default: 0)"),
     batch_size: Optional[int] = typer.Option(None, help="Sequences generated together. (default: 16)"),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the tokenizer's "
-                                                 "chat template when it has one. (default: <template.chat_template>)"),
-    system_prompt: Optional[str] = typer.Option(None, help="System prompt to prepend. (default: <template.system_prompt>)"),
-    instruction: Optional[str] = typer.Option(None, help="Suffix appended to plain problems; '' for none. (default: <template.instruction>)"),
+    chat_template: Optional[bool] = _CHAT_TEMPLATE,
+    system_prompt: Optional[str] = _SYSTEM_PROMPT,
+    instruction: Optional[str] = _INSTRUCTION,
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer (hub id or folder) for sampling, and for counting "
                                             "tokens of --responses lines without num_tokens. (default: the model's; "
                                             "with --responses a local --model folder's, else words)"),
@@ -434,10 +443,7 @@ def train(
                 max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code)
     result = run_train(model=model, cache=cache, run_dir=str(run_dir) if run_dir else None, out=out, rollouts=rollouts,
                        config=cfg, resume=resume)
-    if as_json:
-        emit_json({**asdict(result), "steps": result.steps})
-    else:
-        print_result(result)
+    show({**asdict(result), "steps": result.steps} if as_json else result, as_json, print_result)
 
 
 @bench_app.command("loss")
@@ -476,10 +482,7 @@ def bench_loss(
                           tie_word_embeddings=tie_word_embeddings, objectives=objectives, repeats=repeats,
                           device=device, dtype=dtype, threads=threads, isolate=isolate)
     report = run_bench_loss(cfg)
-    if as_json:
-        emit_json(report)
-    else:
-        print_bench(report)
+    show(report, as_json, print_bench)
 
 
 # ------------------------------------------------------------------------ loop
@@ -494,16 +497,16 @@ def loop_cmd(
     prompts_per_round: Optional[int] = typer.Option(None, "--prompts-per-round", help="Each round samples the next N prompts of the set (wrapping around). (default: every prompt, every round)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts of the set."),
     split: Optional[str] = typer.Option(None, help="Dataset split for hub datasets. (default: <data.split>)"),
-    prompt_field: Optional[str] = typer.Option(None, help="Field holding the problem text or chat messages. (default: auto)"),
-    answer_field: Optional[str] = typer.Option(None, help="Field holding the reference answer. (default: auto)"),
+    prompt_field: Optional[str] = _PROMPT_FIELD,
+    answer_field: Optional[str] = _ANSWER_FIELD,
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Rollout samples per prompt. (default: <rollout.num_samples>)"),
     temperature: Optional[float] = typer.Option(None, help="Rollout sampling temperature. (default: <rollout.temperature>)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="Rollout response length limit in tokens. (default: <rollout.max_new_tokens>)"),
     seed: Optional[int] = typer.Option(None, help="Seed; round r samples with seed + r - 1 and trains with seed. (default: <rollout.seed>)"),
     gen_batch_size: Optional[int] = typer.Option(None, "--gen-batch-size", help="Sequences generated together. (default: <rollout.batch_size>)"),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the tokenizer's chat template when it has one. (default: <template.chat_template>)"),
-    system_prompt: Optional[str] = typer.Option(None, help="System prompt to prepend. (default: <template.system_prompt>)"),
-    instruction: Optional[str] = typer.Option(None, help="Suffix appended to plain problems; '' for none. (default: <template.instruction>)"),
+    chat_template: Optional[bool] = _CHAT_TEMPLATE,
+    system_prompt: Optional[str] = _SYSTEM_PROMPT,
+    instruction: Optional[str] = _INSTRUCTION,
     layers: Optional[str] = typer.Option(None, "--layers", help="Teacher layers to cache: last (HF L) | all (1..L) | even (even 0-based blocks: HF 1,3,5,...) | odd (HF 2,4,6,...) | list. (default: all when OPRD is in the loss, else last)"),
     positions: Optional[str] = typer.Option(None, "--positions", help="all | last | first_k | last_k. (default: <teacher_cache.positions>)"),
     k: Optional[int] = typer.Option(None, "--k", help="Positions per sample for first_k/last_k. (default: <teacher_cache.k>)"),
@@ -564,10 +567,7 @@ def loop_cmd(
                       train=train, rounds=rounds, cache_settings=cache, prompts_per_round=prompts_per_round,
                       evaluation=evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                       show_progress=not as_json)
-    if as_json:
-        emit_json(asdict(result))
-    else:
-        print_result(result)
+    show(asdict(result) if as_json else result, as_json, print_result)
 
 
 # ------------------------------------------------------------------------ demo
