@@ -163,18 +163,15 @@ def rollout(
     overwrite: bool = typer.Option(False, help="Replace an existing complete store at --out."),
 ):
     """Sample on-policy responses from the student and write one rollout store."""
-    from oprd_cli.config import DataConfig, SamplingConfig, TemplateConfig, load_run_config, merge
+    from oprd_cli.config import resolve
     from oprd_cli.rollout import print_summary, run_rollout
 
-    cfg = load_run_config(run_dir)
-    data = merge(DataConfig, cfg.get("data"), prompts=prompts, split=split, prompt_field=prompt_field,
-                 answer_field=answer_field, id_field=id_field, limit=limit)
-    sampling = merge(SamplingConfig, cfg.get("rollout"), num_samples=num_samples, temperature=temperature,
-                     top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                     record_topk=record_topk)
-    template = merge(TemplateConfig, cfg.get("template"), chat_template=chat_template, system_prompt=system_prompt,
-                     instruction=instruction)
-    summary = run_rollout(model=model, data=data, sampling=sampling, template=template, out=out,
+    c = resolve(run_dir, data=dict(prompts=prompts, split=split, prompt_field=prompt_field, answer_field=answer_field,
+                                   id_field=id_field, limit=limit),
+                rollout=dict(num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
+                             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, record_topk=record_topk),
+                template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction))
+    summary = run_rollout(model=model, data=c["data"], sampling=c["rollout"], template=c["template"], out=out,
                           run_dir=str(run_dir) if run_dir else None, overwrite=overwrite, backend=backend,
                           device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     print_summary(summary)
@@ -430,17 +427,17 @@ def train(
     """Update the student from cached teacher activations on its own rollouts."""
     from dataclasses import asdict
 
-    from oprd_cli.config import load_run_config, merge
-    from oprd_cli.train import TrainConfig, print_result, run_train
+    from oprd_cli.config import resolve
+    from oprd_cli.train import print_result, run_train
 
-    cfg = merge(TrainConfig, load_run_config(run_dir).get("train"), objective=objective, mu=mu, oprd_form=oprd_form,
+    cfg = resolve(run_dir, train=dict(objective=objective, mu=mu, oprd_form=oprd_form,
                 reduction=reduction, max_steps=max_steps, total_steps=total_steps, lr=lr, weight_decay=weight_decay,
                 warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, batch_size=batch_size,
                 micro_batch_tokens=micro_batch_tokens, logits_chunk_tokens=logits_chunk_tokens, prefetch=prefetch,
                 max_grad_norm=max_grad_norm, epochs=epochs, clip_eps=clip_eps, topk_logits=topk_logits,
                 entropy=entropy, gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, seed=seed,
                 save_every=save_every, keep_last=keep_last, follow=follow, poll_seconds=poll_seconds, timeout=timeout,
-                max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code)
+                max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code))["train"]
     result = run_train(model=model, cache=cache, run_dir=str(run_dir) if run_dir else None, out=out, rollouts=rollouts,
                        config=cfg, resume=resume)
     show({**asdict(result), "steps": result.steps} if as_json else result, as_json, print_result)
@@ -538,34 +535,25 @@ def loop_cmd(
     """Rounds of rollout -> teacher-cache -> train (-> eval) in one process; resumes where it stopped."""
     from dataclasses import asdict
 
-    from oprd_cli.config import DataConfig, SamplingConfig, TemplateConfig, load_run_config, merge
-    from oprd_cli.loop import EvalSettings, print_result, run_loop
-    from oprd_cli.train import TrainConfig
+    from oprd_cli.config import resolve
+    from oprd_cli.loop import eval_settings, print_result, run_loop
 
-    cfg = load_run_config(run_dir)
-    data = merge(DataConfig, cfg.get("data"), prompts=prompts, split=split, prompt_field=prompt_field,
-                 answer_field=answer_field, limit=limit)
-    sampling = merge(SamplingConfig, cfg.get("rollout"), num_samples=num_samples, temperature=temperature,
-                     max_new_tokens=max_new_tokens, seed=seed, batch_size=gen_batch_size)
-    template = merge(TemplateConfig, cfg.get("template"), chat_template=chat_template, system_prompt=system_prompt,
-                     instruction=instruction)
-    train = merge(TrainConfig, cfg.get("train"), objective=objective, mu=mu, oprd_form=oprd_form, lr=lr, batch_size=batch_size,
-                  epochs=epochs, total_steps=total_steps, warmup_ratio=warmup_ratio,
-                  micro_batch_tokens=micro_batch_tokens, seed=seed)
+    c = resolve(run_dir, data=dict(prompts=prompts, split=split, prompt_field=prompt_field, answer_field=answer_field,
+                                   limit=limit),
+                rollout=dict(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                             seed=seed, batch_size=gen_batch_size),
+                template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction),
+                train=dict(objective=objective, mu=mu, oprd_form=oprd_form, lr=lr, batch_size=batch_size,
+                           epochs=epochs, total_steps=total_steps, warmup_ratio=warmup_ratio,
+                           micro_batch_tokens=micro_batch_tokens, seed=seed))
     cache = dict(layers=layers, positions=positions, k=k, logprobs=logprobs, topk=topk,
                  max_batch_tokens=max_batch_tokens)  # over [teacher_cache] in oprd.toml (loop.cache_config)
-    evaluation = None
-    if eval_data is not None or eval_bench is not None:
-        from oprd_cli.evaluate import eval_sampling, load_eval_data
-
-        evaluation = EvalSettings(
-            data=load_eval_data(eval_bench, eval_data, eval_limit),
-            sampling=eval_sampling(cfg, num_samples=eval_num_samples, temperature=eval_temperature,
-                                   max_new_tokens=eval_max_new_tokens, seed=seed),
-            every=eval_every, start=not no_eval_start)
-    result = run_loop(run_dir=run_dir, model=model, teacher=teacher, data=data, sampling=sampling, template=template,
-                      train=train, rounds=rounds, cache_settings=cache, prompts_per_round=prompts_per_round,
-                      evaluation=evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+    evaluation = eval_settings(run_dir, bench=eval_bench, data=eval_data, limit=eval_limit, every=eval_every,
+                               start=not no_eval_start, num_samples=eval_num_samples, temperature=eval_temperature,
+                               max_new_tokens=eval_max_new_tokens, seed=seed)
+    result = run_loop(run_dir=run_dir, model=model, teacher=teacher, data=c["data"], sampling=c["rollout"],
+                      template=c["template"], train=c["train"], rounds=rounds, cache_settings=cache,
+                      prompts_per_round=prompts_per_round, evaluation=evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                       show_progress=not as_json)
     show(asdict(result) if as_json else result, as_json, print_result)
 

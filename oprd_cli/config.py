@@ -204,6 +204,13 @@ def merge(cls: type[T], section: dict[str, Any] | None = None, *, defaults: dict
     return obj
 
 
+def resolve(run_dir: str | Path | None, **flags_by_section: dict[str, Any]) -> dict[str, Any]:
+    """The configuration a command runs with: for each named ``oprd.toml`` section (see :data:`SECTIONS`),
+    its dataclass from the defaults <- ``RUN/oprd.toml`` <- the flags given for it (:func:`merge`)."""
+    cfg = load_run_config(run_dir)
+    return {name: merge(section_class(name), cfg.get(name), **flags) for name, flags in flags_by_section.items()}
+
+
 # ------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:

@@ -62,6 +62,19 @@ class EvalSettings:
     timeout: float | None = None
 
 
+def eval_settings(run_dir: str | Path | None, *, bench: str | None, data: str | None, limit: int | None,
+                  every: int, start: bool, **sampling_flags: Any) -> EvalSettings | None:
+    """The loop's evaluation from its flags (None without ``--eval-data``/``--eval-bench``); sampling as
+    ``oprd eval`` resolves it (flags <- ``[eval]`` in oprd.toml <- the eval defaults)."""
+    if data is None and bench is None:
+        return None
+    from oprd_cli.config import load_run_config
+    from oprd_cli.evaluate import eval_sampling, load_eval_data
+
+    return EvalSettings(data=load_eval_data(bench, data, limit),
+                        sampling=eval_sampling(load_run_config(run_dir), **sampling_flags), every=every, start=start)
+
+
 @dataclass
 class LoopResult:
     run_dir: str
@@ -489,5 +502,5 @@ def print_result(r: LoopResult) -> None:
             err_console.print(f"  eval step {e['step']}: Avg@{e['n']} {100 * e['avg_at_n']:.1f}%  ({e['path']})")
 
 
-__all__ = ["EvalSettings", "LoopResult", "RoundState", "Stage", "cache_config", "cache_defaults", "evaluate_step",
+__all__ = ["EvalSettings", "LoopResult", "eval_settings", "RoundState", "Stage", "cache_config", "cache_defaults", "evaluate_step",
            "next_stage", "print_result", "read_log", "round_state", "run_loop", "steps_per_round"]
