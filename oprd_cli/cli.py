@@ -34,7 +34,7 @@ bench_app = typer.Typer(help="Benchmarks that measure speed and memory on this m
 app.add_typer(bench_app, name="bench")
 
 
-_DEFAULT_RE = re.compile(r"<(data|template|rollout|teacher_cache|train)\.(\w+)>")
+_DEFAULT_RE = re.compile(r"<(data|template|rollout|teacher_cache|train|bench_loss)\.(\w+)>")
 
 
 def fill_help_defaults(command: click.Command) -> None:
@@ -443,27 +443,27 @@ def train(
     show({**asdict(result), "steps": result.steps} if as_json else result, as_json, print_result)
 
 
-@bench_app.command("loss")
+@bench_app.command("loss", cls=DefaultsCommand)
 @guarded
 def bench_loss(
-    num_layers: int = typer.Option(2, "--num-layers", help="Decoder blocks of the benchmark model (the Qwen2.5-1.5B shape has 28)."),
-    seq_len: int = typer.Option(1024, "--seq-len", help="Response tokens per sample (T)."),
-    last_k: int = typer.Option(1024, "--last-k", help="OPRD supervises the last k response positions."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Samples per step (B)."),
-    prompt_len: int = typer.Option(64, "--prompt-len", help="Prompt tokens per sample."),
-    topk: int = typer.Option(16, "--topk", help="k of the top-k OPD baselines."),
-    hidden_size: int = typer.Option(1536, "--hidden-size", help="d."),
-    vocab_size: int = typer.Option(151936, "--vocab-size", help="|V|."),
-    num_heads: int = typer.Option(12, "--num-heads", help="Attention heads."),
-    num_kv_heads: int = typer.Option(2, "--num-kv-heads", help="Key/value heads."),
-    intermediate_size: int = typer.Option(8960, "--intermediate-size", help="MLP width."),
-    tie_word_embeddings: bool = typer.Option(False, "--tie-word-embeddings/--untied", help="Tie the LM head to the embeddings (R1-Distill-Qwen-1.5B: untied)."),
-    objectives: str = typer.Option("opd_top1,opd_top16,opd_top16_support,oprd", "--objectives", help="Comma-separated subset to run."),
-    repeats: int = typer.Option(2, "--repeats", help="Timed steps per objective (after one warm-up step); the median is reported."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Decoder blocks of the benchmark model (the Qwen2.5-1.5B shape has 28). (default: <bench_loss.num_layers>)"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Response tokens per sample (T). (default: <bench_loss.seq_len>)"),
+    last_k: Optional[int] = typer.Option(None, "--last-k", help="OPRD supervises the last k response positions. (default: <bench_loss.last_k>)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per step (B). (default: <bench_loss.batch_size>)"),
+    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="Prompt tokens per sample. (default: <bench_loss.prompt_len>)"),
+    topk: Optional[int] = typer.Option(None, "--topk", help="k of the top-k OPD baselines. (default: <bench_loss.topk>)"),
+    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="d. (default: <bench_loss.hidden_size>)"),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="|V|. (default: <bench_loss.vocab_size>)"),
+    num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads. (default: <bench_loss.num_heads>)"),
+    num_kv_heads: Optional[int] = typer.Option(None, "--num-kv-heads", help="Key/value heads. (default: <bench_loss.num_kv_heads>)"),
+    intermediate_size: Optional[int] = typer.Option(None, "--intermediate-size", help="MLP width. (default: <bench_loss.intermediate_size>)"),
+    tie_word_embeddings: Optional[bool] = typer.Option(None, "--tie-word-embeddings/--untied", help="Tie the LM head to the embeddings (R1-Distill-Qwen-1.5B: untied). (default: <bench_loss.tie_word_embeddings>)"),
+    objectives: Optional[str] = typer.Option(None, "--objectives", help="Comma-separated subset to run. (default: <bench_loss.objectives>)"),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed steps per objective (after one warm-up step); the median is reported. (default: <bench_loss.repeats>)"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N. (default: <bench_loss.device>)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16. (default: <bench_loss.dtype>)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice; on a busy CPU 1 gives steadier times)."),
-    isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="Run each objective in a fresh process (honest CPU memory figures); --no-isolate runs all in this one (faster start)."),
+    isolate: Optional[bool] = typer.Option(None, "--isolate/--no-isolate", help="Run each objective in a fresh process (honest CPU memory figures); --no-isolate runs all in this one (faster start). (default: <bench_loss.isolate>)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ):
     """Actor-update step time and delta-peak memory: OPD top-1, OPD top-16 and OPRD side by side (paper Table 3).
@@ -472,12 +472,13 @@ def bench_loss(
     random weights. On a CPU reduce the depth and sequence length (docs/training.md has the figures).
     """
     from oprd_cli.bench.loss import BenchLossConfig, print_bench, run_bench_loss
+    from oprd_cli.config import merge
 
-    cfg = BenchLossConfig(num_layers=num_layers, seq_len=seq_len, last_k=last_k, batch_size=batch_size,
-                          prompt_len=prompt_len, topk=topk, hidden_size=hidden_size, vocab_size=vocab_size,
-                          num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-                          tie_word_embeddings=tie_word_embeddings, objectives=objectives, repeats=repeats,
-                          device=device, dtype=dtype, threads=threads, isolate=isolate)
+    cfg = merge(BenchLossConfig, None, num_layers=num_layers, seq_len=seq_len, last_k=last_k, batch_size=batch_size,
+                prompt_len=prompt_len, topk=topk, hidden_size=hidden_size, vocab_size=vocab_size, num_heads=num_heads,
+                num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                tie_word_embeddings=tie_word_embeddings, objectives=objectives, repeats=repeats, device=device,
+                dtype=dtype, threads=threads, isolate=isolate)
     report = run_bench_loss(cfg)
     show(report, as_json, print_bench)
 

@@ -94,6 +94,7 @@ SECTIONS = {
     "rollout": "oprd_cli.config:SamplingConfig",
     "teacher_cache": "oprd_cli.teacher:TeacherCacheConfig",
     "train": "oprd_cli.train.config:TrainConfig",
+    "bench_loss": "oprd_cli.bench.loss:BenchLossConfig",  # no toml section: flags over the dataclass only
 }
 
 
