@@ -27,12 +27,14 @@ pass arrives as ``None`` and does not override the file. Example ``oprd.toml``::
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from oprd_cli.errors import OprdError
+from oprd_cli.io import atomic_write_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,7 +64,6 @@ def write_initial_config(run_dir: str | Path, sections: dict[str, dict[str, Any]
     path = Path(run_dir) / "oprd.toml"
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# written by oprd when this run started; edit freely, CLI flags override it", ""]
     for name, values in sections.items():
         values = {k: v for k, v in values.items() if v is not None}
@@ -72,7 +73,7 @@ def write_initial_config(run_dir: str | Path, sections: dict[str, dict[str, Any]
         for k, v in values.items():
             lines.append(f"{k} = {_toml_value(v)}")
         lines.append("")
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _toml_value(v: Any) -> str:
@@ -142,6 +143,8 @@ def format_default(value: Any) -> str:
         return "none"
     if value == "":
         return "''"
+    if isinstance(value, float):  # 1e-05 -> 1e-5
+        return re.sub(r"e([+-])0*(\d)", r"e\1\2", repr(value)).replace("e+", "e")
     return str(value)
 
 

@@ -6,7 +6,8 @@ Each stage is the function the separate command runs (:func:`oprd_cli.rollout.ru
 separate commands would have left, and the two ways can be mixed.
 
 What to do next is decided from the run directory alone, so an interrupted loop (Ctrl-C, a crash, a
-killed process) resumes at the stage where it stopped::
+killed process) resumes at the stage where it stopped (:func:`next_stage`, a pure function of the
+:class:`RoundState` that :func:`round_state` reads from the run directory)::
 
     round r trained on (the latest checkpoint's marker lists cache r)   -> nothing to do
     complete cache r                                                     -> train

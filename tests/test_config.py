@@ -196,7 +196,7 @@ def test_every_help_default_is_the_dataclass_default():
 def test_help_shows_the_defaults(monkeypatch):
     r = run_cli("train", "--help", expect=0)
     text = re.sub(r"[\s│]+", " ", r.stdout)
-    assert "(default: 1e-05)" in text and "(default: 16 = 8 prompts x 2 samples)" in text
+    assert "(default: 1e-5)" in text and "(default: 16 = 8 prompts x 2 samples)" in text
     assert "<train." not in text
     r = run_cli("rollout", "--help", expect=0)
     text = re.sub(r"[\s│]+", " ", r.stdout)
