@@ -9,12 +9,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
 
 import click
 import typer
+from typer.core import TyperCommand
 
 from oprd_cli import __version__
 from oprd_cli.console import console, err_console
@@ -30,6 +32,29 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks that measure speed and memory on this machine.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+
+_DEFAULT_RE = re.compile(r"<(data|template|rollout|teacher_cache|train|bench_loss)\.(\w+)>")
+
+
+def fill_help_defaults(command: click.Command) -> None:
+    """Replace the ``<section.field>`` placeholders in option help with the default of that field of the
+    section's configuration dataclass (:func:`oprd_cli.config.help_default`): ``--help`` shows the
+    defaults the code uses, and the dataclasses are imported only when help is shown."""
+    from oprd_cli.config import help_default
+
+    for p in command.params:
+        text = getattr(p, "help", None)
+        if text:
+            p.help = _DEFAULT_RE.sub(lambda m: help_default(m.group(1), m.group(2)), text)
+
+
+class DefaultsCommand(TyperCommand):
+    """A command whose option help names its defaults through ``<section.field>`` placeholders."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        fill_help_defaults(self)
+        super().format_help(ctx, formatter)
 
 
 def _debug() -> bool:
@@ -82,14 +107,31 @@ def _root(
     ctx.obj = {"debug": debug}
 
 
+# options shared by rollout, loop and eval (one definition, one help text)
+_CHAT_TEMPLATE = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the tokenizer's chat template when it has one. (default: <template.chat_template>)")
+_SYSTEM_PROMPT = typer.Option(None, help="System prompt to prepend. (default: <template.system_prompt>)")
+_INSTRUCTION = typer.Option(None, help="Suffix appended to plain problems; '' for none. (default: <template.instruction>)")
+_PROMPT_FIELD = typer.Option(None, help="Field holding the problem text or chat messages. (default: auto: problem/question/prompt)")
+_ANSWER_FIELD = typer.Option(None, help="Field holding the reference answer (dots reach into records). (default: auto: answer or reward_model.ground_truth)")
+_ID_FIELD = typer.Option(None, help="Field holding the problem id. (default: id, else the row number)")
+
+
 def emit_json(obj) -> None:
     """One JSON object on stdout (machine-readable; nothing else goes to stdout with --json)."""
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 
+def show(result, as_json: bool, printer) -> None:
+    """A command's result: one JSON object with ``--json``, else the human summary ``printer`` writes."""
+    if as_json:
+        emit_json(result)
+    else:
+        printer(result)
+
+
 # --------------------------------------------------------------------- rollout
-@app.command()
+@app.command(cls=DefaultsCommand)
 @guarded
 def rollout(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Student: hub id or save_pretrained folder. "
@@ -98,22 +140,22 @@ def rollout(
                                           ".jsonl/.json/.parquet (plain problem/answer or verl layout)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-r", help="Run directory: writes rollouts/rNNNNNN.zarr, the next round."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Store path (local or fsspec URL) instead of a run directory."),
-    split: Optional[str] = typer.Option(None, help="Dataset split for hub datasets. (default: train)"),
-    prompt_field: Optional[str] = typer.Option(None, help="Field holding the problem text or chat messages. (default: auto: problem/question/prompt)"),
-    answer_field: Optional[str] = typer.Option(None, help="Field holding the reference answer (dots reach into records). (default: auto: answer or reward_model.ground_truth)"),
-    id_field: Optional[str] = typer.Option(None, help="Field holding the problem id. (default: id, else the row number)"),
+    split: Optional[str] = typer.Option(None, help="Dataset split for hub datasets. (default: <data.split>)"),
+    prompt_field: Optional[str] = _PROMPT_FIELD,
+    answer_field: Optional[str] = _ANSWER_FIELD,
+    id_field: Optional[str] = _ID_FIELD,
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Samples per prompt. (default: 2)"),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 = greedy. (default: 1.0)"),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass in (0, 1]. (default: 1.0)"),
-    top_k: Optional[int] = typer.Option(None, help="Sample among the K most likely tokens; 0 = off. (default: 0)"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Response length limit in tokens. (default: 1024)"),
-    seed: Optional[int] = typer.Option(None, help="Random seed; same seed, model, prompts and device give the same store. (default: 0)"),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences generated together. (default: 16)"),
-    record_topk: Optional[int] = typer.Option(None, "--record-topk", help="Also store the student's top-K token ids per position (for top-k OPD). (default: 0 = off)"),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the tokenizer's chat template when it has one. (default: on)"),
-    system_prompt: Optional[str] = typer.Option(None, help="System prompt to prepend. (default: none)"),
-    instruction: Optional[str] = typer.Option(None, help="Suffix appended to plain problems; '' for none. (default: the \\boxed{} convention)"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Samples per prompt. (default: <rollout.num_samples>)"),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 = greedy. (default: <rollout.temperature>)"),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass in (0, 1]. (default: <rollout.top_p>)"),
+    top_k: Optional[int] = typer.Option(None, help="Sample among the K most likely tokens; 0 = off. (default: <rollout.top_k>)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Response length limit in tokens. (default: <rollout.max_new_tokens>)"),
+    seed: Optional[int] = typer.Option(None, help="Random seed; same seed, model, prompts and device give the same store. (default: <rollout.seed>)"),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences generated together. (default: <rollout.batch_size>)"),
+    record_topk: Optional[int] = typer.Option(None, "--record-topk", help="Also store the student's top-K token ids per position (for top-k OPD). (default: <rollout.record_topk> = off)"),
+    chat_template: Optional[bool] = _CHAT_TEMPLATE,
+    system_prompt: Optional[str] = _SYSTEM_PROMPT,
+    instruction: Optional[str] = _INSTRUCTION,
     backend: str = typer.Option("hf", help="Generation backend: hf (transformers generate)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="Model dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."),
@@ -121,18 +163,15 @@ def rollout(
     overwrite: bool = typer.Option(False, help="Replace an existing complete store at --out."),
 ):
     """Sample on-policy responses from the student and write one rollout store."""
-    from oprd_cli.config import DataConfig, SamplingConfig, TemplateConfig, load_run_config, merge
+    from oprd_cli.config import resolve
     from oprd_cli.rollout import print_summary, run_rollout
 
-    cfg = load_run_config(run_dir)
-    data = merge(DataConfig, cfg.get("data"), prompts=prompts, split=split, prompt_field=prompt_field,
-                 answer_field=answer_field, id_field=id_field, limit=limit)
-    sampling = merge(SamplingConfig, cfg.get("rollout"), num_samples=num_samples, temperature=temperature,
-                     top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                     record_topk=record_topk)
-    template = merge(TemplateConfig, cfg.get("template"), chat_template=chat_template, system_prompt=system_prompt,
-                     instruction=instruction)
-    summary = run_rollout(model=model, data=data, sampling=sampling, template=template, out=out,
+    c = resolve(run_dir, data=dict(prompts=prompts, split=split, prompt_field=prompt_field, answer_field=answer_field,
+                                   id_field=id_field, limit=limit),
+                rollout=dict(num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
+                             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, record_topk=record_topk),
+                template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction))
+    summary = run_rollout(model=model, data=c["data"], sampling=c["rollout"], template=c["template"], out=out,
                           run_dir=str(run_dir) if run_dir else None, overwrite=overwrite, backend=backend,
                           device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     print_summary(summary)
@@ -150,14 +189,11 @@ def info(
     from oprd_cli.describe import describe, print_description
 
     desc = describe(path, verify=verify)
-    if as_json:
-        emit_json(desc)
-    else:
-        print_description(desc)
+    show(desc, as_json, print_description)
 
 
 # --------------------------------------------------------------- teacher-cache
-@app.command("teacher-cache")
+@app.command("teacher-cache", cls=DefaultsCommand)
 @guarded
 def teacher_cache(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model: hub id or local folder "
@@ -169,26 +205,26 @@ def teacher_cache(
                                           "directory that has no complete cache yet, oldest first."),
     layers: Optional[str] = typer.Option(None, "--layers", help="last (HF hidden_states index L) | all (1..L) | even "
                                          "(blocks with an even 0-based index: HF 1,3,5,...) | odd (HF 2,4,6,...) | "
-                                         "comma-separated hidden_states indices (0 = embeddings). (default: all)"),
+                                         "comma-separated hidden_states indices (0 = embeddings). (default: <teacher_cache.layers>)"),
     positions: Optional[str] = typer.Option(None, "--positions", help="all | last (the final response "
                                             "token) | first_k | last_k (the last min(k, T)): response tokens whose "
                                             "hidden states are stored; token y_t's state is the one at sequence index "
-                                            "Lp + t, which has read y_t. (default: last_k)"),
-    k: Optional[int] = typer.Option(None, "--k", help="Positions per sample for first_k/last_k. (default: 2000)"),
+                                            "Lp + t, which has read y_t. (default: <teacher_cache.positions>)"),
+    k: Optional[int] = typer.Option(None, "--k", help="Positions per sample for first_k/last_k. (default: <teacher_cache.k>)"),
     logprobs: Optional[str] = typer.Option(None, "--logprobs", help="none (OPRD only) | sampled (log q of each "
                                            "sampled token) | topk (also on the student's and the teacher's top-k). "
-                                           "(default: none)"),
-    topk: Optional[int] = typer.Option(None, "--topk", help="K for --logprobs topk. (default: 16)"),
+                                           "(default: <teacher_cache.logprobs>)"),
+    topk: Optional[int] = typer.Option(None, "--topk", help="K for --logprobs topk. (default: <teacher_cache.topk>)"),
     store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="auto (the teacher's compute dtype: "
-                                              "faithful) | float32 | bfloat16 | float16. (default: auto)"),
+                                              "faithful) | float32 | bfloat16 | float16. (default: <teacher_cache.store_dtype>)"),
     compressor: Optional[str] = typer.Option(None, "--compressor", help="blosc-zstd | zstd | lz4 | blosc-lz4 | "
-                                             "blosc-lz4hc | gzip | none. (default: blosc-zstd)"),
+                                             "blosc-lz4hc | gzip | none. (default: <teacher_cache.compressor>)"),
     level: Optional[int] = typer.Option(None, "--level", help="Compression level. (default: per compressor: blosc-zstd 1, zstd 3, blosc-lz4 5)"),
     lossy_mantissa_bits: Optional[int] = typer.Option(None, "--lossy-mantissa-bits", help="Lossy: round hidden "
                                                       "states to this many mantissa bits (error is reported as "
                                                       "cosine similarity by `oprd info`). (default: off)"),
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Padded tokens per teacher "
-                                                   "forward; sequences are packed longest first. (default: 16384)"),
+                                                   "forward; sequences are packed longest first. (default: <teacher_cache.max_batch_tokens>)"),
     unit_positions: Optional[int] = typer.Option(None, "--unit-positions", help="Advanced: hidden positions per "
                                                  "unit of work / shard. (default: about 64 MB of raw data)"),
     unit_tokens: Optional[int] = typer.Option(None, "--unit-tokens", help="Advanced: response tokens per unit "
@@ -198,9 +234,9 @@ def teacher_cache(
     poll_seconds: float = typer.Option(10.0, "--poll-seconds", show_default=False, help="Seconds between --follow's looks for new rounds. (default: 10)"),
     max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="Stop after caching this many rounds. (default: no limit)"),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop following after this many seconds. (default: never)"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N. (default: auto)"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N. (default: <teacher_cache.device>)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Teacher compute dtype: auto (bf16 on GPU, fp32 "
-                                        "on CPU) | float32 | bfloat16 | float16. (default: auto)"),
+                                        "on CPU) | float32 | bfloat16 | float16. (default: <teacher_cache.dtype>)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing complete cache."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object describing the caches written."),
@@ -245,7 +281,7 @@ def bench_cache(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Teacher-cache speed and size: truncated vs full forward, writer overhead, bytes per value."""
-    from oprd_cli.bench_cache import print_report, run_bench
+    from oprd_cli.bench.cache import print_report, run_bench
 
     report = run_bench(
         teacher=teacher, rollouts=rollouts, device=device, dtype=dtype, store_dtype=store_dtype, layers=layers,
@@ -253,14 +289,11 @@ def bench_cache(
         num_layers=num_layers, vocab_size=vocab_size, max_batch_tokens=max_batch_tokens, repeats=repeats,
         threads=threads, show_progress=not as_json,
     )
-    if as_json:
-        emit_json(report)
-    else:
-        print_report(report)
+    show(report, as_json, print_report)
 
 
 # ------------------------------------------------------------------------ eval
-@app.command("eval")
+@app.command("eval", cls=DefaultsCommand)
 @guarded
 def eval_cmd(
     bench: Optional[str] = typer.Option(None, "--bench", "-b", help="Benchmark by name: aime24, aime25, amc23, math500 "
@@ -281,10 +314,9 @@ def eval_cmd(
                                       "(default: RUN/eval/BENCH-step-N.json, else eval/BENCH-MODEL.json)"),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N problems."),
     split: Optional[str] = typer.Option(None, help="Dataset split. (default: the benchmark's, else train)"),
-    prompt_field: Optional[str] = typer.Option(None, help="Field holding the problem text or chat messages. (default: auto)"),
-    answer_field: Optional[str] = typer.Option(None, help="Field holding the reference answer (dots reach into records). "
-                                               "(default: auto: answer or reward_model.ground_truth)"),
-    id_field: Optional[str] = typer.Option(None, help="Field holding the problem id. (default: id, else the row number)"),
+    prompt_field: Optional[str] = _PROMPT_FIELD,
+    answer_field: Optional[str] = _ANSWER_FIELD,
+    id_field: Optional[str] = _ID_FIELD,
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Samples per problem, the n of Avg@n. (default: 16)"),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 = greedy. (default: 0.7)"),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass in (0, 1]. (default: 0.95)"),
@@ -293,10 +325,9 @@ def eval_cmd(
                                                  "truncated. (default: 16384, capped by the model's context)"),
     seed: Optional[int] = typer.Option(None, help="Random seed; same seed, model and device give the same samples. (default: 0)"),
     batch_size: Optional[int] = typer.Option(None, help="Sequences generated together. (default: 16)"),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the tokenizer's "
-                                                 "chat template when it has one. (default: on)"),
-    system_prompt: Optional[str] = typer.Option(None, help="System prompt to prepend. (default: none)"),
-    instruction: Optional[str] = typer.Option(None, help="Suffix appended to plain problems; '' for none. (default: the \\boxed{} convention)"),
+    chat_template: Optional[bool] = _CHAT_TEMPLATE,
+    system_prompt: Optional[str] = _SYSTEM_PROMPT,
+    instruction: Optional[str] = _INSTRUCTION,
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer (hub id or folder) for sampling, and for counting "
                                             "tokens of --responses lines without num_tokens. (default: the model's; "
                                             "with --responses a local --model folder's, else words)"),
@@ -351,7 +382,7 @@ def report_cmd(
 
 
 # ----------------------------------------------------------------------- train
-@app.command()
+@app.command(cls=DefaultsCommand)
 @guarded
 def train(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-r", help="Run directory: continue from its latest checkpoint (or the initial student) and train on the newest complete cache not trained on yet; checkpoints go to RUN/checkpoints/step-N, metrics to RUN/metrics.jsonl."),
@@ -359,33 +390,33 @@ def train(
     cache: Optional[str] = typer.Option(None, "--cache", "-c", help="One teacher cache to train on (with --out)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for checkpoints/ and metrics.jsonl with --cache (with --run-dir: the run itself)."),
     rollouts: Optional[str] = typer.Option(None, "--rollouts", help="The cache's rollout store, when it moved from the path the cache records."),
-    objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk (default: oprd)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk (default: <train.objective>)."),
     mu: Optional[float] = typer.Option(None, "--mu", help="Add mu * L_OPRD to an OPD objective, Eq. 7 (default: 0 for OPD, 1 for oprd)."),
-    oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="normalized (both vectors L2-normalised, then MSE over d: the release) | raw (MSE with 1/d) (default: normalized)."),
-    reduction: Optional[str] = typer.Option(None, "--reduction", help="token (mean over all supervised tokens of the batch, then layers: the release) | sample (Eq. 6 literally: per-sample means) (default: token)."),
+    oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="normalized (both vectors L2-normalised, then MSE over d: the release) | raw (MSE with 1/d) (default: <train.oprd_form>)."),
+    reduction: Optional[str] = typer.Option(None, "--reduction", help="token (mean over all supervised tokens of the batch, then layers: the release) | sample (Eq. 6 literally: per-sample means) (default: <train.reduction>)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop at this global optimizer step. Without --follow, when one pass over the cache has fewer steps, further passes over it (each freshly shuffled) fill up to N (default: one pass)."),
     total_steps: Optional[int] = typer.Option(None, "--total-steps", help="Planned length of the warm-up + cosine schedule; pass it to interrupt and resume one schedule (default: --max-steps, else the run's earlier plan)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Exactly N passes over each cache (default: 1, or as many as --max-steps needs when not following)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate (default: 1e-5)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0.01)."),
-    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Linear warm-up share of the schedule (default: 0.03)."),
-    min_lr_ratio: Optional[float] = typer.Option(None, "--min-lr-ratio", help="The cosine decay ends at this share of --lr (default: 0)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per optimizer step (default: 16 = 8 prompts x 2 samples)."),
-    micro_batch_tokens: Optional[int] = typer.Option(None, "--micro-batch-tokens", help="Padded tokens per forward/backward; larger steps accumulate gradients (default: 16384)."),
-    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm (default: 1.0)."),
-    clip_eps: Optional[float] = typer.Option(None, "--clip-eps", help="PPO clip range of the opd-top1 importance ratio (default: 0.2)."),
-    topk_logits: Optional[str] = typer.Option(None, "--topk-logits", help="opd-topk logits: support (h @ W[S].T only) | full (verl-style full vocabulary) (default: support)."),
-    logits_chunk_tokens: Optional[int] = typer.Option(None, "--logits-chunk-tokens", help="LM-head rows per checkpointed chunk for OPD log-probs, support logits and entropy; 0 = one chunk (default: 4096)."),
-    prefetch: Optional[int] = typer.Option(None, "--prefetch", help="Steps of teacher data read ahead by a background thread (default: 2)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate (default: <train.lr>)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: <train.weight_decay>)."),
+    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Linear warm-up share of the schedule (default: <train.warmup_ratio>)."),
+    min_lr_ratio: Optional[float] = typer.Option(None, "--min-lr-ratio", help="The cosine decay ends at this share of --lr (default: <train.min_lr_ratio>)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per optimizer step (default: <train.batch_size> = 8 prompts x 2 samples)."),
+    micro_batch_tokens: Optional[int] = typer.Option(None, "--micro-batch-tokens", help="Padded tokens per forward/backward; larger steps accumulate gradients (default: <train.micro_batch_tokens>)."),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm (default: <train.max_grad_norm>)."),
+    clip_eps: Optional[float] = typer.Option(None, "--clip-eps", help="PPO clip range of the opd-top1 importance ratio (default: <train.clip_eps>)."),
+    topk_logits: Optional[str] = typer.Option(None, "--topk-logits", help="opd-topk logits: support (h @ W[S].T only) | full (verl-style full vocabulary) (default: <train.topk_logits>)."),
+    logits_chunk_tokens: Optional[int] = typer.Option(None, "--logits-chunk-tokens", help="LM-head rows per checkpointed chunk for OPD log-probs, support logits and entropy; 0 = one chunk (default: <train.logits_chunk_tokens>)."),
+    prefetch: Optional[int] = typer.Option(None, "--prefetch", help="Steps of teacher data read ahead by a background thread (default: <train.prefetch>)."),
     entropy: Optional[bool] = typer.Option(None, "--entropy/--no-entropy", help="Log actor/entropy (default: on for OPD objectives; for oprd it costs an LM-head pass)."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute block activations in backward (default: off)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: auto)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 (default: auto)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the batch order and RNG (default: 0)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute block activations in backward (default: <train.gradient_checkpointing>)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: <train.device>)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 (default: <train.dtype>)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the batch order and RNG (default: <train.seed>)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Also save a checkpoint every N steps (default: at the end, and after each cache with --follow)."),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Keep only the newest N checkpoints (default: all)."),
-    follow: Optional[bool] = typer.Option(None, "--follow/--no-follow", help="Keep waiting for new caches in --run-dir, one pass each (default: off)."),
-    poll_seconds: Optional[float] = typer.Option(None, "--poll-seconds", help="How often --follow looks for caches (default: 10)."),
+    follow: Optional[bool] = typer.Option(None, "--follow/--no-follow", help="Keep waiting for new caches in --run-dir, one pass each (default: <train.follow>)."),
+    poll_seconds: Optional[float] = typer.Option(None, "--poll-seconds", help="How often --follow looks for caches (default: <train.poll_seconds>)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop following after waiting this many seconds without a new cache (default: never)."),
     max_caches: Optional[int] = typer.Option(None, "--max-caches", help="Stop following after training on N caches (default: never)."),
     max_staleness: Optional[int] = typer.Option(None, "--max-staleness", help="Skip caches whose rollout policy is more than N checkpoints older than the student (default: no limit)."),
@@ -396,46 +427,43 @@ def train(
     """Update the student from cached teacher activations on its own rollouts."""
     from dataclasses import asdict
 
-    from oprd_cli.config import load_run_config, merge
-    from oprd_cli.train import TrainConfig, print_result, run_train
+    from oprd_cli.config import resolve
+    from oprd_cli.train import print_result, run_train
 
-    cfg = merge(TrainConfig, load_run_config(run_dir).get("train"), objective=objective, mu=mu, oprd_form=oprd_form,
+    cfg = resolve(run_dir, train=dict(objective=objective, mu=mu, oprd_form=oprd_form,
                 reduction=reduction, max_steps=max_steps, total_steps=total_steps, lr=lr, weight_decay=weight_decay,
                 warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, batch_size=batch_size,
                 micro_batch_tokens=micro_batch_tokens, logits_chunk_tokens=logits_chunk_tokens, prefetch=prefetch,
                 max_grad_norm=max_grad_norm, epochs=epochs, clip_eps=clip_eps, topk_logits=topk_logits,
                 entropy=entropy, gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, seed=seed,
                 save_every=save_every, keep_last=keep_last, follow=follow, poll_seconds=poll_seconds, timeout=timeout,
-                max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code)
+                max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code))["train"]
     result = run_train(model=model, cache=cache, run_dir=str(run_dir) if run_dir else None, out=out, rollouts=rollouts,
                        config=cfg, resume=resume)
-    if as_json:
-        emit_json({**asdict(result), "steps": result.steps})
-    else:
-        print_result(result)
+    show({**asdict(result), "steps": result.steps} if as_json else result, as_json, print_result)
 
 
-@bench_app.command("loss")
+@bench_app.command("loss", cls=DefaultsCommand)
 @guarded
 def bench_loss(
-    num_layers: int = typer.Option(2, "--num-layers", help="Decoder blocks of the benchmark model (the Qwen2.5-1.5B shape has 28)."),
-    seq_len: int = typer.Option(1024, "--seq-len", help="Response tokens per sample (T)."),
-    last_k: int = typer.Option(1024, "--last-k", help="OPRD supervises the last k response positions."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Samples per step (B)."),
-    prompt_len: int = typer.Option(64, "--prompt-len", help="Prompt tokens per sample."),
-    topk: int = typer.Option(16, "--topk", help="k of the top-k OPD baselines."),
-    hidden_size: int = typer.Option(1536, "--hidden-size", help="d."),
-    vocab_size: int = typer.Option(151936, "--vocab-size", help="|V|."),
-    num_heads: int = typer.Option(12, "--num-heads", help="Attention heads."),
-    num_kv_heads: int = typer.Option(2, "--num-kv-heads", help="Key/value heads."),
-    intermediate_size: int = typer.Option(8960, "--intermediate-size", help="MLP width."),
-    tie_word_embeddings: bool = typer.Option(False, "--tie-word-embeddings/--untied", help="Tie the LM head to the embeddings (R1-Distill-Qwen-1.5B: untied)."),
-    objectives: str = typer.Option("opd_top1,opd_top16,opd_top16_support,oprd", "--objectives", help="Comma-separated subset to run."),
-    repeats: int = typer.Option(2, "--repeats", help="Timed steps per objective (after one warm-up step); the median is reported."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Decoder blocks of the benchmark model (the Qwen2.5-1.5B shape has 28). (default: <bench_loss.num_layers>)"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Response tokens per sample (T). (default: <bench_loss.seq_len>)"),
+    last_k: Optional[int] = typer.Option(None, "--last-k", help="OPRD supervises the last k response positions. (default: <bench_loss.last_k>)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per step (B). (default: <bench_loss.batch_size>)"),
+    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="Prompt tokens per sample. (default: <bench_loss.prompt_len>)"),
+    topk: Optional[int] = typer.Option(None, "--topk", help="k of the top-k OPD baselines. (default: <bench_loss.topk>)"),
+    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="d. (default: <bench_loss.hidden_size>)"),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="|V|. (default: <bench_loss.vocab_size>)"),
+    num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads. (default: <bench_loss.num_heads>)"),
+    num_kv_heads: Optional[int] = typer.Option(None, "--num-kv-heads", help="Key/value heads. (default: <bench_loss.num_kv_heads>)"),
+    intermediate_size: Optional[int] = typer.Option(None, "--intermediate-size", help="MLP width. (default: <bench_loss.intermediate_size>)"),
+    tie_word_embeddings: Optional[bool] = typer.Option(None, "--tie-word-embeddings/--untied", help="Tie the LM head to the embeddings (R1-Distill-Qwen-1.5B: untied). (default: <bench_loss.tie_word_embeddings>)"),
+    objectives: Optional[str] = typer.Option(None, "--objectives", help="Comma-separated subset to run. (default: <bench_loss.objectives>)"),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed steps per objective (after one warm-up step); the median is reported. (default: <bench_loss.repeats>)"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N. (default: <bench_loss.device>)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16. (default: <bench_loss.dtype>)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice; on a busy CPU 1 gives steadier times)."),
-    isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="Run each objective in a fresh process (honest CPU memory figures); --no-isolate runs all in this one (faster start)."),
+    isolate: Optional[bool] = typer.Option(None, "--isolate/--no-isolate", help="Run each objective in a fresh process (honest CPU memory figures); --no-isolate runs all in this one (faster start). (default: <bench_loss.isolate>)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ):
     """Actor-update step time and delta-peak memory: OPD top-1, OPD top-16 and OPRD side by side (paper Table 3).
@@ -443,22 +471,20 @@ def bench_loss(
     The real training step (forward, backward, clipping, AdamW) on a Qwen2 model of the given shape with
     random weights. On a CPU reduce the depth and sequence length (docs/training.md has the figures).
     """
-    from oprd_cli.bench_loss import BenchLossConfig, print_bench, run_bench_loss
+    from oprd_cli.bench.loss import BenchLossConfig, print_bench, run_bench_loss
+    from oprd_cli.config import merge
 
-    cfg = BenchLossConfig(num_layers=num_layers, seq_len=seq_len, last_k=last_k, batch_size=batch_size,
-                          prompt_len=prompt_len, topk=topk, hidden_size=hidden_size, vocab_size=vocab_size,
-                          num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-                          tie_word_embeddings=tie_word_embeddings, objectives=objectives, repeats=repeats,
-                          device=device, dtype=dtype, threads=threads, isolate=isolate)
+    cfg = merge(BenchLossConfig, None, num_layers=num_layers, seq_len=seq_len, last_k=last_k, batch_size=batch_size,
+                prompt_len=prompt_len, topk=topk, hidden_size=hidden_size, vocab_size=vocab_size, num_heads=num_heads,
+                num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                tie_word_embeddings=tie_word_embeddings, objectives=objectives, repeats=repeats, device=device,
+                dtype=dtype, threads=threads, isolate=isolate)
     report = run_bench_loss(cfg)
-    if as_json:
-        emit_json(report)
-    else:
-        print_bench(report)
+    show(report, as_json, print_bench)
 
 
 # ------------------------------------------------------------------------ loop
-@app.command("loop")
+@app.command("loop", cls=DefaultsCommand)
 @guarded
 def loop_cmd(
     run_dir: Path = typer.Option(..., "--run-dir", "-r", help="Run directory (created if needed); an interrupted loop resumes from what is in it."),
@@ -468,32 +494,32 @@ def loop_cmd(
     rounds: int = typer.Option(..., "--rounds", help="Rounds of rollout -> teacher-cache -> train to reach (counting rounds already done)."),
     prompts_per_round: Optional[int] = typer.Option(None, "--prompts-per-round", help="Each round samples the next N prompts of the set (wrapping around). (default: every prompt, every round)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts of the set."),
-    split: Optional[str] = typer.Option(None, help="Dataset split for hub datasets. (default: train)"),
-    prompt_field: Optional[str] = typer.Option(None, help="Field holding the problem text or chat messages. (default: auto)"),
-    answer_field: Optional[str] = typer.Option(None, help="Field holding the reference answer. (default: auto)"),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Rollout samples per prompt. (default: 2)"),
-    temperature: Optional[float] = typer.Option(None, help="Rollout sampling temperature. (default: 1.0)"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Rollout response length limit in tokens. (default: 1024)"),
-    seed: Optional[int] = typer.Option(None, help="Seed; round r samples with seed + r - 1 and trains with seed. (default: 0)"),
-    gen_batch_size: Optional[int] = typer.Option(None, "--gen-batch-size", help="Sequences generated together. (default: 16)"),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the tokenizer's chat template when it has one. (default: on)"),
-    system_prompt: Optional[str] = typer.Option(None, help="System prompt to prepend. (default: none)"),
-    instruction: Optional[str] = typer.Option(None, help="Suffix appended to plain problems; '' for none. (default: the \\boxed{} convention)"),
+    split: Optional[str] = typer.Option(None, help="Dataset split for hub datasets. (default: <data.split>)"),
+    prompt_field: Optional[str] = _PROMPT_FIELD,
+    answer_field: Optional[str] = _ANSWER_FIELD,
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Rollout samples per prompt. (default: <rollout.num_samples>)"),
+    temperature: Optional[float] = typer.Option(None, help="Rollout sampling temperature. (default: <rollout.temperature>)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Rollout response length limit in tokens. (default: <rollout.max_new_tokens>)"),
+    seed: Optional[int] = typer.Option(None, help="Seed; round r samples with seed + r - 1 and trains with seed. (default: <rollout.seed>)"),
+    gen_batch_size: Optional[int] = typer.Option(None, "--gen-batch-size", help="Sequences generated together. (default: <rollout.batch_size>)"),
+    chat_template: Optional[bool] = _CHAT_TEMPLATE,
+    system_prompt: Optional[str] = _SYSTEM_PROMPT,
+    instruction: Optional[str] = _INSTRUCTION,
     layers: Optional[str] = typer.Option(None, "--layers", help="Teacher layers to cache: last (HF L) | all (1..L) | even (even 0-based blocks: HF 1,3,5,...) | odd (HF 2,4,6,...) | list. (default: all when OPRD is in the loss, else last)"),
-    positions: Optional[str] = typer.Option(None, "--positions", help="all | last | first_k | last_k. (default: last_k)"),
-    k: Optional[int] = typer.Option(None, "--k", help="Positions per sample for first_k/last_k. (default: 2000)"),
+    positions: Optional[str] = typer.Option(None, "--positions", help="all | last | first_k | last_k. (default: <teacher_cache.positions>)"),
+    k: Optional[int] = typer.Option(None, "--k", help="Positions per sample for first_k/last_k. (default: <teacher_cache.k>)"),
     logprobs: Optional[str] = typer.Option(None, "--logprobs", help="Teacher log-probs to cache: none | sampled | topk. (default: what --objective needs)"),
-    topk: Optional[int] = typer.Option(None, "--topk", help="K of top-k OPD (rollouts record the student's top-K ids). (default: 16)"),
-    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Padded tokens per teacher forward. (default: 16384)"),
-    objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk. (default: oprd)"),
+    topk: Optional[int] = typer.Option(None, "--topk", help="K of top-k OPD (rollouts record the student's top-K ids). (default: <teacher_cache.topk>)"),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Padded tokens per teacher forward. (default: <teacher_cache.max_batch_tokens>)"),
+    objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk. (default: <train.objective>)"),
     mu: Optional[float] = typer.Option(None, "--mu", help="Add mu * L_OPRD to an OPD objective (Eq. 7). (default: 0 for OPD, 1 for oprd)"),
-    oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="normalized (L2-normalised vectors: the release) | raw (MSE with 1/d). (default: normalized)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate. (default: 1e-5)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per optimizer step. (default: 16)"),
+    oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="normalized (L2-normalised vectors: the release) | raw (MSE with 1/d). (default: <train.oprd_form>)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate. (default: <train.lr>)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per optimizer step. (default: <train.batch_size>)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over each round's cache. (default: 1)"),
     total_steps: Optional[int] = typer.Option(None, "--total-steps", help="Length of the warm-up + cosine schedule. (default: rounds x steps per round)"),
-    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Linear warm-up share of the schedule. (default: 0.03)"),
-    micro_batch_tokens: Optional[int] = typer.Option(None, "--micro-batch-tokens", help="Padded tokens per forward/backward. (default: 16384)"),
+    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Linear warm-up share of the schedule. (default: <train.warmup_ratio>)"),
+    micro_batch_tokens: Optional[int] = typer.Option(None, "--micro-batch-tokens", help="Padded tokens per forward/backward. (default: <train.micro_batch_tokens>)"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluate on these problems (.jsonl/.json/.parquet or hub id) every --eval-every rounds."),
     eval_bench: Optional[str] = typer.Option(None, "--eval-bench", help="Evaluate on a registered benchmark (aime24, ...); with --eval-data only its name."),
     eval_every: int = typer.Option(1, "--eval-every", help="Evaluate every M rounds (and after the last). (default: 1)"),
@@ -510,41 +536,27 @@ def loop_cmd(
     """Rounds of rollout -> teacher-cache -> train (-> eval) in one process; resumes where it stopped."""
     from dataclasses import asdict
 
-    from oprd_cli.config import DataConfig, SamplingConfig, TemplateConfig, load_run_config, merge
-    from oprd_cli.loop import EvalSettings, print_result, run_loop
-    from oprd_cli.train import TrainConfig
+    from oprd_cli.config import resolve
+    from oprd_cli.loop import eval_settings, print_result, run_loop
 
-    cfg = load_run_config(run_dir)
-    data = merge(DataConfig, cfg.get("data"), prompts=prompts, split=split, prompt_field=prompt_field,
-                 answer_field=answer_field, limit=limit)
-    sampling = merge(SamplingConfig, cfg.get("rollout"), num_samples=num_samples, temperature=temperature,
-                     max_new_tokens=max_new_tokens, seed=seed, batch_size=gen_batch_size)
-    template = merge(TemplateConfig, cfg.get("template"), chat_template=chat_template, system_prompt=system_prompt,
-                     instruction=instruction)
-    tc = dict(cfg.get("train") or {})
-    train = merge(TrainConfig, tc, objective=objective, mu=mu, oprd_form=oprd_form, lr=lr, batch_size=batch_size,
-                  epochs=epochs, total_steps=total_steps, warmup_ratio=warmup_ratio,
-                  micro_batch_tokens=micro_batch_tokens, seed=seed)
-    cache = {**(cfg.get("teacher_cache") or {}),
-             **{k_: v for k_, v in dict(layers=layers, positions=positions, k=k, logprobs=logprobs, topk=topk,
-                                        max_batch_tokens=max_batch_tokens).items() if v is not None}}
-    evaluation = None
-    if eval_data is not None or eval_bench is not None:
-        from oprd_cli.eval import eval_sampling, load_eval_data
-
-        evaluation = EvalSettings(
-            data=load_eval_data(eval_bench, eval_data, eval_limit),
-            sampling=eval_sampling(cfg, num_samples=eval_num_samples, temperature=eval_temperature,
-                                   max_new_tokens=eval_max_new_tokens, seed=seed),
-            every=eval_every, start=not no_eval_start)
-    result = run_loop(run_dir=run_dir, model=model, teacher=teacher, data=data, sampling=sampling, template=template,
-                      train=train, rounds=rounds, cache_settings=cache, prompts_per_round=prompts_per_round,
-                      evaluation=evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+    c = resolve(run_dir, data=dict(prompts=prompts, split=split, prompt_field=prompt_field, answer_field=answer_field,
+                                   limit=limit),
+                rollout=dict(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                             seed=seed, batch_size=gen_batch_size),
+                template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction),
+                train=dict(objective=objective, mu=mu, oprd_form=oprd_form, lr=lr, batch_size=batch_size,
+                           epochs=epochs, total_steps=total_steps, warmup_ratio=warmup_ratio,
+                           micro_batch_tokens=micro_batch_tokens, seed=seed))
+    cache = dict(layers=layers, positions=positions, k=k, logprobs=logprobs, topk=topk,
+                 max_batch_tokens=max_batch_tokens)  # over [teacher_cache] in oprd.toml (loop.cache_config)
+    evaluation = eval_settings(run_dir, bench=eval_bench, data=eval_data, limit=eval_limit, every=eval_every,
+                               start=not no_eval_start, num_samples=eval_num_samples, temperature=eval_temperature,
+                               max_new_tokens=eval_max_new_tokens, seed=seed)
+    result = run_loop(run_dir=run_dir, model=model, teacher=teacher, data=c["data"], sampling=c["rollout"],
+                      template=c["template"], train=c["train"], rounds=rounds, cache_settings=cache,
+                      prompts_per_round=prompts_per_round, evaluation=evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                       show_progress=not as_json)
-    if as_json:
-        emit_json(asdict(result))
-    else:
-        print_result(result)
+    show(asdict(result) if as_json else result, as_json, print_result)
 
 
 # ------------------------------------------------------------------------ demo

@@ -27,12 +27,14 @@ pass arrives as ``None`` and does not override the file. Example ``oprd.toml``::
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from oprd_cli.errors import OprdError
+from oprd_cli.io import atomic_write_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,7 +64,6 @@ def write_initial_config(run_dir: str | Path, sections: dict[str, dict[str, Any]
     path = Path(run_dir) / "oprd.toml"
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# written by oprd when this run started; edit freely, CLI flags override it", ""]
     for name, values in sections.items():
         values = {k: v for k, v in values.items() if v is not None}
@@ -72,7 +73,7 @@ def write_initial_config(run_dir: str | Path, sections: dict[str, dict[str, Any]
         for k, v in values.items():
             lines.append(f"{k} = {_toml_value(v)}")
         lines.append("")
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _toml_value(v: Any) -> str:
@@ -86,28 +87,132 @@ def _toml_value(v: Any) -> str:
     return f'"{s}"'
 
 
-def merge(cls: type[T], section: dict[str, Any] | None = None, **flags: Any) -> T:
-    """Build dataclass ``cls``: flags that are not None win over the toml section."""
-    flat = getattr(cls, "flat_fields", None)  # a grouped config (TrainConfig) with flat keys
-    names = {f.name for f in (flat() if flat else fields(cls))}  # type: ignore[arg-type]
+# toml section -> the dataclass it fills ("module:Class", imported only when needed: the train and teacher
+# modules import torch, which `oprd --help` should not wait for)
+SECTIONS = {
+    "data": "oprd_cli.config:DataConfig",
+    "template": "oprd_cli.config:TemplateConfig",
+    "rollout": "oprd_cli.config:SamplingConfig",
+    "teacher_cache": "oprd_cli.teacher:TeacherCacheConfig",
+    "train": "oprd_cli.train.config:TrainConfig",
+    "bench_loss": "oprd_cli.bench.loss:BenchLossConfig",  # no toml section: flags over the dataclass only
+}
+
+
+def section_class(section: str) -> type:
+    """The dataclass of an ``oprd.toml`` section (see :data:`SECTIONS`)."""
+    import importlib
+
+    module, name = SECTIONS[section].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Flat field name -> type of a configuration dataclass; fields that are dataclasses themselves
+    (sub-groups) contribute their own fields, so the toml keys and flags stay flat."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        t = hints.get(f.name, Any)
+        if dataclasses.is_dataclass(t):
+            out.update(field_types(t))
+        else:
+            out[f.name] = t
+    return out
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of (flat) field ``name`` of ``cls``."""
+    obj = cls()
+    if name in {f.name for f in fields(obj)}:  # type: ignore[arg-type]
+        return getattr(obj, name)
+    for f in fields(obj):  # type: ignore[arg-type]
+        sub = getattr(obj, f.name)
+        if dataclasses.is_dataclass(sub) and name in field_types(type(sub)):
+            return field_default(type(sub), name)
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def format_default(value: Any) -> str:
+    """How ``--help`` shows a default: on/off for booleans, none for None, the value otherwise."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    if value == "":
+        return "''"
+    if isinstance(value, float):  # 1e-05 -> 1e-5
+        return re.sub(r"e([+-])0*(\d)", r"e\1\2", repr(value)).replace("e+", "e")
+    return str(value)
+
+
+def help_default(section: str, name: str) -> str:
+    """How ``--help`` shows the default of field ``name`` of the dataclass of ``section``: the one source
+    of the defaults the CLI shows (it fills its ``<section.name>`` placeholders with this)."""
+    return format_default(field_default(section_class(section), name))
+
+
+def _type_ok(value: Any, t: Any) -> bool:
+    import types
+    import typing
+
+    if t is Any:
+        return True
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(t))
+    if t is type(None):
+        return value is None
+    if origin is not None:  # list[...], dict[...]
+        return isinstance(value, origin)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, t) if isinstance(t, type) else True
+
+
+def _type_name(t: Any) -> str:
+    return str(t).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def merge(cls: type[T], section: dict[str, Any] | None = None, *, defaults: dict[str, Any] | None = None,
+          **flags: Any) -> T:
+    """The one merge path of every command: ``defaults`` <- the ``oprd.toml`` section <- flags.
+
+    ``defaults`` override the dataclass defaults where a command has its own (eval sampling, what a
+    loop's objective needs in the cache); flags that are None were not given and do not override.
+    An unknown toml key or a value of the wrong type is one line naming the key.
+    """
+    types_ = field_types(cls)
     section = section or {}
-    unknown = set(section) - names
+    unknown = set(section) - set(types_)
     if unknown:
         raise OprdError(
             f"unknown key(s) {', '.join(sorted(unknown))} in oprd.toml for {cls.__name__}; "
-            f"known: {', '.join(sorted(names))}"
+            f"known: {', '.join(sorted(types_))}"
         )
-    values = {k: v for k, v in section.items()}
-    values.update({k: v for k, v in flags.items() if v is not None and k in names})
-    obj = cls.from_flat(values) if flat else cls(**values)  # type: ignore[attr-defined]
+    for k, v in section.items():
+        if not _type_ok(v, types_[k]):
+            raise OprdError(f"oprd.toml key {k} = {v!r} for {cls.__name__} should be {_type_name(types_[k])}")
+    values = {k: v for k, v in (defaults or {}).items() if k in types_}
+    values.update(section)
+    values.update({k: v for k, v in flags.items() if v is not None and k in types_})
+    from_flat = getattr(cls, "from_flat", None)
+    obj = from_flat(values) if from_flat is not None else cls(**values)
     validate = getattr(obj, "validate", None)
     if validate:
         validate()
     return obj
 
 
-def asdict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
+def resolve(run_dir: str | Path | None, **flags_by_section: dict[str, Any]) -> dict[str, Any]:
+    """The configuration a command runs with: for each named ``oprd.toml`` section (see :data:`SECTIONS`),
+    its dataclass from the defaults <- ``RUN/oprd.toml`` <- the flags given for it (:func:`merge`)."""
+    cfg = load_run_config(run_dir)
+    return {name: merge(section_class(name), cfg.get(name), **flags) for name, flags in flags_by_section.items()}
 
 
 # ------------------------------------------------------------------- sections
@@ -160,12 +265,3 @@ class SamplingConfig:
             raise OprdError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.record_topk < 0:
             raise OprdError(f"--record-topk must be >= 0, got {self.record_topk}")
-
-
-@dataclass
-class ModelConfig:
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)

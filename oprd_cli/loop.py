@@ -2,11 +2,12 @@
 
 Each stage is the function the separate command runs (:func:`oprd_cli.rollout.run_rollout`,
 :func:`oprd_cli.teacher.cache_rollouts`, :func:`oprd_cli.train.run_train` in run-directory mode,
-:func:`oprd_cli.eval.evaluate_target`), so the run directory a loop leaves is the one the
+:func:`oprd_cli.evaluate.evaluate_target`), so the run directory a loop leaves is the one the
 separate commands would have left, and the two ways can be mixed.
 
 What to do next is decided from the run directory alone, so an interrupted loop (Ctrl-C, a crash, a
-killed process) resumes at the stage where it stopped::
+killed process) resumes at the stage where it stopped (:func:`next_stage`, a pure function of the
+:class:`RoundState` that :func:`round_state` reads from the run directory)::
 
     round r trained on (the latest checkpoint's marker lists cache r)   -> nothing to do
     complete cache r                                                     -> train
@@ -23,23 +24,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from oprd_cli.config import DataConfig, SamplingConfig, TemplateConfig, write_initial_config
 from oprd_cli.console import err_console
 from oprd_cli.errors import OprdError
+from oprd_cli.io import atomic_write_text
 from oprd_cli.stores import common
 from oprd_cli.stores.rundir import RunDir, round_name
 
-STAGES = ("rollout", "cache", "train", "eval")
-# Test hook: "ROUND:STAGE" (or "ROUND:STAGE:kill") interrupts the loop right after that stage
-# finished: KeyboardInterrupt as Ctrl-C would, or SIGKILL of the process with ":kill".
-STOP_ENV = "OPRD_LOOP_STOP_AFTER"
 LOG_NAME = "loop.jsonl"
 
 
@@ -65,6 +61,19 @@ class EvalSettings:
     every: int = 1
     start: bool = True  # also evaluate the starting student (step 0)
     timeout: float | None = None
+
+
+def eval_settings(run_dir: str | Path | None, *, bench: str | None, data: str | None, limit: int | None,
+                  every: int, start: bool, **sampling_flags: Any) -> EvalSettings | None:
+    """The loop's evaluation from its flags (None without ``--eval-data``/``--eval-bench``); sampling as
+    ``oprd eval`` resolves it (flags <- ``[eval]`` in oprd.toml <- the eval defaults)."""
+    if data is None and bench is None:
+        return None
+    from oprd_cli.config import load_run_config
+    from oprd_cli.eval import eval_sampling, load_eval_data
+
+    return EvalSettings(data=load_eval_data(bench, data, limit),
+                        sampling=eval_sampling(load_run_config(run_dir), **sampling_flags), every=every, start=start)
 
 
 @dataclass
@@ -115,18 +124,8 @@ def _metrics_since(run: RunDir, step: int) -> list[dict[str, Any]]:
     return out
 
 
-def _maybe_stop(round_index: int, stage: str) -> None:
-    spec = os.environ.get(STOP_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if len(parts) >= 2 and parts[0] == str(round_index) and parts[1] == stage:
-        if len(parts) > 2 and parts[2] == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise KeyboardInterrupt
-
-
-def _log(run: RunDir, entry: dict[str, Any]) -> None:
+def log_stage(run: RunDir, entry: dict[str, Any]) -> None:
+    """Append one finished stage to ``RUN/loop.jsonl``."""
     with open(run.root / LOG_NAME, "a") as f:
         f.write(json.dumps(entry) + "\n")
 
@@ -145,7 +144,7 @@ def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def _round_prompts(run: RunDir, data: DataConfig, records, index: int, per_round: int) -> DataConfig:
+def _round_prompts(run: RunDir, records, index: int, per_round: int) -> DataConfig:
     """Write round ``index``'s slice of the prompt set (kept when it exists) and point a DataConfig at it."""
     path = run.root / "prompts" / round_name(index).replace(".zarr", ".jsonl")
     if not path.exists():
@@ -161,10 +160,7 @@ def _round_prompts(run: RunDir, data: DataConfig, records, index: int, per_round
                 row["problem"] = r.problem
             row["answer"] = r.answer
             lines.append(json.dumps(row, ensure_ascii=False))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, "\n".join(lines) + "\n")
     return DataConfig(prompts=str(path), split="train")
 
 
@@ -183,13 +179,9 @@ def evaluate_step(run: RunDir, model: str, step: int, settings: EvalSettings, te
     data, sampling = settings.data, settings.sampling
     target = E.EvalTarget(str(model), str(run.root), int(step))
     path = E.default_report_path(data.bench, str(model), str(run.root), int(step))
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if isinstance(old, dict) and E.same_protocol(old, target, data, sampling):
-            return {**E.summary(old), "report_path": str(path), "kept": True}
+    old = E.existing_report(path, target, data, sampling)
+    if old is not None:
+        return {**E.summary(old), "report_path": str(path), "kept": True}
     own = grader is None
     grader = grader or E.Grader(timeout=settings.timeout or E.DEFAULT_TIMEOUT_S, integer_answers=data.integer_answers)
     try:
@@ -202,7 +194,244 @@ def evaluate_step(run: RunDir, model: str, step: int, settings: EvalSettings, te
     return {**E.summary(report), "report_path": str(path), "kept": False}
 
 
-# ------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------ what to do next
+Stage = Literal["done", "train", "cache", "rollout", "blocked"]
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """What the run directory says about round ``index`` (read by :func:`round_state`)."""
+
+    index: int
+    trained: bool  # the latest checkpoint's marker lists the round's cache as consumed or skipped
+    cache_complete: bool
+    rollout_complete: bool
+    newer_cache: int | None = None  # a later round with a complete cache, if any
+
+
+def next_stage(state: RoundState) -> Stage:
+    """What round ``state.index`` needs next: ``done`` (trained), ``train`` (complete cache), ``cache``
+    (complete rollout), else ``rollout`` (an incomplete store is replaced). ``blocked`` when a later
+    round already has a complete cache: the loop trains rounds in order."""
+    if state.trained:
+        return "done"
+    if state.newer_cache is not None:
+        return "blocked"
+    if state.cache_complete:
+        return "train"
+    if state.rollout_complete:
+        return "cache"
+    return "rollout"
+
+
+def round_state(run: RunDir, index: int) -> RoundState:
+    newer = [i for i, _ in run.cache_rounds(complete_only=True) if i > index]
+    return RoundState(index=index, trained=index in _trained_rounds(run),
+                      cache_complete=common.is_complete(str(run.cache_dir / round_name(index))),
+                      rollout_complete=common.is_complete(str(run.rollouts_dir / round_name(index))),
+                      newer_cache=newer[0] if newer else None)
+
+
+# ------------------------------------------------------------------------------ settings resolved once
+def _check_counts(rounds: int, prompts_per_round: int | None, evaluation: EvalSettings | None) -> None:
+    if rounds < 1:
+        raise OprdError(f"--rounds must be at least 1, got {rounds}")
+    if prompts_per_round is not None and prompts_per_round < 1:
+        raise OprdError(f"--prompts-per-round must be at least 1, got {prompts_per_round}")
+    if evaluation is not None and evaluation.every < 1:
+        raise OprdError(f"--eval-every must be at least 1 (rounds), got {evaluation.every}")
+
+
+def _models(run: RunDir, file_cfg: dict[str, Any], model: str | None, teacher: str | None) -> tuple[Any, Any]:
+    models_cfg = file_cfg.get("models") or {}
+    model = model or models_cfg.get("student")
+    teacher = teacher or models_cfg.get("teacher")
+    if not model and run.latest_checkpoint() is None:
+        raise OprdError("pass --model (the initial student: a hub id or a save_pretrained folder)")
+    if not teacher:
+        raise OprdError("pass --teacher (a hub id or a save_pretrained folder; or [models] teacher in oprd.toml)")
+    return model, teacher
+
+
+def cache_config(train: Any, section: dict[str, Any] | None, flags: dict[str, Any], device: str, dtype: str,
+                 sampling: SamplingConfig):
+    """The loop's teacher-cache settings: what the objective needs (:func:`cache_defaults`, and the loop's
+    device/dtype) <- ``[teacher_cache]`` <- flags; raises ``sampling.record_topk`` to the top-k support."""
+    from oprd_cli.config import merge
+    from oprd_cli.teacher import TeacherCacheConfig
+
+    topk = flags.get("topk") or (section or {}).get("topk") or 16
+    need = {**cache_defaults(train.loss.objective, train.loss.mu, int(topk)), "device": device, "dtype": dtype}
+    ccfg = merge(TeacherCacheConfig, section, defaults=need, **flags)
+    if train.loss.objective == "opd-topk":
+        if ccfg.logprobs != "topk":
+            raise OprdError("--objective opd-topk needs --logprobs topk in the teacher cache")
+        if sampling.record_topk < ccfg.topk:
+            sampling = replace(sampling, record_topk=ccfg.topk)
+    if train.loss.objective == "opd-top1" and ccfg.logprobs == "none":
+        raise OprdError("--objective opd-top1 needs the teacher's log-probs: --logprobs sampled (or topk)")
+    return ccfg, sampling
+
+
+def _write_run_config(run: RunDir, model, teacher, data: DataConfig, template: TemplateConfig,
+                      sampling: SamplingConfig, ccfg, train) -> None:
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_initial_config(run.root, {
+        "models": {"student": model, "teacher": teacher},
+        "data": {k: v for k, v in asdict(data).items() if v is not None},
+        "template": asdict(template),
+        "rollout": {k: v for k, v in asdict(sampling).items()},
+        "teacher_cache": {k: getattr(ccfg, k) for k in ("layers", "positions", "k", "logprobs", "topk")},
+        "train": {"objective": train.loss.objective, "mu": train.loss.mu, "oprd_form": train.loss.oprd_form, "lr": train.optim.lr,
+                  "batch_size": train.batching.batch_size, "total_steps": train.optim.total_steps},
+    })
+
+
+# ------------------------------------------------------------------------------ the driver
+@dataclass
+class _Loop:
+    """The resolved settings of one ``oprd loop`` and the stage functions it calls."""
+
+    run: RunDir
+    rounds: int
+    model: Any
+    teacher: Any
+    data: DataConfig
+    records: list
+    per_round: int | None  # prompts per round when the set is sliced
+    sampling: SamplingConfig
+    template: TemplateConfig
+    train: Any
+    ccfg: Any
+    evaluation: EvalSettings | None
+    device: str
+    dtype: str
+    trust_remote_code: bool
+    show_progress: bool
+    on_stage: Callable[[int, str, dict[str, Any]], None] | None
+    result: LoopResult
+    teacher_model: Any = None
+    grader: Any = None
+
+    def header(self, r: int, stage: str, what: str = "") -> None:
+        err_console.rule(f"[bold]round {r}/{self.rounds}[/] · {stage}" + (f" · {what}" if what else ""),
+                         style="cyan")
+
+    def stage_done(self, r: int, stage: str, t0: float, **info: Any) -> None:
+        entry = {"round": r, "stage": stage, "seconds": round(time.monotonic() - t0, 3), **info}
+        log_stage(self.run, entry)
+        self.result.stages_run.append(entry)
+        if self.on_stage is not None:
+            self.on_stage(r, stage, entry)
+
+    def eval_due(self, r: int) -> bool:
+        return self.evaluation is not None and (r % self.evaluation.every == 0 or r == self.rounds)
+
+    def evaluate(self, r: int, mdl: str, step: int) -> None:
+        self.header(r, "eval", f"step {step}")
+        t0 = time.monotonic()
+        s = evaluate_step(self.run, mdl, step, self.evaluation, self.template, device=self.device, dtype=self.dtype,
+                          trust_remote_code=self.trust_remote_code, show_progress=self.show_progress,
+                          grader=self.grader)
+        self.result.evals.append({"round": r, "step": step, "path": s["report_path"], "avg_at_n": s.get("avg_at_n"),
+                                  "n": s.get("n"), "kept": s["kept"]})
+        err_console.print(f"step {step}: Avg@{s.get('n')} {100 * (s.get('avg_at_n') or 0):.1f}% on "
+                          f"{self.evaluation.data.bench}" + (" (report kept)" if s["kept"] else ""))
+        if not s["kept"]:
+            self.stage_done(r, "eval", t0, step=step, avg_at_n=s.get("avg_at_n"))
+
+    def rollout(self, r: int) -> None:
+        from oprd_cli.rollout import run_rollout
+
+        latest = self.run.latest_checkpoint()
+        rpath = self.run.rollouts_dir / round_name(r)
+        policy = str(latest.path) if latest is not None else str(self.model)
+        self.header(r, "rollout", f"policy {'step ' + str(latest.step) if latest else Path(policy).name}")
+        t0 = time.monotonic()
+        rdata = _round_prompts(self.run, self.records, r, self.per_round) if self.per_round else self.data
+        rs = run_rollout(model=policy, data=rdata, sampling=replace(self.sampling, seed=self.sampling.seed + r - 1),
+                         template=self.template, out=str(rpath), run_dir=str(self.run.root), device=self.device,
+                         dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        err_console.print(f"rollout {rpath.name}: {rs.num_samples} samples, {rs.num_tokens:,} tokens, "
+                          f"{rs.num_truncated} truncated ({rs.seconds:.1f} s)")
+        self.stage_done(r, "rollout", t0, samples=rs.num_samples, tokens=rs.num_tokens,
+                        policy_step=latest.step if latest else 0)
+
+    def cache(self, r: int) -> None:
+        from oprd_cli.teacher import TeacherModel, cache_rollouts
+
+        rpath, cpath = self.run.rollouts_dir / round_name(r), self.run.cache_dir / round_name(r)
+        self.header(r, "teacher-cache", Path(str(self.teacher)).name)
+        t0 = time.monotonic()
+        c = self.ccfg
+        if self.teacher_model is None:
+            self.teacher_model = TeacherModel(str(self.teacher), layers=c.layers, need_logits=c.need_logits,
+                                              device=c.device, dtype=c.dtype, trust_remote_code=self.trust_remote_code)
+        st: dict[str, Any] = {}
+        settings = {f: getattr(c, f) for f in c.__dataclass_fields__ if f != "trust_remote_code"}
+        cache_rollouts(self.teacher_model, str(rpath), str(cpath), stats=st, show_progress=self.show_progress,
+                       **settings)
+        if not st.get("complete"):
+            raise OprdError(f"teacher cache {cpath} is not complete after the pass")
+        err_console.print(f"cache {cpath.name}: {st['units_computed']} units computed ({st['total_seconds']:.1f} s)")
+        self.stage_done(r, "cache", t0, units=st["units_computed"])
+
+    def train_round(self, r: int) -> None:
+        from oprd_cli.train import run_train
+
+        train, latest = self.train, self.run.latest_checkpoint()
+        what = train.loss.objective + (f" + {train.loss.mu:g}*oprd" if train.loss.objective != "oprd" and train.loss.mu else "")
+        self.header(r, "train", what)
+        t0 = time.monotonic()
+        tcfg = train.replace(follow=False, device=self.device if train.runtime.device == "auto" else train.runtime.device)
+        tr = run_train(model=None if latest is not None else str(self.model), run_dir=str(self.run.root),
+                       config=tcfg, show_progress=self.show_progress)
+        if r not in _trained_rounds(self.run):
+            raise OprdError(f"training did not consume cache {round_name(r)} (stopped: {tr.stopped})")
+        err_console.print(f"trained steps {tr.start_step + 1}..{tr.step} -> {Path(str(tr.checkpoint)).name} "
+                          f"({tr.seconds:.1f} s)")
+        peak = max((m.get("peak_mem_bytes") or 0 for m in _metrics_since(self.run, tr.start_step)), default=0)
+        self.stage_done(r, "train", t0, steps=tr.steps, step=tr.step, train_seconds=round(tr.seconds, 3),
+                        peak_mem_bytes=peak)
+
+    def round(self, r: int) -> None:
+        """Run round ``r`` from wherever the run directory says it stands, then its evaluation when due."""
+        state = round_state(self.run, r)
+        if state.trained:
+            if self.eval_due(r):  # trained, but the loop may have stopped before its evaluation
+                ck = checkpoint_after_round(self.run, r)
+                if ck is not None:
+                    self.evaluate(r, str(ck.path), ck.step)
+            return
+        stage = next_stage(state)
+        if stage == "blocked":
+            root = self.run.root
+            raise OprdError(f"{root} has a complete cache of round {state.newer_cache} but round {r} is not trained "
+                            "yet; the loop trains rounds in order (move the later rounds away, or continue "
+                            f"with `oprd train --run-dir {root}`)")
+        run_stage = {"rollout": self.rollout, "cache": self.cache, "train": self.train_round}
+        for name in ("rollout", "cache", "train")[("rollout", "cache", "train").index(stage):]:
+            run_stage[name](r)
+        if self.eval_due(r):
+            ck = self.run.latest_checkpoint()
+            self.evaluate(r, str(ck.path), ck.step)
+
+    def run_all(self) -> None:
+        if self.evaluation is not None:
+            from oprd_cli.eval import DEFAULT_TIMEOUT_S, Grader
+
+            self.grader = Grader(timeout=self.evaluation.timeout or DEFAULT_TIMEOUT_S,
+                                 integer_answers=self.evaluation.data.integer_answers)
+        try:
+            if self.evaluation is not None and self.evaluation.start and self.model:
+                self.evaluate(0, str(self.model), 0)
+            for r in range(1, self.rounds + 1):
+                self.round(r)
+        finally:
+            if self.grader is not None:
+                self.grader.close()
+
+
 def run_loop(
     *,
     run_dir: str | Path,
@@ -224,178 +453,35 @@ def run_loop(
 ) -> LoopResult:
     """Run ``rounds`` rounds in ``run_dir`` (resuming whatever an earlier invocation left).
 
-    ``cache_settings`` are :class:`oprd_cli.teacher.TeacherCacheConfig` fields; what the objective needs
-    (:func:`cache_defaults`) fills the ones not given, and ``sampling.record_topk`` is raised to the
-    top-k OPD support when needed. ``train.total_steps`` (the lr schedule's length) defaults to
-    ``rounds`` times the steps of one round. ``on_stage(round, stage, info)`` is called after each stage.
+    ``cache_settings`` are :class:`oprd_cli.teacher.TeacherCacheConfig` fields given as flags; they win
+    over ``[teacher_cache]`` in ``RUN/oprd.toml``, which wins over what the objective needs
+    (:func:`cache_config`). ``train.optim.total_steps`` (the lr schedule's length) defaults to ``rounds``
+    times the steps of one round. ``on_stage(round, stage, info)`` is called after each stage.
     """
     from oprd_cli.config import load_run_config
     from oprd_cli.data import load_records
-    from oprd_cli.rollout import run_rollout
-    from oprd_cli.teacher import TeacherCacheConfig, TeacherModel, cache_rollouts
-    from oprd_cli.train import run_train
 
     t_start = time.monotonic()
-    if rounds < 1:
-        raise OprdError(f"--rounds must be at least 1, got {rounds}")
-    if prompts_per_round is not None and prompts_per_round < 1:
-        raise OprdError(f"--prompts-per-round must be at least 1, got {prompts_per_round}")
-    if evaluation is not None and evaluation.every < 1:
-        raise OprdError(f"--eval-every must be at least 1 (rounds), got {evaluation.every}")
+    _check_counts(rounds, prompts_per_round, evaluation)
     run = RunDir(Path(run_dir).expanduser())
     file_cfg = load_run_config(run.root) if run.root.is_dir() else {}
-    models_cfg = file_cfg.get("models") or {}
-    model = model or models_cfg.get("student")
-    teacher = teacher or models_cfg.get("teacher")
-    if not model and run.latest_checkpoint() is None:
-        raise OprdError("pass --model (the initial student: a hub id or a save_pretrained folder)")
-    if not teacher:
-        raise OprdError("pass --teacher (a hub id or a save_pretrained folder; or [models] teacher in oprd.toml)")
+    model, teacher = _models(run, file_cfg, model, teacher)
     if data.prompts is None:
         raise OprdError("pass --prompts (a hub dataset id or a .jsonl/.json/.parquet file)")
     train.validate()
-
-    # ---- what the objective needs in the stores
-    given = dict(cache_settings or {})
-    need = cache_defaults(train.loss.objective, train.loss.mu, int(given.get("topk") or 16))
-    settings = {**need, **{k: v for k, v in given.items() if v is not None}}
-    settings.setdefault("device", device)
-    settings.setdefault("dtype", dtype)
-    ccfg = TeacherCacheConfig(**settings)
-    ccfg.validate()
-    if train.loss.objective == "opd-topk":
-        if ccfg.logprobs != "topk":
-            raise OprdError("--objective opd-topk needs --logprobs topk in the teacher cache")
-        if sampling.record_topk < ccfg.topk:
-            sampling = replace(sampling, record_topk=ccfg.topk)
-    if train.loss.objective == "opd-top1" and ccfg.logprobs == "none":
-        raise OprdError("--objective opd-top1 needs the teacher's log-probs: --logprobs sampled (or topk)")
-    settings = {f: getattr(ccfg, f) for f in TeacherCacheConfig.__dataclass_fields__}
-
-    # ---- prompts and the schedule
+    flags = {k: v for k, v in (cache_settings or {}).items() if v is not None}
+    ccfg, sampling = cache_config(train, file_cfg.get("teacher_cache"), flags, device, dtype, sampling)
     records = load_records(data.prompts, data.split, data.prompt_field, data.answer_field, data.id_field, data.limit)
     per_round = min(prompts_per_round, len(records)) if prompts_per_round else len(records)
     if train.optim.total_steps is None:
         train = train.replace(total_steps=rounds * steps_per_round(per_round * sampling.num_samples,
-                                                                   train.batching.batch_size,
-                                                                   train.batching.epochs or 1))
-    run.root.mkdir(parents=True, exist_ok=True)
-    write_initial_config(run.root, {
-        "models": {"student": model, "teacher": teacher},
-        "data": {k: v for k, v in asdict(data).items() if v is not None},
-        "template": asdict(template),
-        "rollout": {k: v for k, v in asdict(sampling).items()},
-        "teacher_cache": {k: settings[k] for k in ("layers", "positions", "k", "logprobs", "topk")},
-        "train": {"objective": train.loss.objective, "mu": train.loss.mu, "oprd_form": train.loss.oprd_form,
-                  "lr": train.optim.lr, "batch_size": train.batching.batch_size,
-                  "total_steps": train.optim.total_steps},
-    })
-
+                                                                  train.batching.batch_size, train.batching.epochs or 1))
+    _write_run_config(run, model, teacher, data, template, sampling, ccfg, train)
     result = LoopResult(run_dir=str(run.root), rounds=rounds)
-    tm: TeacherModel | None = None
-    grader = None
-    if evaluation is not None:
-        from oprd_cli.eval import DEFAULT_TIMEOUT_S, Grader
-
-        grader = Grader(timeout=evaluation.timeout or DEFAULT_TIMEOUT_S,
-                        integer_answers=evaluation.data.integer_answers)
-
-    def stage_done(r: int, stage: str, t0: float, **info: Any) -> None:
-        entry = {"round": r, "stage": stage, "seconds": round(time.monotonic() - t0, 3), **info}
-        _log(run, entry)
-        result.stages_run.append(entry)
-        if on_stage is not None:
-            on_stage(r, stage, entry)
-        _maybe_stop(r, stage)
-
-    def header(r: int, stage: str, what: str = "") -> None:
-        err_console.rule(f"[bold]round {r}/{rounds}[/] · {stage}" + (f" · {what}" if what else ""), style="cyan")
-
-    def do_eval(r: int, mdl: str, step: int) -> None:
-        header(r, "eval", f"step {step}")
-        t0 = time.monotonic()
-        s = evaluate_step(run, mdl, step, evaluation, template, device=device, dtype=dtype,
-                          trust_remote_code=trust_remote_code, show_progress=show_progress, grader=grader)
-        result.evals.append({"round": r, "step": step, "path": s["report_path"], "avg_at_n": s.get("avg_at_n"),
-                             "n": s.get("n"), "kept": s["kept"]})
-        err_console.print(f"step {step}: Avg@{s.get('n')} {100 * (s.get('avg_at_n') or 0):.1f}% on "
-                          f"{evaluation.data.bench}" + (" (report kept)" if s["kept"] else ""))
-        if not s["kept"]:
-            stage_done(r, "eval", t0, step=step, avg_at_n=s.get("avg_at_n"))
-
-    def eval_due(r: int) -> bool:
-        return evaluation is not None and (r % evaluation.every == 0 or r == rounds)
-
-    try:
-        if evaluation is not None and evaluation.start and model:
-            do_eval(0, str(model), 0)
-        for r in range(1, rounds + 1):
-            if r in _trained_rounds(run):
-                if eval_due(r):  # trained, but the loop may have stopped before its evaluation
-                    ck = checkpoint_after_round(run, r)
-                    if ck is not None:
-                        do_eval(r, str(ck.path), ck.step)
-                continue
-            rpath = run.rollouts_dir / round_name(r)
-            cpath = run.cache_dir / round_name(r)
-            newer = [i for i, _ in run.cache_rounds(complete_only=True) if i > r]
-            if newer:
-                raise OprdError(f"{run.root} has a complete cache of round {newer[0]} but round {r} is not trained "
-                                "yet; the loop trains rounds in order (move the later rounds away, or continue "
-                                f"with `oprd train --run-dir {run.root}`)")
-            latest = run.latest_checkpoint()
-            # -- rollout
-            if not common.is_complete(str(rpath)):
-                policy = str(latest.path) if latest is not None else str(model)
-                header(r, "rollout", f"policy {'step ' + str(latest.step) if latest else Path(policy).name}")
-                t0 = time.monotonic()
-                rdata = _round_prompts(run, data, records, r, per_round) if prompts_per_round else data
-                rs = run_rollout(model=policy, data=rdata, sampling=replace(sampling, seed=sampling.seed + r - 1),
-                                 template=template, out=str(rpath), run_dir=str(run.root), device=device, dtype=dtype,
-                                 trust_remote_code=trust_remote_code)
-                err_console.print(f"rollout {rpath.name}: {rs.num_samples} samples, {rs.num_tokens:,} tokens, "
-                                  f"{rs.num_truncated} truncated ({rs.seconds:.1f} s)")
-                stage_done(r, "rollout", t0, samples=rs.num_samples, tokens=rs.num_tokens,
-                           policy_step=latest.step if latest else 0)
-            # -- teacher cache
-            if not common.is_complete(str(cpath)):
-                header(r, "teacher-cache", Path(str(teacher)).name)
-                t0 = time.monotonic()
-                if tm is None:
-                    tm = TeacherModel(str(teacher), layers=ccfg.layers, need_logits=ccfg.need_logits,
-                                      device=ccfg.device, dtype=ccfg.dtype, trust_remote_code=trust_remote_code)
-                st: dict[str, Any] = {}
-                cache_rollouts(tm, str(rpath), str(cpath), stats=st, show_progress=show_progress,
-                               **{k: v for k, v in settings.items() if k != "trust_remote_code"})
-                if not st.get("complete"):
-                    raise OprdError(f"teacher cache {cpath} is not complete after the pass")
-                err_console.print(f"cache {cpath.name}: {st['units_computed']} units computed "
-                                  f"({st['total_seconds']:.1f} s)")
-                stage_done(r, "cache", t0, units=st["units_computed"])
-            # -- train
-            loss = train.loss
-            what = loss.objective + (f" + {loss.mu:g}*oprd" if loss.uses_opd and loss.mu else "")
-            header(r, "train", what)
-            t0 = time.monotonic()
-            tdev = train.runtime.device
-            tcfg = train.replace(follow=False, device=device if tdev == "auto" else tdev)
-            tr = run_train(model=None if latest is not None else str(model), run_dir=str(run.root), config=tcfg,
-                           show_progress=show_progress)
-            if r not in _trained_rounds(run):
-                raise OprdError(f"training did not consume cache {cpath.name} (stopped: {tr.stopped})")
-            err_console.print(f"trained steps {tr.start_step + 1}..{tr.step} -> {Path(str(tr.checkpoint)).name} "
-                              f"({tr.seconds:.1f} s)")
-            peak = max((m.get("peak_mem_bytes") or 0 for m in _metrics_since(run, tr.start_step)), default=0)
-            stage_done(r, "train", t0, steps=tr.steps, step=tr.step, train_seconds=round(tr.seconds, 3),
-                       peak_mem_bytes=peak)
-            # -- eval
-            if eval_due(r):
-                ck = run.latest_checkpoint()
-                do_eval(r, str(ck.path), ck.step)
-    finally:
-        if grader is not None:
-            grader.close()
-
+    _Loop(run=run, rounds=rounds, model=model, teacher=teacher, data=data, records=records,
+          per_round=per_round if prompts_per_round else None, sampling=sampling, template=template, train=train,
+          ccfg=ccfg, evaluation=evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+          show_progress=show_progress, on_stage=on_stage, result=result).run_all()
     latest = run.latest_checkpoint()
     result.checkpoint = str(latest.path) if latest else None
     result.step = latest.step if latest else 0
@@ -413,5 +499,5 @@ def print_result(r: LoopResult) -> None:
             err_console.print(f"  eval step {e['step']}: Avg@{e['n']} {100 * e['avg_at_n']:.1f}%  ({e['path']})")
 
 
-__all__ = ["STAGES", "STOP_ENV", "EvalSettings", "LoopResult", "cache_defaults", "evaluate_step", "print_result",
-           "read_log", "run_loop", "steps_per_round"]
+__all__ = ["EvalSettings", "LoopResult", "eval_settings", "RoundState", "Stage", "cache_config", "cache_defaults", "evaluate_step",
+           "next_stage", "print_result", "read_log", "round_state", "run_loop", "steps_per_round"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import run_cli
 from oprd_cli.demo.assets import DemoSpec, ModelDims, SftConfig, build_assets
 from oprd_cli.demo.task import SplitSizes, TaskConfig, answer_of, generate_splits, is_correct, solution_text
@@ -43,15 +45,26 @@ def test_quick_demo_writes_summary_and_plot(tmp_path):
     out = tmp_path / "out.json"
     r = run_cli("demo", "--quick", "--json", out, "--out", tmp_path / "work", "--threads", 1)
     s = json.loads(out.read_text())
-    assert 0 <= s["student_acc"] <= 1 and 0 <= s["teacher_acc"] <= 1
+    graded = s["eval"]["problems"] * s["eval"]["n"]  # every accuracy is a count of correct samples over this
+
+    def is_count(acc):
+        return 0 <= acc <= 1 and abs(acc * graded - round(acc * graded)) < 1e-6
+
+    assert is_count(s["student_acc"]) and is_count(s["teacher_acc"])
     assert tuple(s["methods"]) == METHODS
     steps = s["budget"]["total_steps"]
+    per_eval = s["budget"]["steps_per_round"] * s["budget"]["eval_every"]
     for name, m in s["methods"].items():
-        assert 0 <= m["acc"] <= 1
-        assert m["gap_closed"] is None or isinstance(m["gap_closed"], float)
-        assert m["train_time_s"] > 0 and m["peak_mem_bytes"] > 0
+        assert is_count(m["acc"]) and m["acc"] == m["curve"][-1]["acc"]  # the reported accuracy is the last eval
+        if s["teacher_acc"] > s["student_acc"]:
+            assert m["gap_closed"] == pytest.approx((m["acc"] - s["student_acc"]) / (s["teacher_acc"] - s["student_acc"]))
+        else:
+            assert m["gap_closed"] is None
+        assert 0 < m["train_time_s"] <= m["wall_time_s"] and m["peak_mem_bytes"] > 0
         assert m["steps"] == steps
-        assert m["curve"][0] == {"step": 0, "acc": s["student_acc"]} and m["curve"][-1]["step"] == steps
+        assert [c["step"] for c in m["curve"]] == list(range(0, steps + 1, per_eval))  # one eval per eval_every rounds
+        assert m["curve"][0] == {"step": 0, "acc": s["student_acc"]}
+    assert json.loads((tmp_path / "work" / "runs").glob("*/summary.json").__next__().read_text()) == s
     png = tmp_path / "out.png"
     assert s["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "gap closed" in r.stdout and "OPRD" in r.stdout

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers import info_json, run_cli
-from oprd_cli.loop import STOP_ENV, read_log
+from oprd_cli import loop
+from oprd_cli.loop import RoundState, next_stage, read_log
 from oprd_cli.stores.rundir import RunDir
 
 
@@ -33,12 +34,24 @@ def _state(run: Path) -> dict:
     return out
 
 
+def _interrupt_after(monkeypatch, round_index: int, stage: str) -> None:
+    """Ctrl-C (KeyboardInterrupt) right after the loop logged stage ``stage`` of round ``round_index``."""
+    log_stage = loop.log_stage
+
+    def stop(run, entry):
+        log_stage(run, entry)
+        if (entry["round"], entry["stage"]) == (round_index, stage):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "log_stage", stop)
+
+
 def test_three_rounds_interrupted_and_resumed(tiny_dir, aime24_path, tmp_path, monkeypatch):
     run = tmp_path / "run"
     evals = ["--eval-data", aime24_path, "--eval-limit", 2, "--eval-num-samples", 1, "--eval-max-new-tokens", 4,
              "--eval-every", 2]
     # Ctrl-C right after round 2's teacher cache is complete
-    monkeypatch.setenv(STOP_ENV, "2:cache")
+    _interrupt_after(monkeypatch, 2, "cache")
     r = run_cli(*_loop_args(run, tiny_dir, aime24_path, 3, *evals), expect=130)
     assert "interrupted" in r.stderr
     rd = RunDir(run)
@@ -50,7 +63,7 @@ def test_three_rounds_interrupted_and_resumed(tiny_dir, aime24_path, tmp_path, m
     before = _state(run)
 
     # resumed: round 2 goes straight to training; nothing finished is redone
-    monkeypatch.delenv(STOP_ENV)
+    monkeypatch.undo()
     r = run_cli(*_loop_args(run, tiny_dir, aime24_path, 3, *evals, "--json"))
     out = json.loads(r.stdout)
     assert [(e["round"], e["stage"]) for e in out["stages_run"]] == [
@@ -85,9 +98,10 @@ def test_three_rounds_interrupted_and_resumed(tiny_dir, aime24_path, tmp_path, m
 def test_killed_process_resumes(tiny_dir, aime24_path, tmp_path):
     """SIGKILL right after round 1 trained; a half-written round-2 rollout is then found and replaced."""
     run = tmp_path / "run"
-    env = {**os.environ, STOP_ENV: "1:train:kill", "OMP_NUM_THREADS": "1"}  # one thread, as in-process tests
-    args = [sys.executable, "-m", "oprd_cli", *map(str, _loop_args(run, tiny_dir, aime24_path, 2,
-                                                                    "--objective", "opd-top1"))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as in-process tests
+    wrapper = Path(__file__).with_name("loop_kill_after.py")  # SIGKILLs itself after round 1's train stage
+    args = [sys.executable, str(wrapper), "1:train", *map(str, _loop_args(run, tiny_dir, aime24_path, 2,
+                                                                          "--objective", "opd-top1"))]
     p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == -9, p.stderr[-2000:]
     rd = RunDir(run)
@@ -123,3 +137,54 @@ def test_bad_rounds(tiny_dir, aime24_path, tmp_path):
     r = run_cli(*_loop_args(tmp_path / "run", tiny_dir, aime24_path, 0), expect=2)
     assert "--rounds" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _rs(**kw) -> RoundState:
+    base = dict(index=2, trained=False, cache_complete=False, rollout_complete=False, newer_cache=None)
+    return RoundState(**{**base, **kw})
+
+
+@pytest.mark.parametrize("state, stage", [
+    (_rs(), "rollout"),                                            # nothing, or an incomplete store: sample
+    (_rs(rollout_complete=True), "cache"),                         # complete rollout: teacher pass
+    (_rs(rollout_complete=True, cache_complete=True), "train"),    # complete cache: train
+    (_rs(cache_complete=True), "train"),                           # the cache decides, not the rollout
+    (_rs(trained=True, rollout_complete=True, cache_complete=True), "done"),
+    (_rs(trained=True), "done"),                                   # trained even when stores were moved away
+    (_rs(rollout_complete=True, newer_cache=3), "blocked"),        # rounds are trained in order
+    (_rs(trained=True, newer_cache=3), "done"),
+])
+def test_next_stage_from_run_state(state, stage):
+    assert next_stage(state) == stage
+
+
+def test_round_state_reads_the_run_directory(tmp_path):
+    """Incomplete stores count as absent; a complete later cache blocks an untrained earlier round."""
+    from oprd_cli.loop import round_state
+    from oprd_cli.stores.rundir import round_name
+
+    run = RunDir(tmp_path / "run")
+    for folder, index, complete in (("rollouts", 1, True), ("cache", 1, False), ("cache", 3, True)):
+        p = run.root / folder / round_name(index)
+        p.mkdir(parents=True)
+        (p / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+        if complete:
+            (p / "oprd_complete.json").write_text("{}")
+    s1 = round_state(run, 1)
+    assert (s1.trained, s1.rollout_complete, s1.cache_complete, s1.newer_cache) == (False, True, False, 3)
+    assert next_stage(s1) == "blocked"
+    s3 = round_state(run, 3)
+    assert (s3.cache_complete, s3.newer_cache) == (True, None) and next_stage(s3) == "train"
+
+
+def test_later_complete_cache_blocks_the_loop(tiny_dir, aime24_path, tmp_path):
+    """A complete cache of a later round than the next untrained one is one clear line, nothing written."""
+    from oprd_cli.stores.rundir import round_name
+
+    run = tmp_path / "run"
+    p = run / "cache" / round_name(2)
+    p.mkdir(parents=True)
+    (p / "oprd_complete.json").write_text("{}")
+    r = run_cli(*_loop_args(run, tiny_dir, aime24_path, 2), expect=2)
+    assert "round 2" in r.stderr and "in order" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (run / "rollouts").exists()

@@ -422,7 +422,7 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(cache, tiny_dir, tmp_
 
 # ----------------------------------------------------------------------------- pieces
 def test_oprd_step_never_touches_the_lm_head_and_stops_at_the_deepest_layer(tiny_dir):
-    from oprd_cli.bench_loss import BenchLossConfig, _batch
+    from oprd_cli.bench.loss import BenchLossConfig, _batch
     from oprd_cli.train import TrainConfig, Trainer
     from oprd_cli.train.step import StepTotals, _Acc
 

@@ -47,6 +47,7 @@ from oprd_cli.demo.task import (
     write_splits,
 )
 from oprd_cli.errors import OprdError
+from oprd_cli.io import write_json
 
 # Bump when a change to this module or to the task changes what gets built.
 ASSETS_VERSION = 2
@@ -271,7 +272,7 @@ def _save(model, tokenizer, out: Path, meta: dict) -> None:
     quiet_transformers()  # no tqdm "Writing model shards" bar between our rich progress
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "demo_model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(out / "demo_model.json", meta, sort_keys=False)
 
 
 def _clean_stale(root: Path, key: str) -> None:
@@ -338,17 +339,9 @@ def build_assets(root: str | Path, seed: int = 0, quick: bool = False, spec: Dem
     return _load_manifest(final, reused=False)
 
 
-def _build(out: Path, key: str, seed: int, quick: bool, spec: DemoSpec, show_progress: bool) -> None:
-    import torch
-    from rich.progress import TextColumn
-
-    from oprd_cli.console import progress
+def _init_model(out: Path, splits, template, spec: DemoSpec, seed: int):
+    """The demo tokenizer (trained on the task's text) and a freshly initialised model of ``spec.model``."""
     from oprd_cli.tiny import build_tiny_model, build_tokenizer
-
-    t0 = time.perf_counter()
-    template = demo_template()
-    splits = generate_splits(seed, spec.task, spec.sizes)
-    files = write_splits(splits, out / "data")
 
     texts = [r["problem"] + "\n" + template.instruction + solution_text(r["problem"])
              for r in splits["train"][: spec.tokenizer_texts]]
@@ -366,18 +359,29 @@ def _build(out: Path, key: str, seed: int, quick: bool, spec: DemoSpec, show_pro
     # On CPU, SDPA pays a large cost for every new sequence shape (10x slower SFT steps and sampling
     # here, measured); every other stage loads models with eager attention on CPU as well.
     model.set_attn_implementation("eager")
+    return tokenizer, model
 
-    train = [encode_example(r, tokenizer, template) for r in splits["train"]]
+
+def _max_new_tokens(splits, train, tokenizer, template, dims: ModelDims) -> int:
+    """The response length limit: the longest solution of any split, rounded up; checks the context fits."""
     longest_response = max(len(encode_example(r, tokenizer, template)[1])
                            for name in ("eval", "val", "prompts") for r in splits[name])
     longest_response = max(longest_response, max(len(r) for _, r in train))
-    max_new_tokens = int(math.ceil((longest_response + 8) / 8) * 8)
     longest = max(len(p) + len(r) for p, r in train)
     if longest + 8 > dims.max_position_embeddings:
         raise OprdError(f"demo sequences reach {longest} tokens; raise max_position_embeddings")
+    return int(math.ceil((longest_response + 8) / 8) * 8)
 
-    cfg = spec.sft
-    val = splits["val"]
+
+def _sft(model, tokenizer, train, val, template, cfg: SftConfig, seed: int, max_new_tokens: int,
+         show_progress: bool) -> tuple[list[dict[str, float]], dict, int]:
+    """SFT the teacher; returns the val curve and the student's state and step (the first checkpoint whose
+    val accuracy reaches ``cfg.student_min_acc``, else the one at ``cfg.fallback_fraction`` of the steps)."""
+    import torch
+    from rich.progress import TextColumn
+
+    from oprd_cli.console import progress
+
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -416,6 +420,23 @@ def _build(out: Path, key: str, seed: int, quick: bool, spec: DemoSpec, show_pro
             bar.update(task, advance=1, loss=f"{loss_ema:.3f}")
     if student_state is None:
         student_state, student_step = fallback_state, fallback_step
+    return curve, student_state, student_step
+
+
+def _build(out: Path, key: str, seed: int, quick: bool, spec: DemoSpec, show_progress: bool) -> None:
+    import torch
+
+    t0 = time.perf_counter()
+    template = demo_template()
+    splits = generate_splits(seed, spec.task, spec.sizes)
+    files = write_splits(splits, out / "data")
+    tokenizer, model = _init_model(out, splits, template, spec, seed)
+    train = [encode_example(r, tokenizer, template) for r in splits["train"]]
+    max_new_tokens = _max_new_tokens(splits, train, tokenizer, template, spec.model)
+    cfg = spec.sft
+    val = splits["val"]
+    curve, student_state, student_step = _sft(model, tokenizer, train, val, template, cfg, seed, max_new_tokens,
+                                              show_progress)
     sft_seconds = time.perf_counter() - t0
 
     teacher_step = cfg.steps
@@ -448,9 +469,7 @@ def _build(out: Path, key: str, seed: int, quick: bool, spec: DemoSpec, show_pro
         "build_seconds": round(time.perf_counter() - t0, 2),
         "torch_threads": torch.get_num_threads(),
     }
-    tmp = out / (MANIFEST + ".part")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.rename(out / MANIFEST)  # last write of the build
+    write_json(out / MANIFEST, manifest, sort_keys=False)  # last write of the build
 
 
 def _report(model, tokenizer, records, template, spec: DemoSpec, max_new_tokens: int, seed: int) -> dict[str, float]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from oprd_cli.console import console, err_console
 from oprd_cli.errors import OprdError
+from oprd_cli.io import atomic_target, write_json
 
 DEFAULT_DIR_ENV = "OPRD_DEMO_DIR"
 
@@ -120,17 +121,113 @@ def _eval_model(model: str, label: str, out: Path, data, sampling, template, gra
     from oprd_cli import eval as E
 
     target = E.EvalTarget(str(model))
-    if out.is_file():
-        try:
-            old = json.loads(out.read_text())
-            if E.same_protocol(old, target, data, sampling):
-                return old
-        except (OSError, json.JSONDecodeError):
-            pass
+    old = E.existing_report(out, target, data, sampling)
+    if old is not None:
+        return old
     err_console.rule(f"[bold]eval[/] · {label}", style="cyan")
     report = E.evaluate_target(target, data, sampling, template, grader=grader)
     E.write_report(report, out)
     return report
+
+
+def _work_dir(root: Path, assets, budget: Budget, methods: tuple[Method, ...], eval_split: str, resume: bool) -> Path:
+    """The runs folder of this (assets, split, budget, methods); started afresh unless ``resume``."""
+    blob = json.dumps({"budget": asdict(budget), "methods": [asdict(m) for m in methods]}, sort_keys=True)
+    tag = f"{assets.key}-{eval_split}-b{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    work = root / "runs" / tag
+    if work.exists() and not resume:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def _reference(root: Path, assets, budget: Budget, eval_split: str, data, sampling) -> tuple[float, float]:
+    """Held-out accuracy of the teacher and of the starting student (reports kept across runs)."""
+    from oprd_cli.eval import Grader
+
+    ref = root / "runs" / f"{assets.key}-reference"  # kept across runs: the models do not change
+    tail = f"-n{budget.eval_samples}-t{budget.eval_temperature:g}.json"
+    with Grader(integer_answers=True) as grader:
+        teacher_rep = _eval_model(str(assets.teacher), "teacher", ref / f"{eval_split}-teacher{tail}", data,
+                                  sampling, assets.template, grader)
+        student_rep = _eval_model(str(assets.student), "student start", ref / f"{eval_split}-student{tail}", data,
+                                  sampling, assets.template, grader)
+    teacher_acc = float(teacher_rep["avg_at_n"])
+    student_acc = float(student_rep["avg_at_n"])
+    err_console.print(f"held-out eval ({len(data.records)} problems, Avg@{budget.eval_samples} at t="
+                      f"{budget.eval_temperature}): teacher {100 * teacher_acc:.1f}%, student start "
+                      f"{100 * student_acc:.1f}%")
+    if teacher_acc <= student_acc:
+        err_console.print("[yellow]warning:[/] the teacher is not above the student on the held-out split; "
+                          "the gap-closed column is undefined")
+    return teacher_acc, student_acc
+
+
+def _run_method(m: Method, run_dir: Path, assets, budget: Budget, data, sampling, *, seed: int, resume: bool,
+                show_progress: bool, student_acc: float, teacher_acc: float) -> MethodResult:
+    """One method through :func:`oprd_cli.loop.run_loop` with the demo budget; its curve and costs."""
+    from oprd_cli.config import DataConfig, SamplingConfig
+    from oprd_cli.loop import EvalSettings, read_log, run_loop
+    from oprd_cli.train import TrainConfig
+
+    tcfg = TrainConfig.from_flat(objective=m.objective, mu=m.mu, oprd_form=budget.oprd_form, lr=budget.lr,
+                       warmup_ratio=budget.warmup_ratio, batch_size=budget.batch_size,
+                       total_steps=budget.total_steps, seed=seed, device="cpu")
+    samp = SamplingConfig(num_samples=budget.num_samples, temperature=1.0, max_new_tokens=assets.max_new_tokens,
+                          seed=seed, batch_size=256)
+    settings = {"positions": "all", "topk": m.topk, "max_batch_tokens": 8192}
+    evaluation = EvalSettings(data=data, sampling=sampling, every=budget.eval_every, start=False)
+    tm0 = time.monotonic()
+    lr = run_loop(run_dir=run_dir, model=str(assets.student), teacher=str(assets.teacher),
+                  data=DataConfig(prompts=str(assets.prompts)), sampling=samp, template=assets.template, train=tcfg,
+                  rounds=budget.rounds, cache_settings=settings, prompts_per_round=budget.prompts_per_round,
+                  evaluation=evaluation, device="cpu", show_progress=show_progress)
+    log = read_log(run_dir)
+    trains = [e for e in log if e["stage"] == "train"]
+    res = MethodResult(name=m.name, objective=m.objective, mu=float(tcfg.loss.oprd_coef), run_dir=str(run_dir))
+    res.train_time_s = round(sum(e.get("train_seconds", e["seconds"]) for e in trains), 2)
+    res.peak_mem_bytes = int(max((e.get("peak_mem_bytes") or 0 for e in trains), default=0))
+    res.wall_time_s = round(sum(e["seconds"] for e in log), 2) if resume else round(time.monotonic() - tm0, 2)
+    res.steps = lr.step
+    curve = {0: student_acc}
+    for rep in sorted((run_dir / "eval").glob("*-step-*.json")):
+        r = json.loads(rep.read_text())
+        if r.get("step") is not None and r.get("avg_at_n") is not None:
+            curve[int(r["step"])] = float(r["avg_at_n"])
+    res.curve = [{"step": s, "acc": a} for s, a in sorted(curve.items())]
+    res.acc = curve.get(lr.step)
+    res.gap_closed = _gap(res.acc, student_acc, teacher_acc)
+    err_console.print(f"{m.name}: held-out {100 * (res.acc or 0):.1f}% after {res.steps} steps "
+                      f"(train {res.train_time_s:.1f} s)")
+    return res
+
+
+def _summary(*, seed: int, quick: bool, teacher_acc: float, student_acc: float, results: list[MethodResult],
+             eval_split: str, data, budget: Budget, assets, threads: int, work: Path) -> dict[str, Any]:
+    from oprd_cli.models import machine_info
+
+    return {
+        "oprd_demo_version": 1,
+        "seed": seed,
+        "quick": quick,
+        "teacher_acc": teacher_acc,
+        "student_acc": student_acc,
+        "methods": {r.name: {"acc": r.acc, "gap_closed": r.gap_closed, "train_time_s": r.train_time_s,
+                             "peak_mem_bytes": r.peak_mem_bytes, "wall_time_s": r.wall_time_s, "steps": r.steps,
+                             "objective": r.objective, "mu": r.mu, "curve": r.curve, "run_dir": r.run_dir}
+                    for r in results},
+        "eval": {"split": "eval (held out)" if eval_split == "eval" else "val (tuning)", "problems": len(data.records), "n": budget.eval_samples,
+                 "temperature": budget.eval_temperature, "max_new_tokens": assets.max_new_tokens,
+                 "metric": f"Avg@{budget.eval_samples}"},
+        "budget": {**asdict(budget), "steps_per_round": budget.steps_per_round,
+                   "total_steps": budget.total_steps},
+        "assets": {"dir": str(assets.dir), "key": assets.key, "reused": assets.reused,
+                   "teacher_step": assets.teacher_step, "student_step": assets.student_step,
+                   "val_accuracy": assets.accuracy, "build_seconds": assets.build_seconds,
+                   "task": assets.spec.get("task"), "model": assets.spec.get("model")},
+        "machine": {**machine_info("cpu"), "torch_threads": threads},
+        "work_dir": str(work),
+    }
 
 
 def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: int = 0, threads: int | None = None,
@@ -143,12 +240,8 @@ def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: in
     learning rate were chosen; see docs/demo.md)."""
     import torch
 
-    from oprd_cli.config import DataConfig, SamplingConfig
     from oprd_cli.demo.assets import build_assets, default_threads
-    from oprd_cli.eval import Grader, eval_sampling, load_eval_data
-    from oprd_cli.loop import EvalSettings, read_log, run_loop
-    from oprd_cli.models import machine_info
-    from oprd_cli.train import TrainConfig
+    from oprd_cli.eval import eval_sampling, load_eval_data
 
     t0 = time.monotonic()
     root = Path(out_dir).expanduser() if out_dir else default_dir()
@@ -165,105 +258,31 @@ def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: in
         err_console.print(("reusing" if assets.reused else "built") + f" assets {assets.dir} (teacher = SFT step "
                           f"{assets.teacher_step}, student start = step {assets.student_step}; val acc@t1.0 teacher "
                           f"{assets.teacher_accuracy:.2f}, student {assets.student_accuracy:.2f})")
-        blob = json.dumps({"budget": asdict(budget), "methods": [asdict(m) for m in methods]}, sort_keys=True)
-        tag = f"{assets.key}-{eval_split}-b{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-        work = root / "runs" / tag
-        if work.exists() and not resume:
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-
-        template = assets.template
+        work = _work_dir(root, assets, budget, methods, eval_split, resume)
         if eval_split not in ("eval", "val"):
             raise OprdError(f"eval_split must be eval or val, got {eval_split!r}")
         data = replace(load_eval_data(bench=f"demo-{eval_split}", data=str(assets.data[eval_split])),
                        integer_answers=True)
         sampling = eval_sampling(None, num_samples=budget.eval_samples, temperature=budget.eval_temperature,
                                  max_new_tokens=assets.max_new_tokens, seed=seed, batch_size=256)
-        with Grader(integer_answers=True) as grader:
-            ref = root / "runs" / f"{assets.key}-reference"  # kept across runs: the models do not change
-            teacher_rep = _eval_model(str(assets.teacher), "teacher", ref / f"{eval_split}-teacher-n{budget.eval_samples}"
-                                      f"-t{budget.eval_temperature:g}.json", data, sampling, template, grader)
-            student_rep = _eval_model(str(assets.student), "student start", ref / f"{eval_split}-student-n"
-                                      f"{budget.eval_samples}-t{budget.eval_temperature:g}.json", data, sampling,
-                                      template, grader)
-        teacher_acc = float(teacher_rep["avg_at_n"])
-        student_acc = float(student_rep["avg_at_n"])
-        err_console.print(f"held-out eval ({len(data.records)} problems, Avg@{budget.eval_samples} at t="
-                          f"{budget.eval_temperature}): teacher {100 * teacher_acc:.1f}%, student start "
-                          f"{100 * student_acc:.1f}%")
-        if teacher_acc <= student_acc:
-            err_console.print("[yellow]warning:[/] the teacher is not above the student on the held-out split; "
-                              "the gap-closed column is undefined")
-
+        teacher_acc, student_acc = _reference(root, assets, budget, eval_split, data, sampling)
         results: list[MethodResult] = []
         for i, m in enumerate(methods):
             err_console.rule(f"[bold magenta]method {i + 1}/{len(methods)}: {m.name}[/]", style="magenta")
-            run_dir = work / m.slug
-            tcfg = TrainConfig.from_flat(objective=m.objective, mu=m.mu, oprd_form=budget.oprd_form, lr=budget.lr,
-                               warmup_ratio=budget.warmup_ratio, batch_size=budget.batch_size,
-                               total_steps=budget.total_steps, seed=seed, device="cpu")
-            samp = SamplingConfig(num_samples=budget.num_samples, temperature=1.0, max_new_tokens=assets.max_new_tokens,
-                                  seed=seed, batch_size=256)
-            settings = {"positions": "all", "topk": m.topk, "max_batch_tokens": 8192}
-            evaluation = EvalSettings(data=data, sampling=sampling, every=budget.eval_every, start=False)
-            tm0 = time.monotonic()
-            lr = run_loop(run_dir=run_dir, model=str(assets.student), teacher=str(assets.teacher),
-                          data=DataConfig(prompts=str(assets.prompts)), sampling=samp, template=template, train=tcfg,
-                          rounds=budget.rounds, cache_settings=settings, prompts_per_round=budget.prompts_per_round,
-                          evaluation=evaluation, device="cpu", show_progress=show_progress)
-            log = read_log(run_dir)
-            trains = [e for e in log if e["stage"] == "train"]
-            res = MethodResult(name=m.name, objective=m.objective, mu=float(tcfg.loss.oprd_coef), run_dir=str(run_dir))
-            res.train_time_s = round(sum(e.get("train_seconds", e["seconds"]) for e in trains), 2)
-            res.peak_mem_bytes = int(max((e.get("peak_mem_bytes") or 0 for e in trains), default=0))
-            res.wall_time_s = round(sum(e["seconds"] for e in log), 2) if resume else round(time.monotonic() - tm0, 2)
-            res.steps = lr.step
-            curve = {0: student_acc}
-            for rep in sorted((run_dir / "eval").glob("*-step-*.json")):
-                r = json.loads(rep.read_text())
-                if r.get("step") is not None and r.get("avg_at_n") is not None:
-                    curve[int(r["step"])] = float(r["avg_at_n"])
-            res.curve = [{"step": s, "acc": a} for s, a in sorted(curve.items())]
-            res.acc = curve.get(lr.step)
-            res.gap_closed = _gap(res.acc, student_acc, teacher_acc)
-            results.append(res)
-            err_console.print(f"{m.name}: held-out {100 * (res.acc or 0):.1f}% after {res.steps} steps "
-                              f"(train {res.train_time_s:.1f} s)")
-
-        summary = {
-            "oprd_demo_version": 1,
-            "seed": seed,
-            "quick": quick,
-            "teacher_acc": teacher_acc,
-            "student_acc": student_acc,
-            "methods": {r.name: {"acc": r.acc, "gap_closed": r.gap_closed, "train_time_s": r.train_time_s,
-                                 "peak_mem_bytes": r.peak_mem_bytes, "wall_time_s": r.wall_time_s, "steps": r.steps,
-                                 "objective": r.objective, "mu": r.mu, "curve": r.curve, "run_dir": r.run_dir}
-                        for r in results},
-            "eval": {"split": "eval (held out)" if eval_split == "eval" else "val (tuning)", "problems": len(data.records), "n": budget.eval_samples,
-                     "temperature": budget.eval_temperature, "max_new_tokens": assets.max_new_tokens,
-                     "metric": f"Avg@{budget.eval_samples}"},
-            "budget": {**asdict(budget), "steps_per_round": budget.steps_per_round,
-                       "total_steps": budget.total_steps},
-            "assets": {"dir": str(assets.dir), "key": assets.key, "reused": assets.reused,
-                       "teacher_step": assets.teacher_step, "student_step": assets.student_step,
-                       "val_accuracy": assets.accuracy, "build_seconds": assets.build_seconds,
-                       "task": assets.spec.get("task"), "model": assets.spec.get("model")},
-            "machine": {**machine_info("cpu"), "torch_threads": threads},
-            "work_dir": str(work),
-        }
+            results.append(_run_method(m, work / m.slug, assets, budget, data, sampling, seed=seed, resume=resume,
+                                       show_progress=show_progress, student_acc=student_acc,
+                                       teacher_acc=teacher_acc))
+        summary = _summary(seed=seed, quick=quick, teacher_acc=teacher_acc, student_acc=student_acc,
+                           results=results, eval_split=eval_split, data=data, budget=budget, assets=assets,
+                           threads=threads, work=work)
         png = Path(plot_path) if plot_path else (Path(json_path).with_suffix(".png") if json_path
                                                   else work / "accuracy_vs_step.png")
         write_plot(summary, png)
         summary["plot"] = str(png)
         summary["total_seconds"] = round(time.monotonic() - t0, 1)
-        (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(work / "summary.json", summary, sort_keys=False)
         if json_path:
-            p = Path(json_path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, p)
+            write_json(json_path, summary, sort_keys=False)
         return summary
     finally:
         torch.set_num_threads(old_threads)
@@ -288,11 +307,9 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
+    with atomic_target(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _mib(n: int) -> str:

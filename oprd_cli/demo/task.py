@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from oprd_cli.config import TemplateConfig
+from oprd_cli.io import atomic_write_text
 from oprd_cli.errors import OprdError
 
 # How a demo record becomes a prompt: no chat template (shorter sequences), and a short
@@ -183,15 +184,8 @@ def generate_splits(seed: int, cfg: TaskConfig = TaskConfig(), sizes: SplitSizes
 
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return path
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def write_splits(splits: dict[str, list[dict]], out_dir: str | Path) -> dict[str, Path]:
@@ -216,4 +210,4 @@ def is_correct(response: str, answer: str | int) -> bool:
 
 __all__ = ["DEMO_INSTRUCTION", "SPLITS", "TaskConfig", "SplitSizes", "demo_template", "parse_problem",
            "format_problem", "answer_of", "solution_text", "random_problem", "generate_splits", "write_jsonl",
-           "read_jsonl", "write_splits", "extract_boxed", "is_correct"]
+           "write_splits", "extract_boxed", "is_correct"]

@@ -35,6 +35,13 @@ def round_index(path: str | Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _round_of(path: str | Path) -> int:
+    idx = round_index(path)
+    if idx is None:
+        raise ValueError(f"{path} is not a round store (rNNNNNN.zarr)")
+    return idx
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -53,6 +60,10 @@ def is_checkpoint(path: Path) -> bool:
     return (Path(path) / CHECKPOINT_MARKER).exists()
 
 
+def _under(name: str) -> property:
+    return property(lambda self: self.root / name, doc=f"``RUN/{name}``")
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -61,29 +72,12 @@ class RunDir:
         object.__setattr__(self, "root", Path(self.root))
 
     # ---- fixed paths
-    @property
-    def config_path(self) -> Path:
-        return self.root / "oprd.toml"
-
-    @property
-    def rollouts_dir(self) -> Path:
-        return self.root / "rollouts"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / "eval"
+    config_path = _under("oprd.toml")
+    rollouts_dir = _under("rollouts")
+    cache_dir = _under("cache")
+    checkpoints_dir = _under("checkpoints")
+    metrics_path = _under("metrics.jsonl")
+    eval_dir = _under("eval")
 
     # ---- rounds
     def _rounds(self, folder: Path, complete_only: bool) -> list[tuple[int, Path]]:
@@ -109,16 +103,10 @@ class RunDir:
         return self.rollouts_dir / round_name(nxt)
 
     def cache_path_for(self, rollout_path: str | Path) -> Path:
-        idx = round_index(rollout_path)
-        if idx is None:
-            raise ValueError(f"{rollout_path} is not a round store (rNNNNNN.zarr)")
-        return self.cache_dir / round_name(idx)
+        return self.cache_dir / round_name(_round_of(rollout_path))
 
     def rollout_path_for(self, cache_path: str | Path) -> Path:
-        idx = round_index(cache_path)
-        if idx is None:
-            raise ValueError(f"{cache_path} is not a round store (rNNNNNN.zarr)")
-        return self.rollouts_dir / round_name(idx)
+        return self.rollouts_dir / round_name(_round_of(cache_path))
 
     # ---- checkpoints
     def checkpoints(self) -> list[Checkpoint]:

@@ -230,7 +230,7 @@ def _run_one(cfg: BenchLossConfig, name: str, tmp: Path) -> dict[str, Any]:
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # see the module docstring: RSS follows live tensors
     env["MALLOC_TRIM_THRESHOLD_"] = "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    proc = subprocess.run([sys.executable, "-m", "oprd_cli.bench_loss", "--worker", str(spec_path), str(out_path)],
+    proc = subprocess.run([sys.executable, "-m", "oprd_cli.bench.loss", "--worker", str(spec_path), str(out_path)],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not out_path.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]

@@ -193,6 +193,102 @@ def _sweep(tm: TeacherModel, batches, model_dtype: str, compressor: str, level, 
     return encodings, comps
 
 
+def _check_args(teacher: str | None, rollouts: str | None, repeats: int, threads: int | None) -> None:
+    if (teacher is None) != (rollouts is None):
+        raise OprdError("give both --teacher and --rollouts, or neither (then both are generated)")
+    if repeats < 1:
+        raise OprdError("--repeats must be at least 1")
+    if threads is not None:
+        if threads < 1:
+            raise OprdError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _time_passes(tm, full, batches, dev, repeats: int, say, cache_pass_fn) -> dict[str, Any]:
+    """Fastest wall and CPU seconds of the full, truncated and cache passes, interleaved ``repeats`` times."""
+    fed = sum(len(r.ids) for b in batches for r in b)
+    # warm-up (allocator, kernels, threads)
+    _full_pass(full, batches[:1], tm.layers, dev, tm.pad_id)
+    _bare_pass(tm, batches[:1])
+    load_before = _load_average()
+    t_full, t_bare, t_cache, best = [], [], [], {"stats": {}}
+
+    def bare_pass(rep: int) -> None:
+        say(f"[{rep + 1}/{repeats}] timing the truncated forward (no LM head, nothing written)")
+        t_bare.append(_bare_pass(tm, batches))
+
+    def cache_pass(rep: int) -> None:
+        say(f"[{rep + 1}/{repeats}] timing the complete teacher-cache pass")
+        st = cache_pass_fn()
+        t_cache.append((st["loop_seconds"], st["loop_cpu_seconds"]))
+        if st["loop_seconds"] == min(w for w, _ in t_cache):
+            best["stats"] = st
+
+    for rep in range(repeats):  # interleaved (and bare/cache alternated) so that load changes hit all alike
+        say(f"[{rep + 1}/{repeats}] timing the full forward with logits ({len(batches)} batches, {fed} tokens)")
+        t_full.append(_full_pass(full, batches, tm.layers, dev, tm.pad_id))
+        for fn in ((bare_pass, cache_pass) if rep % 2 == 0 else (cache_pass, bare_pass)):
+            fn(rep)
+    wall = [min(w for w, _ in t) for t in (t_full, t_bare, t_cache)]
+    cpu = [min(c for _, c in t) for t in (t_full, t_bare, t_cache)]
+    return {"fed": fed, "wall": wall, "cpu": cpu, "cache_stats": best["stats"],
+            "load_average": {"before": load_before, "after": _load_average()}}
+
+
+def _read_mb_s(cache_path: Path) -> tuple[Any, float | None]:
+    """Open the cache and time decoding all of it (4 samples a read): (cache, decoded MB/s)."""
+    c = cache_store.open_cache(str(cache_path))
+    t = time.perf_counter()
+    decoded = 0
+    for a in range(0, c.num_samples, 4):
+        b = c.read(range(a, min(a + 4, c.num_samples)))
+        decoded += int(b.mask.sum()) * len(c.layers) * c.hidden_size * b.hidden.element_size()
+    read_s = time.perf_counter() - t
+    return c, (decoded / 1e6 / read_s if read_s else None)
+
+
+def _report(*, dev, tm, teacher_name: str, model_dtype: str, store, batches, max_batch_tokens: int, enc,
+            positions: str, k: int, compressor: str, info: dict, num_layers_cached: int, hidden_size: int,
+            timing: dict, read_mb_s, encodings, comps, setup_s: float, repeats: int, t0: float) -> dict[str, Any]:
+    full_s, bare, cache_s = timing["wall"]
+    full_cpu, bare_cpu, cache_cpu = timing["cpu"]
+    fed, cache_stats = timing["fed"], timing["cache_stats"]
+    busy = cache_stats.get("writer_busy_seconds")
+    return {
+        "machine": models.machine_info(dev),
+        "teacher": {"name": teacher_name, "hidden_size": tm.hidden_size, "num_layers": tm.num_layers,
+                    "vocab_size": int(tm.config.vocab_size), "dtype": model_dtype},
+        "rollouts": {"samples": store.num_samples, "tokens_fed": fed, "batches": len(batches),
+                     "max_batch_tokens": max_batch_tokens},
+        "cache": {"layers": tm.layers, "positions": {"mode": positions, "k": k}, "store_dtype": enc.dtype,
+                  "faithful": enc.faithful, "compressor": compressor,
+                  "level": info["compression"]["level"], "units": info["units"]["total"],
+                  "values": info["num_positions"] * num_layers_cached * hidden_size,
+                  "stored_bytes": info["stored_bytes"]},
+        "full_forward_s": full_s,
+        "truncated_forward_s": bare,
+        "cache_pass_s": cache_s,
+        "truncated_speedup": full_s / bare,
+        "writer_overhead": (cache_s - bare) / bare,
+        "cpu_seconds": {"full": full_cpu, "truncated": bare_cpu, "cache": cache_cpu},
+        "truncated_speedup_cpu": full_cpu / bare_cpu if bare_cpu else None,
+        "writer_overhead_cpu": (cache_cpu - bare_cpu) / bare_cpu if bare_cpu else None,
+        "load_average": timing["load_average"],
+        "bytes_per_value": info["bytes_per_value"],
+        "compression_ratio": info["compression_ratio"],
+        "cosine_similarity": info["encoding"]["cosine_similarity"],
+        "tokens_per_s": {"full": fed / full_s, "truncated": fed / bare, "cache": fed / cache_s},
+        "write_mb_s": cache_stats["raw_bytes"] / 1e6 / busy if busy else None,
+        "writer_busy_fraction": busy / cache_s if busy else None,
+        "read_mb_s": read_mb_s,
+        "encodings": encodings,
+        "compressors": comps,
+        "setup_s": setup_s,
+        "repeats": repeats,
+        "total_s": time.perf_counter() - t0,
+    }
+
+
 def run_bench(
     teacher: str | None = None,
     rollouts: str | None = None,
@@ -216,14 +312,7 @@ def run_bench(
     show_progress: bool = True,
     workdir: str | None = None,
 ) -> dict[str, Any]:
-    if (teacher is None) != (rollouts is None):
-        raise OprdError("give both --teacher and --rollouts, or neither (then both are generated)")
-    if repeats < 1:
-        raise OprdError("--repeats must be at least 1")
-    if threads is not None:
-        if threads < 1:
-            raise OprdError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+    _check_args(teacher, rollouts, repeats, threads)
     dev = models.resolve_device(device)
     tmp = tempfile.TemporaryDirectory(prefix="oprd-bench-cache-", dir=workdir)
     root = Path(tmp.name)
@@ -252,89 +341,30 @@ def run_bench(
                                          n_layers=len(tm.layers), hidden_size=tm.hidden_size,
                                          itemsize=enc.storage.itemsize, unit_positions=unit_positions)
         batches = _batches(store, layout, max_batch_tokens)
-        fed = sum(len(r.ids) for b in batches for r in b)
-        # warm-up (allocator, kernels, threads)
-        _full_pass(full, batches[:1], tm.layers, dev, tm.pad_id)
-        _bare_pass(tm, batches[:1])
-
-        load_before = _load_average()
-        t_full, t_bare, t_cache, cache_stats = [], [], [], {}
         cache_path = root / "cache.zarr"
-        def bare_pass(rep: int) -> None:
-            say(f"[{rep + 1}/{repeats}] timing the truncated forward (no LM head, nothing written)")
-            t_bare.append(_bare_pass(tm, batches))
 
-        def cache_pass(rep: int) -> None:
-            nonlocal cache_stats
-            say(f"[{rep + 1}/{repeats}] timing the complete teacher-cache pass")
+        def cache_pass() -> dict[str, Any]:
             st: dict[str, Any] = {}
             cache_rollouts(tm, rollouts, cache_path, layers=layers, positions=positions, k=k,
                            store_dtype=enc.dtype, compressor=compressor, level=level,
                            max_batch_tokens=max_batch_tokens, unit_positions=unit_positions,
                            overwrite=True, show_progress=False, stats=st)
-            t_cache.append((st["loop_seconds"], st["loop_cpu_seconds"]))
-            if st["loop_seconds"] == min(w for w, _ in t_cache):
-                cache_stats = st
+            return st
 
-        for rep in range(repeats):  # interleaved (and bare/cache alternated) so that load changes hit all alike
-            say(f"[{rep + 1}/{repeats}] timing the full forward with logits ({len(batches)} batches, {fed} tokens)")
-            t_full.append(_full_pass(full, batches, tm.layers, dev, tm.pad_id))
-            for fn in ((bare_pass, cache_pass) if rep % 2 == 0 else (cache_pass, bare_pass)):
-                fn(rep)
+        timing = _time_passes(tm, full, batches, dev, repeats, say, cache_pass)
         del full
-        load_after = _load_average()
-        full_s, bare, cache_s = (min(w for w, _ in t) for t in (t_full, t_bare, t_cache))
-        full_cpu, bare_cpu, cache_cpu = (min(c for _, c in t) for t in (t_full, t_bare, t_cache))
-
         say("reading the cache back")
-        c = cache_store.open_cache(str(cache_path))
+        c, read_mb_s = _read_mb_s(cache_path)
         info = c.info()
-        t = time.perf_counter()
-        decoded = 0
-        for a in range(0, c.num_samples, 4):
-            b = c.read(range(a, min(a + 4, c.num_samples)))
-            decoded += int(b.mask.sum()) * len(c.layers) * c.hidden_size * b.hidden.element_size()
-        read_s = time.perf_counter() - t
         say("sweeping encodings and compressors")
         encodings, comps = _sweep(tm, batches, model_dtype, compressor, level,
                                   int(info["layout"]["hidden_chunk_rows"]))
-        values = info["num_positions"] * len(c.layers) * c.hidden_size
-        report = {
-            "machine": models.machine_info(dev),
-            "teacher": {"name": "generated" if generated else teacher,
-                        "hidden_size": tm.hidden_size, "num_layers": tm.num_layers,
-                        "vocab_size": int(tm.config.vocab_size), "dtype": model_dtype},
-            "rollouts": {"samples": store.num_samples, "tokens_fed": fed, "batches": len(batches),
-                         "max_batch_tokens": max_batch_tokens},
-            "cache": {"layers": tm.layers, "positions": {"mode": positions, "k": k}, "store_dtype": enc.dtype,
-                      "faithful": enc.faithful, "compressor": compressor,
-                      "level": info["compression"]["level"], "units": info["units"]["total"],
-                      "values": values, "stored_bytes": info["stored_bytes"]},
-            "full_forward_s": full_s,
-            "truncated_forward_s": bare,
-            "cache_pass_s": cache_s,
-            "truncated_speedup": full_s / bare,
-            "writer_overhead": (cache_s - bare) / bare,
-            "cpu_seconds": {"full": full_cpu, "truncated": bare_cpu, "cache": cache_cpu},
-            "truncated_speedup_cpu": full_cpu / bare_cpu if bare_cpu else None,
-            "writer_overhead_cpu": (cache_cpu - bare_cpu) / bare_cpu if bare_cpu else None,
-            "load_average": {"before": load_before, "after": load_after},
-            "bytes_per_value": info["bytes_per_value"],
-            "compression_ratio": info["compression_ratio"],
-            "cosine_similarity": info["encoding"]["cosine_similarity"],
-            "tokens_per_s": {"full": fed / full_s, "truncated": fed / bare, "cache": fed / cache_s},
-            "write_mb_s": (cache_stats["raw_bytes"] / 1e6 / cache_stats["writer_busy_seconds"]
-                           if cache_stats.get("writer_busy_seconds") else None),
-            "writer_busy_fraction": (cache_stats["writer_busy_seconds"] / cache_s
-                                     if cache_stats.get("writer_busy_seconds") else None),
-            "read_mb_s": decoded / 1e6 / read_s if read_s else None,
-            "encodings": encodings,
-            "compressors": comps,
-            "setup_s": setup_s,
-            "repeats": repeats,
-            "total_s": time.perf_counter() - t0,
-        }
-        return report
+        return _report(dev=dev, tm=tm, teacher_name="generated" if generated else teacher, model_dtype=model_dtype,
+                       store=store, batches=batches, max_batch_tokens=max_batch_tokens, enc=enc,
+                       positions=positions, k=k, compressor=compressor, info=info,
+                       num_layers_cached=len(c.layers), hidden_size=c.hidden_size, timing=timing,
+                       read_mb_s=read_mb_s, encodings=encodings, comps=comps, setup_s=setup_s, repeats=repeats,
+                       t0=t0)
     finally:
         tmp.cleanup()
 
