@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from oprd_cli import models
+from oprd_cli import backbone, models
 from oprd_cli.console import err_console, progress
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import cache as cache_store
@@ -111,22 +111,6 @@ def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------ the teacher
-class _StopForward(Exception):
-    """Raised by a hook once the deepest requested layer has run."""
-
-
-def _decoder(model) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if base is None and hasattr(model, "get_decoder"):
-        base = model.get_decoder()
-    for attr in ("layers", "h", "blocks"):
-        blocks = getattr(base, attr, None) if base is not None else None
-        if isinstance(blocks, torch.nn.ModuleList):
-            return base, attr, blocks
-    raise OprdError(f"cannot find the decoder blocks of {type(model).__name__}; this architecture is not supported "
-                    "by oprd teacher-cache yet")
-
-
 @dataclass
 class SeqRequest:
     """One sequence to run: ``ids`` (prompt + response, cut after the last needed position),
@@ -164,21 +148,17 @@ class TeacherModel:
         self.config_digest = models.config_digest(model.config)
         self.weights_digest = models.weights_digest(model)
         self.full = self.need_logits or self.depth == self.num_layers or not truncate
-        base, attr, blocks = _decoder(model)
         if not self.full:
-            setattr(base, attr, torch.nn.ModuleList(list(blocks)[: max(self.depth, 1)]))
-        self.lm_head = model.get_output_embeddings() if self.need_logits else None
-        if self.need_logits and self.lm_head is None:
+            backbone.truncate_blocks(model, self.depth)
+        lm_head = model.get_output_embeddings() if self.need_logits else None
+        if self.need_logits and lm_head is None:
             raise OprdError(f"teacher {self.name} has no LM head; it cannot give log-probs (use --logprobs none)")
-        cfg = getattr(model.config, "text_config", None) or model.config
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
-        self.base = base.to(self.device).eval()
-        if self.lm_head is not None:
-            self.lm_head = self.lm_head.to(self.device).eval()
-        self.blocks: torch.nn.ModuleList = getattr(base, attr)
+        backbone.decoder_of(model)[0].to(self.device).eval()
+        if lm_head is not None:
+            lm_head.to(self.device).eval()
+        self.model = model
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
-        del model
 
     def describe(self) -> dict[str, Any]:
         local = Path(os.path.expanduser(self.name))
@@ -206,45 +186,9 @@ class TeacherModel:
         counts = [len(r.hidden_index) for r in reqs]
         bi = torch.repeat_interleave(torch.arange(B), torch.tensor(counts)).to(dev)
         si = torch.from_numpy(np.concatenate([np.asarray(r.hidden_index, dtype=np.int64) for r in reqs])).to(dev)
-        caps: dict[int, torch.Tensor] = {}
-        handles = []
-        wanted = set(self.layers)
-        stop_after = None if self.full else self.depth  # hidden_states index after which to stop
-
-        if 0 in wanted:
-            def pre(mod, args, kwargs):
-                h = args[0] if args else kwargs["hidden_states"]
-                caps[0] = h[bi, si]
-                if stop_after == 0:
-                    raise _StopForward
-
-            handles.append(self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
-        for j, block in enumerate(self.blocks):
-            idx = j + 1
-            take = idx in wanted and (idx < self.num_layers)
-            stop = stop_after == idx
-            if not (take or stop):
-                continue
-
-            def post(mod, args, out, idx=idx, take=take, stop=stop):
-                h = out[0] if isinstance(out, (tuple, list)) else out
-                if take:
-                    caps[idx] = h[bi, si]
-                if stop:
-                    raise _StopForward
-
-            handles.append(block.register_forward_hook(post))
-        out = None
-        try:
-            out = self.base(input_ids=ids, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        final = out.last_hidden_state if out is not None else None
-        if self.num_layers in wanted:
-            caps[self.num_layers] = final[bi, si]
+        out = backbone.backbone_hidden(self.model, ids, self.layers, need_final=self.full,
+                                       num_layers=self.num_layers, rows=(bi, si))
+        caps, final = out.hidden, out.final
         hidden = torch.stack([caps[i] for i in self.layers], dim=1).to("cpu")
         results: list[dict[str, Any]] = [{} for _ in reqs]
         for i, part in enumerate(torch.split(hidden, counts)):
@@ -259,37 +203,18 @@ class TeacherModel:
         lbi = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(lens)).to(dev)
         lsi = torch.from_numpy(np.concatenate([np.asarray(r.logprob_index, dtype=np.int64) for r in reqs])).to(dev)
         tgt = torch.from_numpy(np.concatenate([np.asarray(r.targets, dtype=np.int64) for r in reqs])).to(dev)
+        k = topk if mode == "topk" else 0
         sup = None
-        if mode == "topk":
-            sup = torch.from_numpy(np.concatenate([np.asarray(r.support, dtype=np.int64).reshape(-1, topk)
+        if k:
+            sup = torch.from_numpy(np.concatenate([np.asarray(r.support, dtype=np.int64).reshape(-1, k)
                                                    for r in reqs])).to(dev)
-        vocab = int(self.lm_head.weight.shape[0])
-        step = max(1, logit_elements // vocab)
-        outs: dict[str, list[torch.Tensor]] = {"teacher_logprobs": [], "support_logprobs": [],
-                                               "teacher_topk_ids": [], "teacher_topk_logprobs": []}
-        total = int(lsi.numel())
-        for a in range(0, total, step):
-            x = final[lbi[a: a + step], lsi[a: a + step]]
-            logits = self.lm_head(x).float()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            logz = torch.logsumexp(logits, dim=-1, keepdim=True)
-            outs["teacher_logprobs"].append((logits.gather(1, tgt[a: a + step, None]) - logz)[:, 0].cpu())
-            if mode == "topk":
-                vals, top = logits.topk(topk, dim=-1)
-                outs["teacher_topk_ids"].append(top.to(torch.int32).cpu())
-                outs["teacher_topk_logprobs"].append((vals - logz).cpu())
-                outs["support_logprobs"].append((logits.gather(1, sup[a: a + step]) - logz).cpu())
-        names = ["teacher_logprobs"] + (["support_logprobs", "teacher_topk_ids", "teacher_topk_logprobs"]
-                                        if mode == "topk" else [])
-        for name in names:
-            if outs[name]:
-                full = torch.cat(outs[name])
-            else:
-                shape = (0,) if name == "teacher_logprobs" else (0, topk)
-                full = torch.zeros(shape, dtype=torch.int32 if name == "teacher_topk_ids" else torch.float32)
-            for i, part in enumerate(torch.split(full, lens)):
-                results[i][name] = part.numpy()
+        got = backbone.selected_logprobs(self.model, final[lbi, lsi], tgt, support=sup, topk=k,
+                                         logit_elements=logit_elements)
+        for name, key in (("teacher_logprobs", "logprobs"), ("support_logprobs", "support_logprobs"),
+                          ("teacher_topk_ids", "topk_ids"), ("teacher_topk_logprobs", "topk_logprobs")):
+            if key in got:
+                for i, part in enumerate(torch.split(got[key], lens)):
+                    results[i][name] = part.numpy()
 
 
 # ------------------------------------------------------------------------ rollouts
