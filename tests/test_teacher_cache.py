@@ -27,7 +27,7 @@ from helpers import info_json, run_cli
 from oprd_cli.stores import common
 from oprd_cli.stores.cache import PAUSE_BEFORE_MARKER_ENV, open_cache
 from oprd_cli.stores.rollouts import open_rollouts
-from oprd_cli.teacher import plan_batches
+from oprd_cli.backbone import pack_by_length
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 samples of up to 16 tokens; units of 32 response tokens -> several units (for shards and resume)
@@ -238,9 +238,9 @@ def test_layer_names_mean_what_they_mean_in_the_release():
         assert "HF 1,3,5" in text and "HF 2,4,6" in text, cmd
 
 
-def test_plan_batches_length_ordered_within_budget():
+def test_pack_by_length_ordered_within_budget():
     lengths = {0: 5, 1: 50, 2: 7, 3: 48, 4: 6, 5: 30}
-    batches = plan_batches(lengths, 100)
+    batches = pack_by_length([lengths[r] for r in range(6)], 100)
     order = [r for b in batches for r in b]
     assert sorted(order) == sorted(lengths)
     assert [lengths[r] for r in order] == sorted(lengths.values(), reverse=True)

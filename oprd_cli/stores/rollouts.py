@@ -339,5 +339,53 @@ class RolloutStore:
         return info
 
 
+@dataclass
+class RolloutArrays:
+    """The per-sample token arrays of one rollout store, held in memory (ids and log-probs are small
+    next to a cache): what the teacher pass and the trainer read. Samples of one prompt share its
+    ``prompt_ids`` array."""
+
+    path: str
+    prompt_ids: list[np.ndarray]  # int64, per sample
+    response_ids: list[np.ndarray]  # int64, per sample
+    logprobs: list[np.ndarray]  # float32, per sample
+    topk_ids: list[np.ndarray] | None  # int64 [T, K] per sample, when the store recorded top-k ids
+
+    @classmethod
+    def load(cls, store: "RolloutStore") -> "RolloutArrays":
+        return load_arrays(store)
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    def seq_len(self, row: int) -> int:
+        """Input length of a sample: prompt + response (the last response token's hidden state is
+        supervised by OPRD; its output distribution is never needed)."""
+        return len(self.prompt_ids[row]) + len(self.response_ids[row])
+
+    def response_tokens(self, rows) -> int:
+        return int(sum(len(self.response_ids[i]) for i in rows))
+
+
+def load_arrays(store: RolloutStore) -> RolloutArrays:
+    """The one way to load a rollout's token arrays: each flat array read once, split per sample."""
+    n = store.num_samples
+    cuts = (store.sample_offsets[1:-1] - store.sample_offsets[0]).astype(np.int64)
+    prompt_off = store._load("prompt/offsets")
+    prompt_flat = store._load("prompt/ids").astype(np.int64)
+    by_prompt = [prompt_flat[prompt_off[r]: prompt_off[r + 1]] for r in range(len(prompt_off) - 1)]
+
+    def per_sample(name: str, dtype) -> list[np.ndarray]:
+        return np.split(store.read_tokens(name, 0, n).astype(dtype), cuts) if n else []
+
+    return RolloutArrays(
+        path=store.path,
+        prompt_ids=[by_prompt[int(r)] for r in store._load("sample/prompt_row")],
+        response_ids=per_sample("response_ids", np.int64),
+        logprobs=per_sample("logprobs", np.float32),
+        topk_ids=per_sample("topk_ids", np.int64) if store.record_topk and n else None,
+    )
+
+
 def open_rollouts(path: str, require_complete: bool = True) -> RolloutStore:
     return RolloutStore(path, require_complete=require_complete)
