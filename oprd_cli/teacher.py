@@ -24,7 +24,6 @@ How a pass works
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -265,59 +264,6 @@ def unit_batches(data: RolloutArrays, layout: cache_store.Layout, unit: cache_st
                                                                          max_batch_tokens)]
 
 
-# ------------------------------------------------------------------------ the writer thread
-class _BackgroundWriter:
-    """Writes finished units on a thread; ``submit`` blocks while ``max_queue`` units wait."""
-
-    def __init__(self, writer: cache_store.CacheWriter, worker: str, max_queue: int,
-                 on_written: Callable[[cache_store.Unit, dict, float], None]):
-        self.writer = writer
-        self.worker = worker
-        self.on_written = on_written
-        self.q: queue.Queue = queue.Queue(maxsize=max(1, max_queue))
-        self.error: BaseException | None = None
-        self.busy_seconds = 0.0
-        self.thread = threading.Thread(target=self._loop, name="oprd-cache-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
-            unit, hidden, tokens = item
-            t = time.perf_counter()
-            try:
-                marker = self.writer.write_unit(unit, hidden, tokens, worker=self.worker)
-                dt = time.perf_counter() - t
-                self.busy_seconds += dt
-                self.on_written(unit, marker, dt)
-            except BaseException as e:  # handed to the main thread
-                self.error = e
-
-    def _put(self, item) -> None:
-        while True:
-            if self.error is not None and item is not None:
-                raise self.error
-            try:
-                self.q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                if not self.thread.is_alive():
-                    return
-
-    def submit(self, unit, hidden, tokens) -> None:
-        self._put((unit, hidden, tokens))
-
-    def close(self) -> None:
-        self._put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 # ------------------------------------------------------------------------ one store
 def default_out_path(rollouts_path: str | Path) -> Path:
     """``RUN/rollouts/rNNNNNN.zarr`` -> ``RUN/cache/rNNNNNN.zarr``; otherwise ``NAME.cache.zarr`` beside it."""
@@ -471,7 +417,7 @@ def _run_units(tm: TeacherModel, data: RolloutArrays | None, layout: cache_store
                writer: cache_store.CacheWriter, worker: str, cfg: TeacherCacheConfig, writer_queue: int,
                counters: _Counters) -> tuple[float, float]:
     """Compute every unit of ``todo`` and hand it to a background writer; (compute, writer-busy) seconds."""
-    compute_seconds, bg = 0.0, _BackgroundWriter(writer, worker, writer_queue, counters.written)
+    compute_seconds, bg = 0.0, cache_store.BackgroundWriter(writer, worker, writer_queue, counters.written)
     try:
         for unit in todo:
             t_c = time.perf_counter()

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import info_json, run_cli
 from oprd_cli.stores import common
-from oprd_cli.stores.cache import PAUSE_BEFORE_MARKER_ENV, open_cache
+from oprd_cli.stores.cache import open_cache
 from oprd_cli.stores.rollouts import open_rollouts
 from oprd_cli.backbone import pack_by_length
 
@@ -249,10 +249,14 @@ def test_pack_by_length_ordered_within_budget():
 
 
 # ------------------------------------------------------------ sharding, resume
-def _cli_proc(*args, env=None):
-    e = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-         **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "oprd_cli", "teacher-cache", *map(str, args)], cwd=ROOT, env=e,
+def _cli_proc(*args, pause_before_marker: float | None = None):
+    """``oprd teacher-cache ARGS`` in a subprocess; with ``pause_before_marker`` through the wrapper
+    tests/cache_pause_worker.py, which sleeps between each unit's data and its done marker."""
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [e.get("PYTHONPATH")])])
+    head = ["-m", "oprd_cli"] if pause_before_marker is None else \
+        [str(Path(__file__).with_name("cache_pause_worker.py")), str(pause_before_marker)]
+    return subprocess.Popen([sys.executable, *head, "teacher-cache", *map(str, args)], cwd=ROOT, env=e,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -291,7 +295,7 @@ def test_sigkill_mid_store_then_resume_gives_same_digest(rollouts, reference, ti
     args = ["--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, "--positions", "all",
             "--logprobs", "sampled", *UNITS]
     total = info_json(reference[0])["units"]["total"]
-    p = _cli_proc(*args, env={PAUSE_BEFORE_MARKER_ENV: "3"})
+    p = _cli_proc(*args, pause_before_marker=3)
     units = out / "units"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and p.poll() is None:
