@@ -453,3 +453,52 @@ def test_bench_cache_json_reports_the_issue_figures():
         assert isinstance(r[key], float) and np.isfinite(r[key]), key
     assert r["truncated_speedup"] > 0 and r["compression_ratio"] > 0
     assert r["machine"]["cpu_cores"] and r["machine"]["device"] == "cpu"
+
+
+# ------------------------------------------------------------ fsspec URLs
+def _copy_rollouts(src, dst: str) -> str:
+    """Re-write a rollout store through RolloutWriter at another URL; returns the new digest."""
+    from oprd_cli.stores.rollouts import RolloutWriter
+
+    store = open_rollouts(str(src))
+    meta = {k: v for k, v in store.meta.items() if k not in ("kind", "format_version", "created_at")}
+    w = RolloutWriter(dst, meta, record_topk=store.record_topk)
+    rows: dict[int, int] = {}
+    for s in store.samples():
+        if s.prompt_row not in rows:
+            rows[s.prompt_row] = w.add_prompt(list(s.prompt_ids), s.prompt_index, s.prompt_id, s.answer)
+        w.add_sample(rows[s.prompt_row], s.sample_index, s.response_ids, s.logprobs, s.finish_reason, s.text,
+                     topk_ids=s.topk_ids)
+    return w.finish()
+
+
+def test_memory_url_stores_give_the_local_digests(rollouts, reference, tiny_qwen):
+    """Rollout and cache stores on an fsspec URL (memory://): written, marked complete, read back, with
+    the same content digests and values as the local stores."""
+    import fsspec
+
+    from oprd_cli.teacher import cache_rollouts
+
+    base = f"memory://oprd-{os.getpid()}"
+    r_url, c_url = f"{base}/rollouts/r000001.zarr", f"{base}/cache/r000001.zarr"
+    try:
+        digest = _copy_rollouts(rollouts, r_url)
+        local = open_rollouts(str(rollouts))
+        remote = open_rollouts(r_url)
+        assert common.is_complete(r_url) and digest == local.content_digest == remote.content_digest
+        assert remote.recompute_digest() == local.content_digest
+        st: dict = {}
+        out = cache_rollouts(str(tiny_qwen), r_url, c_url, positions="all", logprobs="sampled", unit_tokens=32,
+                             device="cpu", show_progress=False, stats=st)
+        assert out == c_url and st["complete"] and st["content_digest"] == reference[1]
+        cache, ref = open_cache(c_url), open_cache(str(reference[0]))
+        assert common.is_complete(c_url) and cache.content_digest == reference[1] and cache.verify()
+        assert cache.info()["units"]["done"] == ref.info()["units"]["done"] >= 3
+        rows = list(range(cache.num_samples))
+        a, b = cache.read(rows), ref.read(rows)
+        assert torch.equal(a.hidden, b.hidden) and torch.equal(a.teacher_logprobs, b.teacher_logprobs)
+        with pytest.raises(Exception, match="already exists and is complete"):
+            cache_rollouts(str(tiny_qwen), r_url, c_url, positions="all", logprobs="sampled", unit_tokens=32,
+                           device="cpu", show_progress=False)
+    finally:
+        fsspec.filesystem("memory").rm(base.split("://", 1)[1], recursive=True)
