@@ -149,12 +149,7 @@ def _check_inputs(cfg: TeacherCacheConfig, store: RolloutStore, out: str, overwr
             raise OprdError(f"{out} is a {kind!r} store, not a teacher cache; choose another --out")
         raise OprdError(f"teacher cache {out} already exists and is complete; pass --overwrite to replace it")
     if cfg.logprobs == "topk":
-        if not store.record_topk:
-            raise OprdError(f"--logprobs topk needs the student's top-k ids, and rollout store {store.path} has "
-                            f"none; re-run `oprd rollout --record-topk {cfg.topk}` (or use --logprobs sampled)")
-        if store.record_topk < cfg.topk:
-            raise OprdError(f"--topk {cfg.topk} is more than the {store.record_topk} student top-k ids recorded in "
-                            f"{store.path}; use --topk {store.record_topk} or less")
+        store.typed_meta.check_topk(cfg.topk)
 
 
 def _load_teacher(teacher: str | TeacherModel, cfg: TeacherCacheConfig, store: RolloutStore) -> tuple[TeacherModel,
@@ -172,12 +167,7 @@ def _load_teacher(teacher: str | TeacherModel, cfg: TeacherCacheConfig, store: R
         tm = TeacherModel(teacher, layers=cfg.layers, need_logits=cfg.need_logits, device=cfg.device, dtype=cfg.dtype,
                           trust_remote_code=cfg.trust_remote_code)
         layer_list = tm.layers
-    if tm.tokenizer_digest != store.tokenizer_digest:
-        tok_name = (store.meta.get("tokenizer") or {}).get("name") or "?"
-        raise OprdError(
-            f"teacher {tm.name} has another tokenizer ({tm.tokenizer_digest}) than rollout store {store.path} "
-            f"(tokenizer {tok_name}, {store.tokenizer_digest}); the teacher must share the student's tokenizer"
-        )
+    store.typed_meta.check_teacher(tm.name, tm.tokenizer_digest)
     return tm, layer_list
 
 

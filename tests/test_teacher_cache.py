@@ -502,3 +502,35 @@ def test_memory_url_stores_give_the_local_digests(rollouts, reference, tiny_qwen
                            device="cpu", show_progress=False)
     finally:
         fsspec.filesystem("memory").rm(base.split("://", 1)[1], recursive=True)
+
+
+def test_typed_metadata_and_check_fits_refusals(rollouts, reference):
+    """RolloutMeta / CacheMeta read the attrs once; check_fits gives one line per misfit."""
+    from oprd_cli.errors import OprdError
+    from oprd_cli.stores.meta import CacheMeta, RolloutMeta
+
+    store, cache = open_rollouts(str(rollouts)), open_cache(str(reference[0]))
+    rm, cm = store.typed_meta, cache.typed_meta
+    assert isinstance(rm, RolloutMeta) and isinstance(cm, CacheMeta)
+    assert rm.content_digest == store.content_digest == cm.rollout_digest and rm.record_topk == 4
+    assert cm.layers == tuple(cache.layers) and cm.logprobs_mode == "sampled" and cm.num_samples == rm.num_samples
+    n, d = cm.teacher_num_layers, cm.hidden_size
+    cm.check_fits(tokenizer_digest=rm.tokenizer_digest, student_layers=n, student_width=d, need_hidden=True,
+                  logprobs_for="opd-top1", rollout=rm)  # fits
+    cases = [
+        (dict(tokenizer_digest="sha256:other"), "was made for another tokenizer"),
+        (dict(student_layers=n + 1, student_width=d), f"depth: teacher {n} layers vs student {n + 1}"),
+        (dict(student_layers=n, student_width=d * 2), f"width: teacher hidden size {d} vs student {2 * d}"),
+        (dict(logprobs_for="opd-topk"), "has --logprobs sampled; re-run `oprd teacher-cache` with --logprobs topk"),
+        (dict(rollout=RolloutMeta.from_attrs("r.zarr", {**store.meta, "content_digest": "sha256:x"})),
+         "rollout store r.zarr is not the one cache"),
+        (dict(rollout=RolloutMeta.from_attrs("r.zarr", {**store.meta, "num_samples": 3})), "has 3"),
+    ]
+    for kwargs, msg in cases:
+        with pytest.raises(OprdError, match=re.escape(msg)) as e:
+            cm.check_fits(**kwargs)
+        assert "\n" not in str(e.value)
+    with pytest.raises(OprdError, match="holds no hidden states"):
+        CacheMeta.from_attrs("c.zarr", {**cache.meta, "layers": []}).check_fits(need_hidden=True)
+    with pytest.raises(OprdError, match="--topk 8 is more than the 4 student top-k ids"):
+        rm.check_topk(8)

@@ -47,6 +47,7 @@ import zarr
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import common
 from oprd_cli.stores.common import StoreFormat
+from oprd_cli.stores.meta import RolloutMeta
 
 FORMAT = StoreFormat(kind="rollouts", version=2)
 FINISH_REASONS = ("eos", "length")
@@ -226,6 +227,11 @@ class RolloutStore:
     @property
     def tokenizer_digest(self) -> str:
         return str(self.meta["tokenizer"]["digest"])
+
+    @cached_property
+    def typed_meta(self) -> RolloutMeta:
+        """The store's metadata, typed (read once)."""
+        return RolloutMeta.from_attrs(self.path, self.meta)
 
     @cached_property
     def store_id(self) -> str:

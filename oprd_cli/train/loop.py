@@ -253,50 +253,21 @@ class _Session:
         if not common.exists(cache_path):
             raise OprdError(f"no teacher cache at {cache_path}; make one with `oprd teacher-cache`")
         c = open_cache(cache_path)  # refuses an incomplete cache with its own message
-        if c.tokenizer_digest != self.tok_digest:
-            raise OprdError(f"cache {cache_path} was made for another tokenizer ({c.tokenizer_digest}) than the "
-                            f"student's ({self.tok_digest}); use rollouts and a cache of this student")
-        teacher = c.teacher
-        t_layers = int(teacher.get("num_layers") or 0)
-        t_width = int(teacher.get("hidden_size") or c.hidden_size)
-        if t_layers != self.n_layers or t_width != self.d_model or c.hidden_size != self.d_model:
-            what = []
-            if t_layers != self.n_layers:
-                what.append(f"depth: teacher {t_layers} layers vs student {self.n_layers}")
-            if t_width != self.d_model or c.hidden_size != self.d_model:
-                what.append(f"width: teacher hidden size {t_width} vs student {self.d_model}")
-            raise OprdError(f"cache {cache_path} does not fit the student ({'; '.join(what)}; cached layers "
-                            f"{c.layers}); OPRD-Vanilla needs a teacher of the same depth and width")
-        bad = [i for i in c.layers if i < 0 or i > self.n_layers]
-        if bad:
-            raise OprdError(f"cache {cache_path} holds hidden_states index {bad[0]}, but the student has "
-                            f"{self.n_layers} layers")
+        c.typed_meta.check_fits(tokenizer_digest=self.tok_digest, student_layers=self.n_layers,
+                                student_width=self.d_model)
         if self.layers is not None and list(self.layers) != list(c.layers) and cfg.uses_oprd:
             raise OprdError(f"cache {cache_path} holds layers {c.layers}, but this run trains on layers "
                             f"{self.layers}; make caches with the same --layers for one run")
-        if cfg.uses_oprd and not c.layers:
-            raise OprdError(f"cache {cache_path} holds no hidden states; re-run `oprd teacher-cache` with --layers")
-        mode = c.logprobs["mode"]
-        if cfg.objective == "opd-top1" and mode not in ("sampled", "topk"):
-            raise OprdError(f"--objective opd-top1 needs the teacher's log-probs, and cache {cache_path} has none "
-                            f"(--logprobs {mode}); re-run `oprd teacher-cache` with --logprobs sampled|topk")
-        if cfg.objective == "opd-topk" and mode != "topk":
-            raise OprdError(f"--objective opd-topk needs the teacher's log-probs on the student's top-k, and cache "
-                            f"{cache_path} has --logprobs {mode}; re-run `oprd teacher-cache` with --logprobs topk")
+        c.typed_meta.check_fits(need_hidden=cfg.uses_oprd, logprobs_for=cfg.objective)
         rpath = self._locate_rollouts(cache_path, c)
         store = open_rollouts(rpath)
-        if store.content_digest != c.rollout.get("content_digest"):
-            raise OprdError(f"rollout store {rpath} is not the one cache {cache_path} was made from "
-                            f"(digest {store.content_digest} vs {c.rollout.get('content_digest')})")
+        c.typed_meta.check_fits(rollout=store.typed_meta)
         if store.tokenizer_digest != self.tok_digest:
             raise OprdError(f"rollout store {rpath} was sampled with another tokenizer ({store.tokenizer_digest}) "
                             f"than the student's ({self.tok_digest})")
         if cfg.objective == "opd-topk" and not store.record_topk:
             raise OprdError(f"--objective opd-topk needs the student's top-k ids, and rollout store {rpath} has "
                             "none; re-run `oprd rollout --record-topk K`")
-        if store.num_samples != c.num_samples:
-            raise OprdError(f"cache {cache_path} has {c.num_samples} samples but its rollout store {rpath} has "
-                            f"{store.num_samples}")
         self._warn_warped(rpath, store.meta.get("sampling") or {})
         policy = store.meta.get("policy") or {}
         return Source(path=cache_path, name=Path(cache_path.rstrip("/")).name, round=round_index(cache_path),

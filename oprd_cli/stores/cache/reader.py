@@ -15,6 +15,7 @@ from oprd_cli.stores import common
 from oprd_cli.stores.cache.format import (FORMAT, HIDDEN, LAYOUT_MARKER, Encoding, combine_digests, sample_digest,
                                           token_arrays_for)
 from oprd_cli.stores.cache.layout import Layout
+from oprd_cli.stores.meta import CacheMeta
 from oprd_cli.stores.cache.writer import _aggregate, read_unit_markers
 
 
@@ -124,6 +125,11 @@ class TeacherCache:
         if not self.complete:
             return None
         return str(self.meta.get("content_digest") or (common.completion(self.path) or {}).get("content_digest"))
+
+    @cached_property
+    def typed_meta(self) -> CacheMeta:
+        """The cache's metadata, typed (read once), with :meth:`CacheMeta.check_fits`."""
+        return CacheMeta.from_attrs(self.path, self.meta)
 
     @cached_property
     def layout(self) -> Layout:
