@@ -175,6 +175,13 @@ class RolloutWriter:
         return content_digest
 
 
+def _meta_field(key: str, conv, default=None) -> property:
+    """A property reading ``meta[key]`` (``default`` when given and the key is absent) through ``conv``."""
+    if default is None:
+        return property(lambda self: conv(self.meta[key]))
+    return property(lambda self: conv(self.meta.get(key, default)))
+
+
 class RolloutStore:
     """Read-only view of a complete rollout store."""
 
@@ -195,25 +202,11 @@ class RolloutStore:
             cache[name] = self.group[name][...]
         return cache[name]
 
-    @property
-    def num_samples(self) -> int:
-        return int(self.meta["num_samples"])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.meta["num_tokens"])
-
-    @property
-    def num_prompts(self) -> int:
-        return int(self.meta["num_prompts"])
-
-    @property
-    def content_digest(self) -> str:
-        return str(self.meta["content_digest"])
-
-    @property
-    def record_topk(self) -> int:
-        return int(self.meta.get("record_topk", 0))
+    num_samples = _meta_field("num_samples", int)
+    num_tokens = _meta_field("num_tokens", int)
+    num_prompts = _meta_field("num_prompts", int)
+    content_digest = _meta_field("content_digest", str)
+    record_topk = _meta_field("record_topk", int, default=0)
 
     @property
     def sampling(self) -> dict[str, Any]:

@@ -53,6 +53,11 @@ def is_checkpoint(path: Path) -> bool:
     return (Path(path) / CHECKPOINT_MARKER).exists()
 
 
+def _under(name: str) -> property:
+    """A fixed path of the run directory: ``root / name``."""
+    return property(lambda self: self.root / name, doc=f"``RUN/{name}``")
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -61,29 +66,12 @@ class RunDir:
         object.__setattr__(self, "root", Path(self.root))
 
     # ---- fixed paths
-    @property
-    def config_path(self) -> Path:
-        return self.root / "oprd.toml"
-
-    @property
-    def rollouts_dir(self) -> Path:
-        return self.root / "rollouts"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / "eval"
+    config_path = _under("oprd.toml")
+    rollouts_dir = _under("rollouts")
+    cache_dir = _under("cache")
+    checkpoints_dir = _under("checkpoints")
+    metrics_path = _under("metrics.jsonl")
+    eval_dir = _under("eval")
 
     # ---- rounds
     def _rounds(self, folder: Path, complete_only: bool) -> list[tuple[int, Path]]:

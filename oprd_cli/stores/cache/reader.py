@@ -74,51 +74,18 @@ class TeacherCache:
             f"teacher cache {self.path} is incomplete (its workers were interrupted or are still running); "
             "run `oprd teacher-cache` again to finish it",
         )
-        if not self.complete and common.read_json(common.join(self.path, LAYOUT_MARKER)) is None:
-            self._layout_ready = False
-        else:
-            self._layout_ready = True
+        self._layout_ready = self.complete or common.read_json(common.join(self.path, LAYOUT_MARKER)) is not None
         self.meta = meta
         self.group = zarr.open_group(self.path, mode="r")
         self.encoding = Encoding.from_meta(meta["encoding"])
-
-    # ---- metadata
-    @property
-    def layers(self) -> list[int]:
-        return [int(x) for x in self.meta["layers"]]
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.meta["hidden_size"])
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.meta["num_samples"])
-
-    @property
-    def num_positions(self) -> int:
-        return int(self.meta["num_positions"])
-
-    @property
-    def positions(self) -> dict:
-        return dict(self.meta["positions"])
-
-    @property
-    def logprobs(self) -> dict:
-        return {"mode": self.meta["logprobs"]["mode"], "k": int(self.meta["logprobs"].get("k") or 0)}
-
-    @property
-    def rollout(self) -> dict:
-        r = self.meta["rollout"]
-        return {"path": r.get("path"), "store_id": r.get("store_id"), "content_digest": r.get("content_digest")}
-
-    @property
-    def tokenizer_digest(self) -> str:
-        return str(self.meta["tokenizer_digest"])
-
-    @property
-    def teacher(self) -> dict:
-        return dict(self.meta["teacher"])
+        # ---- metadata, read once
+        m = self.typed_meta
+        self.layers, self.hidden_size, self.num_samples = list(m.layers), m.hidden_size, m.num_samples
+        self.num_positions = int(meta["num_positions"])
+        self.positions, self.logprobs = dict(m.positions), {"mode": m.logprobs_mode, "k": m.logprobs_k}
+        self.rollout = {"path": m.rollout_path, "store_id": meta["rollout"].get("store_id"),
+                        "content_digest": m.rollout_digest}
+        self.tokenizer_digest, self.teacher = m.tokenizer_digest, dict(meta["teacher"])
 
     @property
     def content_digest(self) -> str | None:
