@@ -108,7 +108,10 @@ def test_layers_positions_exact_and_truncated(rollouts, tiny_dir, tmp_path):
     assert info["teacher"]["num_layers"] == 4 and info["teacher"]["config_digest"].startswith("sha256:")
     assert info["encoding"]["faithful"] and info["encoding"]["dtype"] == "float32"
     assert info["rollout_digest"] == info_json(rollouts)["content_digest"] and info["rollout_store_id"]
-    assert info["stored_bytes"] > 0 and info["compression_ratio"] > 0
+    raw = info["num_positions"] * 2 * 64 * 4  # positions x layers x d x float32; no token arrays
+    on_disk = sum(f.stat().st_size for f in (out / "hidden" / "c").rglob("*") if f.is_file())
+    assert info["raw_bytes"] == raw and info["stored_bytes"] == on_disk
+    assert info["compression_ratio"] == pytest.approx(raw / on_disk)
     cache = _check_hidden(out, rollouts, _model(deep))
     b = cache.read(range(8))
     assert (b.positions[b.mask] >= 0).all()
