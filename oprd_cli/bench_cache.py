@@ -40,7 +40,8 @@ from oprd_cli.console import console, err_console
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import cache as cache_store
 from oprd_cli.stores.rollouts import RolloutWriter, load_arrays, open_rollouts
-from oprd_cli.teacher import TeacherModel, cache_rollouts, unit_batches
+from oprd_cli.teacher import cache_rollouts
+from oprd_cli.teacher_model import TeacherModel, unit_batches
 
 SWEEP = [("float32", None), ("bfloat16", None), ("bfloat16", 5), ("bfloat16", 4), ("bfloat16", 3),
          ("bfloat16", 2), ("float16", None), ("float16", 7)]
