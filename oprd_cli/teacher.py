@@ -4,15 +4,17 @@
 one rollout store -> one cache. The store format lives in :mod:`oprd_cli.stores.cache`.
 
 How a pass works
-- The teacher runs only as deep as the deepest requested layer: decoder blocks past it are dropped
-  after loading, and a forward hook on the deepest block stops the forward there. The LM head is
-  dropped too unless log-probs are asked for; then it runs only on the response positions, a slice
-  of rows at a time, never producing ``[B, S, V]`` logits.
+- The teacher (:mod:`oprd_cli.teacher_model`) runs only as deep as the deepest requested layer:
+  decoder blocks past it are dropped after loading, and the one truncated forward
+  (:mod:`oprd_cli.backbone`) stops after the deepest block. The LM head is dropped too unless
+  log-probs are asked for; then it runs only on the response positions, a slice of rows at a time,
+  never producing ``[B, S, V]`` logits.
 - Each sequence is ``prompt + response`` cut after the last position that is needed. Two kinds of
   positions, kept apart: the hidden state of response token ``y_t`` is the one at sequence index
   ``Lp + t`` (it has read ``y_t``; the release's ``hidden_states[l][:, -T:]``), while the log-prob of
   ``y_t`` comes from the output at ``Lp - 1 + t`` (the position that predicts it).
-- Work is done unit by unit (a unit is a group of whole samples owning whole shards of the store).
+- Work is done unit by unit (a unit is a group of whole samples owning whole shards of the store):
+  checks, teacher, plan of the store, then the units (:func:`cache_rollouts` names each step).
   Within a unit, sequences are sorted by length and packed into batches of at most
   ``max_batch_tokens`` padded tokens (right padding; causal attention keeps real tokens blind to the
   padding). Batches never cross units, so a unit's values depend only on the unit and the budget:
@@ -23,8 +25,6 @@ How a pass works
 
 from __future__ import annotations
 
-import os
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -39,8 +39,9 @@ from oprd_cli.console import err_console, progress
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import cache as cache_store
 from oprd_cli.stores import common
-from oprd_cli.stores.rollouts import RolloutStore, open_rollouts
+from oprd_cli.stores.rollouts import RolloutArrays, RolloutStore, load_arrays, open_rollouts
 from oprd_cli.stores.rundir import RunDir, round_index
+from oprd_cli.teacher_model import SeqRequest, TeacherModel, unit_batches  # noqa: F401 (re-exported)
 
 
 # ------------------------------------------------------------------------ settings
@@ -92,6 +93,20 @@ class TeacherCacheConfig:
     def need_logits(self) -> bool:
         return self.logprobs != "none"
 
+    @property
+    def support_k(self) -> int:
+        """Student top-k ids the teacher scores (and its own top-k kept): ``topk`` for ``--logprobs topk``."""
+        return self.topk if self.logprobs == "topk" else 0
+
+    @classmethod
+    def resolve(cls, cfg: "TeacherCacheConfig | None", settings: dict[str, Any]) -> "TeacherCacheConfig":
+        """``cfg`` itself, or one built from ``settings`` (its fields); validated either way."""
+        if cfg is not None and settings:
+            raise TypeError(f"give a TeacherCacheConfig or its fields, not both ({', '.join(settings)})")
+        cfg = cfg if cfg is not None else cls(**settings)
+        cfg.validate()
+        return cfg
+
 
 def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
     """``"I/N"`` -> (I, N) with 0 <= I < N."""
@@ -110,303 +125,6 @@ def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
     return i, n
 
 
-# ------------------------------------------------------------------------ the teacher
-class _StopForward(Exception):
-    """Raised by a hook once the deepest requested layer has run."""
-
-
-def _decoder(model) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if base is None and hasattr(model, "get_decoder"):
-        base = model.get_decoder()
-    for attr in ("layers", "h", "blocks"):
-        blocks = getattr(base, attr, None) if base is not None else None
-        if isinstance(blocks, torch.nn.ModuleList):
-            return base, attr, blocks
-    raise OprdError(f"cannot find the decoder blocks of {type(model).__name__}; this architecture is not supported "
-                    "by oprd teacher-cache yet")
-
-
-@dataclass
-class SeqRequest:
-    """One sequence to run: ``ids`` (prompt + response, cut after the last needed position),
-    the sequence indices whose hidden states are wanted, and, for log-probs, the sequence indices of
-    every response position with the sampled ids (and the student's top-k ids)."""
-
-    ids: np.ndarray
-    hidden_index: np.ndarray
-    logprob_index: np.ndarray | None = None
-    targets: np.ndarray | None = None
-    support: np.ndarray | None = None
-
-
-class TeacherModel:
-    """A teacher loaded for caching: truncated to the deepest requested layer, LM head only if needed."""
-
-    def __init__(self, name: str, layers: str = "all", need_logits: bool = False, device: str = "auto",
-                 dtype: str = "auto", trust_remote_code: bool = False, truncate: bool = True,
-                 attn_implementation: str | None = None):
-        self.name = str(name)
-        self.device = models.resolve_device(device)
-        self.dtype = models.resolve_dtype(dtype, self.device)
-        self.tokenizer = models.load_tokenizer(self.name, trust_remote_code=trust_remote_code)
-        self.tokenizer_digest = models.tokenizer_digest(self.tokenizer)
-        model = models.load_model(self.name, torch.device("cpu"), self.dtype, trust_remote_code=trust_remote_code,
-                                  attn_implementation=attn_implementation
-                                  or models.choose_attn_implementation(self.device, self.dtype))
-        self.config = model.config
-        self.num_layers = models.num_layers(model.config)
-        self.hidden_size = models.hidden_size(model.config)
-        self.layers_spec = str(layers)
-        self.layers = models.select_layers(layers, self.num_layers)
-        self.depth = max(self.layers)
-        self.need_logits = bool(need_logits)
-        self.config_digest = models.config_digest(model.config)
-        self.weights_digest = models.weights_digest(model)
-        self.full = self.need_logits or self.depth == self.num_layers or not truncate
-        base, attr, blocks = _decoder(model)
-        if not self.full:
-            setattr(base, attr, torch.nn.ModuleList(list(blocks)[: max(self.depth, 1)]))
-        self.lm_head = model.get_output_embeddings() if self.need_logits else None
-        if self.need_logits and self.lm_head is None:
-            raise OprdError(f"teacher {self.name} has no LM head; it cannot give log-probs (use --logprobs none)")
-        cfg = getattr(model.config, "text_config", None) or model.config
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
-        self.base = base.to(self.device).eval()
-        if self.lm_head is not None:
-            self.lm_head = self.lm_head.to(self.device).eval()
-        self.blocks: torch.nn.ModuleList = getattr(base, attr)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad) if pad is not None else 0
-        del model
-
-    def describe(self) -> dict[str, Any]:
-        local = Path(os.path.expanduser(self.name))
-        return {
-            "name": self.name, "path": str(local.resolve()) if local.is_dir() else None,
-            "config_digest": self.config_digest, "weights_digest": self.weights_digest,
-            "num_layers": self.num_layers, "hidden_size": self.hidden_size, "dtype": cache_store.dtype_name(self.dtype),
-            "model_type": getattr(self.config, "model_type", None), "device": str(self.device),
-            "blocks_run": self.num_layers if self.full else self.depth, "lm_head": self.need_logits,
-        }
-
-    @torch.no_grad()
-    def run(self, reqs: list[SeqRequest], logprobs: str = "none", topk: int = 0,
-            logit_elements: int = 1 << 27) -> list[dict[str, Any]]:
-        """Run one padded batch. Per request: ``hidden`` [n, n_layers, d] (CPU, model dtype) and, with
-        log-probs, ``teacher_logprobs`` [T] (+ ``support_logprobs``, ``teacher_topk_ids``,
-        ``teacher_topk_logprobs`` [T, K] for ``topk``) as numpy arrays."""
-        dev = self.device
-        B = len(reqs)
-        S = max(len(r.ids) for r in reqs)
-        ids = torch.full((B, S), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, : len(r.ids)] = torch.from_numpy(np.asarray(r.ids, dtype=np.int64))
-        ids = ids.to(dev)
-        counts = [len(r.hidden_index) for r in reqs]
-        bi = torch.repeat_interleave(torch.arange(B), torch.tensor(counts)).to(dev)
-        si = torch.from_numpy(np.concatenate([np.asarray(r.hidden_index, dtype=np.int64) for r in reqs])).to(dev)
-        caps: dict[int, torch.Tensor] = {}
-        handles = []
-        wanted = set(self.layers)
-        stop_after = None if self.full else self.depth  # hidden_states index after which to stop
-
-        if 0 in wanted:
-            def pre(mod, args, kwargs):
-                h = args[0] if args else kwargs["hidden_states"]
-                caps[0] = h[bi, si]
-                if stop_after == 0:
-                    raise _StopForward
-
-            handles.append(self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
-        for j, block in enumerate(self.blocks):
-            idx = j + 1
-            take = idx in wanted and (idx < self.num_layers)
-            stop = stop_after == idx
-            if not (take or stop):
-                continue
-
-            def post(mod, args, out, idx=idx, take=take, stop=stop):
-                h = out[0] if isinstance(out, (tuple, list)) else out
-                if take:
-                    caps[idx] = h[bi, si]
-                if stop:
-                    raise _StopForward
-
-            handles.append(block.register_forward_hook(post))
-        out = None
-        try:
-            out = self.base(input_ids=ids, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        final = out.last_hidden_state if out is not None else None
-        if self.num_layers in wanted:
-            caps[self.num_layers] = final[bi, si]
-        hidden = torch.stack([caps[i] for i in self.layers], dim=1).to("cpu")
-        results: list[dict[str, Any]] = [{} for _ in reqs]
-        for i, part in enumerate(torch.split(hidden, counts)):
-            results[i]["hidden"] = part
-        if logprobs != "none":
-            self._logprobs(final, reqs, logprobs, topk, results, logit_elements)
-        return results
-
-    def _logprobs(self, final, reqs, mode, topk, results, logit_elements):
-        dev = self.device
-        lens = [len(r.logprob_index) for r in reqs]
-        lbi = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(lens)).to(dev)
-        lsi = torch.from_numpy(np.concatenate([np.asarray(r.logprob_index, dtype=np.int64) for r in reqs])).to(dev)
-        tgt = torch.from_numpy(np.concatenate([np.asarray(r.targets, dtype=np.int64) for r in reqs])).to(dev)
-        sup = None
-        if mode == "topk":
-            sup = torch.from_numpy(np.concatenate([np.asarray(r.support, dtype=np.int64).reshape(-1, topk)
-                                                   for r in reqs])).to(dev)
-        vocab = int(self.lm_head.weight.shape[0])
-        step = max(1, logit_elements // vocab)
-        outs: dict[str, list[torch.Tensor]] = {"teacher_logprobs": [], "support_logprobs": [],
-                                               "teacher_topk_ids": [], "teacher_topk_logprobs": []}
-        total = int(lsi.numel())
-        for a in range(0, total, step):
-            x = final[lbi[a: a + step], lsi[a: a + step]]
-            logits = self.lm_head(x).float()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            logz = torch.logsumexp(logits, dim=-1, keepdim=True)
-            outs["teacher_logprobs"].append((logits.gather(1, tgt[a: a + step, None]) - logz)[:, 0].cpu())
-            if mode == "topk":
-                vals, top = logits.topk(topk, dim=-1)
-                outs["teacher_topk_ids"].append(top.to(torch.int32).cpu())
-                outs["teacher_topk_logprobs"].append((vals - logz).cpu())
-                outs["support_logprobs"].append((logits.gather(1, sup[a: a + step]) - logz).cpu())
-        names = ["teacher_logprobs"] + (["support_logprobs", "teacher_topk_ids", "teacher_topk_logprobs"]
-                                        if mode == "topk" else [])
-        for name in names:
-            if outs[name]:
-                full = torch.cat(outs[name])
-            else:
-                shape = (0,) if name == "teacher_logprobs" else (0, topk)
-                full = torch.zeros(shape, dtype=torch.int32 if name == "teacher_topk_ids" else torch.float32)
-            for i, part in enumerate(torch.split(full, lens)):
-                results[i][name] = part.numpy()
-
-
-# ------------------------------------------------------------------------ rollouts
-@dataclass
-class _RolloutData:
-    """What the teacher pass needs from a rollout store, read once."""
-
-    store: RolloutStore
-    prompt_ids: list[np.ndarray]  # per sample
-    response_ids: list[np.ndarray]
-    support: list[np.ndarray | None]
-
-    @classmethod
-    def load(cls, store: RolloutStore, support_k: int = 0) -> "_RolloutData":
-        prompts, responses, support = [], [], []
-        by_prompt: dict[int, np.ndarray] = {}
-        for s in store.samples():
-            if s.prompt_row not in by_prompt:
-                by_prompt[s.prompt_row] = np.asarray(s.prompt_ids, dtype=np.int64)
-            prompts.append(by_prompt[s.prompt_row])
-            responses.append(np.asarray(s.response_ids, dtype=np.int64))
-            support.append(np.asarray(s.topk_ids[:, :support_k], dtype=np.int64) if support_k else None)
-        return cls(store, prompts, responses, support)
-
-
-def _request(data: _RolloutData, layout: cache_store.Layout, row: int, logprobs: str) -> SeqRequest | None:
-    lp = len(data.prompt_ids[row])
-    length = int(layout.response_length[row])
-    t0, n = int(layout.position_start[row]), int(layout.num_positions[row])
-    need = 0  # tokens of prompt + response the forward must see
-    if n:
-        need = lp + t0 + n  # hidden state of response token t: sequence index lp + t
-    if logprobs != "none" and length:
-        need = max(need, lp + length - 1)  # log-prob of token t: output at sequence index lp - 1 + t
-        if lp < 1:
-            raise OprdError(f"sample {row} of {data.store.path} has an empty prompt; the teacher needs at least "
-                            "one prompt token to predict the first response token")
-    if need == 0:
-        return None
-    ids = np.concatenate([data.prompt_ids[row], data.response_ids[row]])[:need]
-    req = SeqRequest(ids=ids, hidden_index=np.arange(lp + t0, lp + t0 + n, dtype=np.int64))
-    if logprobs != "none":
-        req.logprob_index = np.arange(lp - 1, lp - 1 + length, dtype=np.int64)
-        req.targets = data.response_ids[row]
-        req.support = data.support[row]
-    return req
-
-
-def plan_batches(lengths: dict[int, int], max_batch_tokens: int) -> list[list[int]]:
-    """Rows sorted by length (longest first, ties by row), packed so that rows x longest <= budget."""
-    order = sorted(lengths, key=lambda r: (-lengths[r], r))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for r in order:
-        longest = lengths[cur[0]] if cur else lengths[r]
-        if cur and longest * (len(cur) + 1) > max_batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(r)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-# ------------------------------------------------------------------------ the writer thread
-class _BackgroundWriter:
-    """Writes finished units on a thread; ``submit`` blocks while ``max_queue`` units wait."""
-
-    def __init__(self, writer: cache_store.CacheWriter, worker: str, max_queue: int,
-                 on_written: Callable[[cache_store.Unit, dict, float], None]):
-        self.writer = writer
-        self.worker = worker
-        self.on_written = on_written
-        self.q: queue.Queue = queue.Queue(maxsize=max(1, max_queue))
-        self.error: BaseException | None = None
-        self.busy_seconds = 0.0
-        self.thread = threading.Thread(target=self._loop, name="oprd-cache-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
-            unit, hidden, tokens = item
-            t = time.perf_counter()
-            try:
-                marker = self.writer.write_unit(unit, hidden, tokens, worker=self.worker)
-                dt = time.perf_counter() - t
-                self.busy_seconds += dt
-                self.on_written(unit, marker, dt)
-            except BaseException as e:  # handed to the main thread
-                self.error = e
-
-    def _put(self, item) -> None:
-        while True:
-            if self.error is not None and item is not None:
-                raise self.error
-            try:
-                self.q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                if not self.thread.is_alive():
-                    return
-
-    def submit(self, unit, hidden, tokens) -> None:
-        self._put((unit, hidden, tokens))
-
-    def close(self) -> None:
-        self._put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 # ------------------------------------------------------------------------ one store
 def default_out_path(rollouts_path: str | Path) -> Path:
     """``RUN/rollouts/rNNNNNN.zarr`` -> ``RUN/cache/rNNNNNN.zarr``; otherwise ``NAME.cache.zarr`` beside it."""
@@ -421,98 +139,54 @@ def _rollout_path_str(path: str) -> str:
     return str(Path(path).resolve()) if common.is_local(path) else str(path)
 
 
-def cache_rollouts(
-    teacher: str | TeacherModel,
-    rollouts_path: str | Path,
-    out_path: str | Path | None = None,
-    *,
-    layers: str = "all",
-    positions: str = "last_k",
-    k: int = 2000,
-    logprobs: str = "none",
-    topk: int = 16,
-    store_dtype: str = "auto",
-    compressor: str = cache_store.DEFAULT_COMPRESSOR,
-    level: int | None = None,
-    lossy_mantissa_bits: int | None = None,
-    max_batch_tokens: int = 16384,
-    unit_positions: int | None = None,
-    unit_tokens: int | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    shard: tuple[int, int] | str = (0, 1),
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    show_progress: bool = True,
-    writer_queue: int = 2,
-    stats: dict | None = None,
-) -> str:
-    """Cache the teacher's activations for one complete rollout store; returns the cache path.
-
-    With ``shard=(I, N)`` this worker fills units ``u`` with ``u % N == I``; the cache is marked
-    complete by whichever worker finds every unit done. A store left by an interrupted worker is
-    resumed (only units without a done marker are computed). ``stats`` (a dict) receives timings.
-    """
-    cfg = TeacherCacheConfig(layers=layers, positions=positions, k=k, logprobs=logprobs, topk=topk,
-                             store_dtype=store_dtype, compressor=compressor, level=level,
-                             lossy_mantissa_bits=lossy_mantissa_bits, max_batch_tokens=max_batch_tokens,
-                             unit_positions=unit_positions, unit_tokens=unit_tokens, device=device, dtype=dtype,
-                             trust_remote_code=trust_remote_code)
-    cfg.validate()
-    shard_i, shard_n = parse_shard(shard)
-    rollouts_path = str(rollouts_path)
-    out = str(out_path) if out_path is not None else str(default_out_path(rollouts_path))
-    if common.is_local(rollouts_path) and common.is_local(out) and \
-            Path(out).resolve() == Path(rollouts_path).resolve():
+def _check_inputs(cfg: TeacherCacheConfig, store: RolloutStore, out: str, overwrite: bool) -> None:
+    """The refusals that need no teacher: an existing complete cache, top-k ids the rollout lacks."""
+    if common.is_local(store.path) and common.is_local(out) and Path(out).resolve() == Path(store.path).resolve():
         raise OprdError("--out is the rollout store itself; choose another path for the cache")
-    store = open_rollouts(rollouts_path)
     if not overwrite and common.exists(out) and common.is_complete(out):  # say so before loading the teacher
         kind = common.read_meta(out).get("kind")
         if kind != cache_store.FORMAT.kind:
             raise OprdError(f"{out} is a {kind!r} store, not a teacher cache; choose another --out")
         raise OprdError(f"teacher cache {out} already exists and is complete; pass --overwrite to replace it")
     if cfg.logprobs == "topk":
-        if not store.record_topk:
-            raise OprdError(f"--logprobs topk needs the student's top-k ids, and rollout store {rollouts_path} has "
-                            f"none; re-run `oprd rollout --record-topk {cfg.topk}` (or use --logprobs sampled)")
-        if store.record_topk < cfg.topk:
-            raise OprdError(f"--topk {cfg.topk} is more than the {store.record_topk} student top-k ids recorded in "
-                            f"{rollouts_path}; use --topk {store.record_topk} or less")
+        store.typed_meta.check_topk(cfg.topk)
 
-    t_start = time.perf_counter()
-    tm = teacher if isinstance(teacher, TeacherModel) else TeacherModel(
-        teacher, layers=cfg.layers, need_logits=cfg.need_logits, device=cfg.device, dtype=cfg.dtype,
-        trust_remote_code=cfg.trust_remote_code)
-    if isinstance(teacher, TeacherModel) and cfg.need_logits and not tm.need_logits:
-        raise ValueError("the loaded teacher was truncated without its LM head; load it with need_logits=True")
+
+def _load_teacher(teacher: str | TeacherModel, cfg: TeacherCacheConfig, store: RolloutStore) -> tuple[TeacherModel,
+                                                                                                      list[int]]:
+    """The teacher (loaded, or checked when given loaded) and the layers to cache; it must share the
+    rollout's tokenizer."""
     if isinstance(teacher, TeacherModel):
+        tm = teacher
+        if cfg.need_logits and not tm.need_logits:
+            raise ValueError("the loaded teacher was truncated without its LM head; load it with need_logits=True")
         layer_list = models.select_layers(cfg.layers, tm.num_layers)
         if not set(layer_list) <= set(tm.layers):
             raise ValueError(f"the loaded teacher was prepared for layers {tm.layers}, not {layer_list}")
     else:
+        tm = TeacherModel(teacher, layers=cfg.layers, need_logits=cfg.need_logits, device=cfg.device, dtype=cfg.dtype,
+                          trust_remote_code=cfg.trust_remote_code)
         layer_list = tm.layers
-    if tm.tokenizer_digest != store.tokenizer_digest:
-        tok_name = (store.meta.get("tokenizer") or {}).get("name") or "?"
-        raise OprdError(
-            f"teacher {tm.name} has another tokenizer ({tm.tokenizer_digest}) than rollout store {rollouts_path} "
-            f"(tokenizer {tok_name}, {store.tokenizer_digest}); the teacher must share the student's tokenizer"
-        )
+    store.typed_meta.check_teacher(tm.name, tm.tokenizer_digest)
+    return tm, layer_list
 
+
+def _plan_store(cfg: TeacherCacheConfig, store: RolloutStore, tm: TeacherModel,
+                layer_list: list[int]) -> tuple[dict[str, Any], cache_store.Layout]:
+    """The cache's metadata and unit layout for this rollout, teacher and settings."""
     model_dtype = cache_store.dtype_name(tm.dtype)
     encoding = cache_store.Encoding(model_dtype if cfg.store_dtype == "auto" else cfg.store_dtype, model_dtype,
                                     cfg.lossy_mantissa_bits)
-    level_used = cfg.level if cfg.level is not None else cache_store.DEFAULT_LEVEL.get(cfg.compressor)
     layout = cache_store.plan_layout(
         store.prompt_lengths, store.response_lengths, positions=cfg.positions, k=cfg.k,
         n_layers=len(layer_list), hidden_size=tm.hidden_size, itemsize=encoding.storage.itemsize,
         unit_positions=cfg.unit_positions, unit_tokens=cfg.unit_tokens,
     )
-    topk_used = cfg.topk if cfg.logprobs == "topk" else 0
     meta = {
         "kind": cache_store.FORMAT.kind,
         "format_version": cache_store.FORMAT.version,
         "created_at": common.now_iso(),
-        "rollout": {"path": _rollout_path_str(rollouts_path), "store_id": store.store_id,
+        "rollout": {"path": _rollout_path_str(store.path), "store_id": store.store_id,
                     "content_digest": store.content_digest, "num_samples": store.num_samples,
                     "num_tokens": store.num_tokens, "policy": store.meta.get("policy")},
         "tokenizer_digest": store.tokenizer_digest,
@@ -520,15 +194,127 @@ def cache_rollouts(
         "layers": layer_list,
         "hidden_size": tm.hidden_size,
         "positions": {"mode": cfg.positions, "k": int(cfg.k)},
-        "logprobs": {"mode": cfg.logprobs, "k": topk_used, "support_k": topk_used},
+        "logprobs": {"mode": cfg.logprobs, "k": cfg.support_k, "support_k": cfg.support_k},
         "encoding": encoding.to_meta(),
-        "compression": {"compressor": cfg.compressor, "level": level_used},
+        "compression": {"compressor": cfg.compressor,
+                        "level": cfg.level if cfg.level is not None else cache_store.DEFAULT_LEVEL.get(cfg.compressor)},
         "layout": {**layout.params, "num_units": layout.num_units, "hidden_rows": layout.hidden_rows,
                    "token_rows": layout.token_rows, "max_batch_tokens": cfg.max_batch_tokens},
         "num_samples": store.num_samples,
         "num_positions": int(layout.num_positions.sum()),
         "num_tokens": int(layout.response_length.sum()),
     }
+    return meta, layout
+
+
+def _compute_unit(tm: TeacherModel, data: RolloutArrays, layout: cache_store.Layout, unit: cache_store.Unit,
+                  cfg: TeacherCacheConfig, on_batch: Callable[[int], None]) -> tuple[list[torch.Tensor],
+                                                                                    dict[str, list[np.ndarray]]]:
+    """Run the teacher over one unit; its hidden states and per-token arrays in row order (rows that
+    needed no forward get empty entries). ``on_batch(tokens)`` after each batch."""
+    results: dict[int, dict] = {}
+    for batch in unit_batches(data, layout, unit, cfg.logprobs, cfg.max_batch_tokens, cfg.support_k):
+        outs = tm.run([q for _, q in batch], logprobs=cfg.logprobs, topk=cfg.support_k)
+        results.update({row: o for (row, _), o in zip(batch, outs)})
+        on_batch(sum(len(q.ids) for _, q in batch))
+    hidden, tokens = [], {name: [] for name in cache_store.token_arrays_for(cfg.logprobs)}
+    n_layers = len(models.select_layers(cfg.layers, tm.num_layers))
+    for row in unit.rows:
+        o = results.get(row)
+        hidden.append(o["hidden"] if o is not None else torch.zeros((0, n_layers, tm.hidden_size), dtype=tm.dtype))
+        for name in tokens:
+            shape = (0,) if name == "teacher_logprobs" else (0, cfg.support_k)
+            tokens[name].append(o[name] if o is not None else np.zeros(shape, np.float32))
+        assert hidden[-1].shape[0] == int(layout.num_positions[row])
+    return hidden, tokens
+
+
+class _Counters:
+    """What the pass has done so far (updated by the compute and the writer threads) and its bar."""
+
+    def __init__(self, bar, total_samples: int, name: str):
+        self.samples = self.tokens = self.raw = self.stored = self.units = 0
+        self.lock = threading.Lock()
+        self.t0 = time.perf_counter()
+        self.bar = bar
+        self.task = bar.add_task(f"teacher-cache {name}", total=total_samples, tps="-", mb="0.0",
+                                 ratio="-") if bar is not None else None
+
+    def fed(self, tokens: int) -> None:
+        with self.lock:
+            self.tokens += tokens
+
+    def written(self, unit: cache_store.Unit, marker: dict, seconds: float) -> None:
+        with self.lock:
+            self.samples += unit.sample_stop - unit.sample_start
+            self.raw += marker["raw_bytes"]["hidden"] + marker["raw_bytes"]["tokens"]
+            self.stored += marker["stored_bytes"]["hidden"] + marker["stored_bytes"]["tokens"]
+            self.units += 1
+            if self.bar is not None:
+                elapsed = max(1e-9, time.perf_counter() - self.t0)
+                self.bar.update(self.task, completed=self.samples, tps=f"{self.tokens / elapsed:,.0f}",
+                                mb=f"{self.stored / 1e6:,.1f}",
+                                ratio=f"{self.raw / self.stored:.2f}" if self.stored else "-")
+
+
+def _progress_bar(show: bool):
+    if not show:
+        return None
+    return progress(progress_columns_text("{task.fields[tps]} tok/s"), progress_columns_text("{task.fields[mb]} MB"),
+                    progress_columns_text("x{task.fields[ratio]}"), transient=False)
+
+
+def _run_units(tm: TeacherModel, data: RolloutArrays | None, layout: cache_store.Layout, todo: list,
+               writer: cache_store.CacheWriter, worker: str, cfg: TeacherCacheConfig, writer_queue: int,
+               counters: _Counters) -> tuple[float, float]:
+    """Compute every unit of ``todo`` and hand it to a background writer; (compute, writer-busy) seconds."""
+    compute_seconds, bg = 0.0, cache_store.BackgroundWriter(writer, worker, writer_queue, counters.written)
+    try:
+        for unit in todo:
+            t_c = time.perf_counter()
+            hidden, tokens = _compute_unit(tm, data, layout, unit, cfg, counters.fed)
+            compute_seconds += time.perf_counter() - t_c
+            bg.submit(unit, hidden, tokens)
+        bg.close()
+        busy, bg = bg.busy_seconds, None
+    finally:
+        if bg is not None:  # an error in the main thread: let queued units finish, then stop
+            try:
+                bg.close()
+            except BaseException:
+                pass
+    return compute_seconds, busy
+
+
+def cache_rollouts(
+    teacher: str | TeacherModel,
+    rollouts_path: str | Path,
+    out_path: str | Path | None = None,
+    *,
+    cfg: TeacherCacheConfig | None = None,
+    shard: tuple[int, int] | str = (0, 1),
+    overwrite: bool = False,
+    show_progress: bool = True,
+    writer_queue: int = 2,
+    stats: dict | None = None,
+    **settings: Any,
+) -> str:
+    """Cache the teacher's activations for one complete rollout store; returns the cache path.
+
+    Settings come as a :class:`TeacherCacheConfig` (``cfg``) or as its fields (``settings``), not both.
+    With ``shard=(I, N)`` this worker fills units ``u`` with ``u % N == I``; the cache is marked
+    complete by whichever worker finds every unit done. A store left by an interrupted worker is
+    resumed (only units without a done marker are computed). ``stats`` (a dict) receives timings.
+    """
+    cfg = TeacherCacheConfig.resolve(cfg, settings)
+    shard_i, shard_n = parse_shard(shard)
+    rollouts_path = str(rollouts_path)
+    out = str(out_path) if out_path is not None else str(default_out_path(rollouts_path))
+    store = open_rollouts(rollouts_path)
+    _check_inputs(cfg, store, out, overwrite)
+    t_start = time.perf_counter()
+    tm, layer_list = _load_teacher(teacher, cfg, store)
+    meta, layout = _plan_store(cfg, store, tm, layer_list)
     writer = cache_store.CacheWriter.open(out, meta, layout, overwrite=overwrite)
     recorded_budget = (writer.meta.get("layout") or {}).get("max_batch_tokens")
     if recorded_budget is not None and recorded_budget != cfg.max_batch_tokens:
@@ -538,95 +324,32 @@ def cache_rollouts(
     done = writer.done_units()
     mine = [u for u in range(layout.num_units) if u % shard_n == shard_i]
     todo = [layout.unit(u) for u in mine if u not in done]
-    worker = f"{shard_i}/{shard_n}"
     already = len(mine) - len(todo)
     if already and todo:
         err_console.print(f"resuming {out}: {already} of this worker's {len(mine)} units already done")
-    data = _RolloutData.load(store, support_k=topk_used) if todo else None
-
-    counters = {"samples": 0, "tokens": 0, "raw": 0, "stored": 0, "units": 0}
-    lock = threading.Lock()
-    t_loop = time.perf_counter()
-    cpu_loop = time.process_time()
-    compute_seconds = 0.0
     total_samples = sum(u.sample_stop - u.sample_start for u in todo)
-    bar = progress(
-        progress_columns_text("{task.fields[tps]} tok/s"),
-        progress_columns_text("{task.fields[mb]} MB"),
-        progress_columns_text("x{task.fields[ratio]}"),
-        transient=False,
-    ) if show_progress and todo else None
-    task = None
-
-    def on_written(unit: cache_store.Unit, marker: dict, seconds: float) -> None:
-        with lock:
-            counters["samples"] += unit.sample_stop - unit.sample_start
-            counters["raw"] += marker["raw_bytes"]["hidden"] + marker["raw_bytes"]["tokens"]
-            counters["stored"] += marker["stored_bytes"]["hidden"] + marker["stored_bytes"]["tokens"]
-            counters["units"] += 1
-            if bar is not None:
-                elapsed = max(1e-9, time.perf_counter() - t_loop)
-                bar.update(task, completed=counters["samples"], tps=f"{counters['tokens'] / elapsed:,.0f}",
-                           mb=f"{counters['stored'] / 1e6:,.1f}",
-                           ratio=f"{counters['raw'] / counters['stored']:.2f}" if counters["stored"] else "-")
-
-    bg = _BackgroundWriter(writer, worker, writer_queue, on_written) if todo else None
-    writer_busy = 0.0
+    cpu_loop = time.process_time()
+    bar = _progress_bar(show_progress and bool(todo))
+    counters = _Counters(bar, total_samples, Path(out).name)
+    compute_seconds = writer_busy = 0.0
+    if bar is not None:
+        bar.start()
     try:
-        if bar is not None:
-            bar.start()
-            task = bar.add_task(f"teacher-cache {Path(out).name}", total=total_samples, tps="-", mb="0.0", ratio="-")
-        for unit in todo:
-            reqs = {}
-            for row in unit.rows:
-                req = _request(data, layout, row, cfg.logprobs)
-                if req is not None:
-                    reqs[row] = req
-            results: dict[int, dict] = {}
-            t_c = time.perf_counter()
-            for batch in plan_batches({r: len(q.ids) for r, q in reqs.items()}, cfg.max_batch_tokens):
-                outs = tm.run([reqs[r] for r in batch], logprobs=cfg.logprobs, topk=topk_used)
-                for r, o in zip(batch, outs):
-                    results[r] = o
-                with lock:
-                    counters["tokens"] += sum(len(reqs[r].ids) for r in batch)
-            compute_seconds += time.perf_counter() - t_c
-            hidden, tokens = [], {name: [] for name in cache_store.token_arrays_for(cfg.logprobs)}
-            for row in unit.rows:
-                o = results.get(row)
-                n = int(layout.num_positions[row])
-                hidden.append(o["hidden"] if o is not None else torch.zeros((0, len(layer_list), tm.hidden_size),
-                                                                           dtype=tm.dtype))
-                for name in tokens:
-                    if o is not None:
-                        tokens[name].append(o[name])
-                    else:
-                        shape = (0,) if name == "teacher_logprobs" else (0, topk_used)
-                        tokens[name].append(np.zeros(shape, np.float32))
-                assert hidden[-1].shape[0] == n
-            bg.submit(unit, hidden, tokens)
-        if bg is not None:
-            bg.close()
-            writer_busy = bg.busy_seconds
-            bg = None
+        if todo:
+            compute_seconds, writer_busy = _run_units(tm, load_arrays(store), layout, todo, writer, f"{shard_i}/{shard_n}",
+                                                      cfg, writer_queue, counters)
     finally:
-        if bg is not None:  # an error in the main thread: let queued units finish, then stop
-            try:
-                bg.close()
-            except BaseException:
-                pass
         if bar is not None:
             bar.stop()
-    loop_seconds = time.perf_counter() - t_loop
-    loop_cpu_seconds = time.process_time() - cpu_loop
+    loop_seconds = time.perf_counter() - counters.t0
     digest = writer.try_finalize()
     if stats is not None:
         stats.update({
             "path": out, "complete": digest is not None, "content_digest": digest, "units_total": layout.num_units,
             "units_computed": len(todo), "units_already_done": already, "samples": total_samples,
-            "tokens_fed": counters["tokens"], "raw_bytes": counters["raw"], "stored_bytes": counters["stored"],
-            "loop_seconds": loop_seconds, "loop_cpu_seconds": loop_cpu_seconds, "compute_seconds": compute_seconds,
-            "writer_busy_seconds": writer_busy,
+            "tokens_fed": counters.tokens, "raw_bytes": counters.raw, "stored_bytes": counters.stored,
+            "loop_seconds": loop_seconds, "loop_cpu_seconds": time.process_time() - cpu_loop,
+            "compute_seconds": compute_seconds, "writer_busy_seconds": writer_busy,
             "total_seconds": time.perf_counter() - t_start,
         })
     return out
@@ -668,20 +391,20 @@ def cache_run_dir(
     shard: tuple[int, int] | str = (0, 1),
     overwrite: bool = False,
     show_progress: bool = True,
+    cfg: TeacherCacheConfig | None = None,
     **settings: Any,
 ) -> list[dict[str, Any]]:
     """Cache every complete rollout round of ``run_dir`` that has no complete cache, oldest first.
 
     ``follow`` keeps watching for new rounds (every ``poll_seconds``) until ``max_rounds`` rounds were
     cached by this worker or ``timeout`` seconds have passed. With ``overwrite`` every complete round
-    is cached again once (its complete cache replaced), then new rounds as usual. ``settings`` are
-    :class:`TeacherCacheConfig` fields. Returns one summary per round worked on.
+    is cached again once (its complete cache replaced), then new rounds as usual. Settings: a
+    :class:`TeacherCacheConfig` (``cfg``) or its fields (``settings``). Returns one summary per round worked on.
     """
     run = RunDir(run_dir)
     if not run.root.is_dir():
         raise OprdError(f"run directory {run_dir} does not exist")
-    cfg = TeacherCacheConfig(**settings)
-    cfg.validate()
+    cfg = TeacherCacheConfig.resolve(cfg, settings)
     shard = parse_shard(shard)
     tm = teacher if isinstance(teacher, TeacherModel) else None
     summaries: list[dict[str, Any]] = []
@@ -702,7 +425,7 @@ def cache_run_dir(
                                   dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
             st: dict[str, Any] = {}
             cache_rollouts(tm, rpath, out, shard=shard, stats=st, show_progress=show_progress, overwrite=overwrite,
-                           **settings)
+                           cfg=cfg)
             if st["units_computed"] or st["complete"]:
                 summary = _summary(rpath, st)
                 summaries.append(summary)
@@ -761,14 +484,13 @@ def run_teacher_cache(
     if not teacher:
         raise OprdError("--teacher is required (a hub id or a local folder; or set [models] teacher in oprd.toml)")
     shard_t = parse_shard(shard)
-    settings = {f: getattr(cfg, f) for f in TeacherCacheConfig.__dataclass_fields__}
     if run_dir is not None:
         return cache_run_dir(teacher, run_dir, follow=follow, poll_seconds=poll_seconds, max_rounds=max_rounds,
                              timeout=timeout, shard=shard_t, show_progress=show_progress, overwrite=overwrite,
-                             **settings)
+                             cfg=cfg)
     st: dict[str, Any] = {}
     cache_rollouts(teacher, rollouts, out, shard=shard_t, overwrite=overwrite, show_progress=show_progress,
-                   stats=st, **settings)
+                   stats=st, cfg=cfg)
     summary = _summary(rollouts, st)
     _report(summary)
     return [summary]

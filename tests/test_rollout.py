@@ -429,7 +429,7 @@ def test_sdpa_truncated_teacher_forward_and_generation_match_eager(tiny_dir, sto
     """The truncated teacher forward and generation work with SDPA (what CUDA uses) and agree with eager."""
     from oprd_cli.config import SamplingConfig
     from oprd_cli.rollout import HFBackend
-    from oprd_cli.teacher import SeqRequest, TeacherModel
+    from oprd_cli.teacher_model import SeqRequest, TeacherModel
 
     r = open_rollouts(str(store))
     reqs = []

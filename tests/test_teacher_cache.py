@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM
 
 from helpers import info_json, run_cli
 from oprd_cli.stores import common
-from oprd_cli.stores.cache import PAUSE_BEFORE_MARKER_ENV, open_cache
+from oprd_cli.stores.cache import open_cache
 from oprd_cli.stores.rollouts import open_rollouts
-from oprd_cli.teacher import plan_batches
+from oprd_cli.backbone import pack_by_length
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 samples of up to 16 tokens; units of 32 response tokens -> several units (for shards and resume)
@@ -108,7 +108,10 @@ def test_layers_positions_exact_and_truncated(rollouts, tiny_dir, tmp_path):
     assert info["teacher"]["num_layers"] == 4 and info["teacher"]["config_digest"].startswith("sha256:")
     assert info["encoding"]["faithful"] and info["encoding"]["dtype"] == "float32"
     assert info["rollout_digest"] == info_json(rollouts)["content_digest"] and info["rollout_store_id"]
-    assert info["stored_bytes"] > 0 and info["compression_ratio"] > 0
+    raw = info["num_positions"] * 2 * 64 * 4  # positions x layers x d x float32; no token arrays
+    on_disk = sum(f.stat().st_size for f in (out / "hidden" / "c").rglob("*") if f.is_file())
+    assert info["raw_bytes"] == raw and info["stored_bytes"] == on_disk
+    assert info["compression_ratio"] == pytest.approx(raw / on_disk)
     cache = _check_hidden(out, rollouts, _model(deep))
     b = cache.read(range(8))
     assert (b.positions[b.mask] >= 0).all()
@@ -238,9 +241,9 @@ def test_layer_names_mean_what_they_mean_in_the_release():
         assert "HF 1,3,5" in text and "HF 2,4,6" in text, cmd
 
 
-def test_plan_batches_length_ordered_within_budget():
+def test_pack_by_length_ordered_within_budget():
     lengths = {0: 5, 1: 50, 2: 7, 3: 48, 4: 6, 5: 30}
-    batches = plan_batches(lengths, 100)
+    batches = pack_by_length([lengths[r] for r in range(6)], 100)
     order = [r for b in batches for r in b]
     assert sorted(order) == sorted(lengths)
     assert [lengths[r] for r in order] == sorted(lengths.values(), reverse=True)
@@ -249,10 +252,14 @@ def test_plan_batches_length_ordered_within_budget():
 
 
 # ------------------------------------------------------------ sharding, resume
-def _cli_proc(*args, env=None):
-    e = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-         **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "oprd_cli", "teacher-cache", *map(str, args)], cwd=ROOT, env=e,
+def _cli_proc(*args, pause_before_marker: float | None = None):
+    """``oprd teacher-cache ARGS`` in a subprocess; with ``pause_before_marker`` through the wrapper
+    tests/cache_pause_worker.py, which sleeps between each unit's data and its done marker."""
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [e.get("PYTHONPATH")])])
+    head = ["-m", "oprd_cli"] if pause_before_marker is None else \
+        [str(Path(__file__).with_name("cache_pause_worker.py")), str(pause_before_marker)]
+    return subprocess.Popen([sys.executable, *head, "teacher-cache", *map(str, args)], cwd=ROOT, env=e,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -291,7 +298,7 @@ def test_sigkill_mid_store_then_resume_gives_same_digest(rollouts, reference, ti
     args = ["--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, "--positions", "all",
             "--logprobs", "sampled", *UNITS]
     total = info_json(reference[0])["units"]["total"]
-    p = _cli_proc(*args, env={PAUSE_BEFORE_MARKER_ENV: "3"})
+    p = _cli_proc(*args, pause_before_marker=3)
     units = out / "units"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and p.poll() is None:
@@ -449,3 +456,84 @@ def test_bench_cache_json_reports_the_issue_figures():
         assert isinstance(r[key], float) and np.isfinite(r[key]), key
     assert r["truncated_speedup"] > 0 and r["compression_ratio"] > 0
     assert r["machine"]["cpu_cores"] and r["machine"]["device"] == "cpu"
+
+
+# ------------------------------------------------------------ fsspec URLs
+def _copy_rollouts(src, dst: str) -> str:
+    """Re-write a rollout store through RolloutWriter at another URL; returns the new digest."""
+    from oprd_cli.stores.rollouts import RolloutWriter
+
+    store = open_rollouts(str(src))
+    meta = {k: v for k, v in store.meta.items() if k not in ("kind", "format_version", "created_at")}
+    w = RolloutWriter(dst, meta, record_topk=store.record_topk)
+    rows: dict[int, int] = {}
+    for s in store.samples():
+        if s.prompt_row not in rows:
+            rows[s.prompt_row] = w.add_prompt(list(s.prompt_ids), s.prompt_index, s.prompt_id, s.answer)
+        w.add_sample(rows[s.prompt_row], s.sample_index, s.response_ids, s.logprobs, s.finish_reason, s.text,
+                     topk_ids=s.topk_ids)
+    return w.finish()
+
+
+def test_memory_url_stores_give_the_local_digests(rollouts, reference, tiny_qwen):
+    """Rollout and cache stores on an fsspec URL (memory://): written, marked complete, read back, with
+    the same content digests and values as the local stores."""
+    import fsspec
+
+    from oprd_cli.teacher import cache_rollouts
+
+    base = f"memory://oprd-{os.getpid()}"
+    r_url, c_url = f"{base}/rollouts/r000001.zarr", f"{base}/cache/r000001.zarr"
+    try:
+        digest = _copy_rollouts(rollouts, r_url)
+        local = open_rollouts(str(rollouts))
+        remote = open_rollouts(r_url)
+        assert common.is_complete(r_url) and digest == local.content_digest == remote.content_digest
+        assert remote.recompute_digest() == local.content_digest
+        st: dict = {}
+        out = cache_rollouts(str(tiny_qwen), r_url, c_url, positions="all", logprobs="sampled", unit_tokens=32,
+                             device="cpu", show_progress=False, stats=st)
+        assert out == c_url and st["complete"] and st["content_digest"] == reference[1]
+        cache, ref = open_cache(c_url), open_cache(str(reference[0]))
+        assert common.is_complete(c_url) and cache.content_digest == reference[1] and cache.verify()
+        assert cache.info()["units"]["done"] == ref.info()["units"]["done"] >= 3
+        rows = list(range(cache.num_samples))
+        a, b = cache.read(rows), ref.read(rows)
+        assert torch.equal(a.hidden, b.hidden) and torch.equal(a.teacher_logprobs, b.teacher_logprobs)
+        with pytest.raises(Exception, match="already exists and is complete"):
+            cache_rollouts(str(tiny_qwen), r_url, c_url, positions="all", logprobs="sampled", unit_tokens=32,
+                           device="cpu", show_progress=False)
+    finally:
+        fsspec.filesystem("memory").rm(base.split("://", 1)[1], recursive=True)
+
+
+def test_typed_metadata_and_check_fits_refusals(rollouts, reference):
+    """RolloutMeta / CacheMeta read the attrs once; check_fits gives one line per misfit."""
+    from oprd_cli.errors import OprdError
+    from oprd_cli.stores.meta import CacheMeta, RolloutMeta
+
+    store, cache = open_rollouts(str(rollouts)), open_cache(str(reference[0]))
+    rm, cm = store.typed_meta, cache.typed_meta
+    assert isinstance(rm, RolloutMeta) and isinstance(cm, CacheMeta)
+    assert rm.content_digest == store.content_digest == cm.rollout_digest and rm.record_topk == 4
+    assert cm.layers == tuple(cache.layers) and cm.logprobs_mode == "sampled" and cm.num_samples == rm.num_samples
+    n, d = cm.teacher_num_layers, cm.hidden_size
+    cm.check_fits(tokenizer_digest=rm.tokenizer_digest, student_layers=n, student_width=d, need_hidden=True,
+                  logprobs_for="opd-top1", rollout=rm)  # fits
+    cases = [
+        (dict(tokenizer_digest="sha256:other"), "was made for another tokenizer"),
+        (dict(student_layers=n + 1, student_width=d), f"depth: teacher {n} layers vs student {n + 1}"),
+        (dict(student_layers=n, student_width=d * 2), f"width: teacher hidden size {d} vs student {2 * d}"),
+        (dict(logprobs_for="opd-topk"), "has --logprobs sampled; re-run `oprd teacher-cache` with --logprobs topk"),
+        (dict(rollout=RolloutMeta.from_attrs("r.zarr", {**store.meta, "content_digest": "sha256:x"})),
+         "rollout store r.zarr is not the one cache"),
+        (dict(rollout=RolloutMeta.from_attrs("r.zarr", {**store.meta, "num_samples": 3})), "has 3"),
+    ]
+    for kwargs, msg in cases:
+        with pytest.raises(OprdError, match=re.escape(msg)) as e:
+            cm.check_fits(**kwargs)
+        assert "\n" not in str(e.value)
+    with pytest.raises(OprdError, match="holds no hidden states"):
+        CacheMeta.from_attrs("c.zarr", {**cache.meta, "layers": []}).check_fits(need_hidden=True)
+    with pytest.raises(OprdError, match="--topk 8 is more than the 4 student top-k ids"):
+        rm.check_topk(8)

@@ -39,8 +39,9 @@ from oprd_cli import models
 from oprd_cli.console import console, err_console
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import cache as cache_store
-from oprd_cli.stores.rollouts import RolloutWriter, open_rollouts
-from oprd_cli.teacher import TeacherModel, _RolloutData, _request, cache_rollouts, plan_batches
+from oprd_cli.stores.rollouts import RolloutWriter, load_arrays, open_rollouts
+from oprd_cli.teacher import cache_rollouts
+from oprd_cli.teacher_model import TeacherModel, unit_batches
 
 SWEEP = [("float32", None), ("bfloat16", None), ("bfloat16", 5), ("bfloat16", 4), ("bfloat16", 3),
          ("bfloat16", 2), ("float16", None), ("float16", 7)]
@@ -91,13 +92,9 @@ def generate_rollouts(path: Path, teacher: Path, tokens: int, vocab_size: int, s
 
 
 def _batches(store, layout, max_batch_tokens: int) -> list[list]:
-    data = _RolloutData.load(store)
-    out = []
-    for unit in layout.units():
-        reqs = {r: q for r in unit.rows if (q := _request(data, layout, r, "none")) is not None}
-        for b in plan_batches({r: len(q.ids) for r, q in reqs.items()}, max_batch_tokens):
-            out.append([reqs[r] for r in b])
-    return out
+    data = load_arrays(store)
+    return [[q for _, q in batch] for unit in layout.units()
+            for batch in unit_batches(data, layout, unit, "none", max_batch_tokens)]
 
 
 def _sync(device: torch.device) -> None:

@@ -18,27 +18,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import fsspec
 import numpy as np
 import zarr
 
 from oprd_cli.errors import OprdError
-from oprd_cli.io import atomic_write_bytes, read_json  # noqa: F401  (read_json: re-exported for the stores)
+from oprd_cli.io import atomic_write_bytes, is_local, read_json  # noqa: F401  (re-exported for the stores)
+from oprd_cli.io import url_to_fs as _fs
 
 COMPLETE_MARKER = "oprd_complete.json"
 ATTR_KEY = "oprd"
 
 
 # --------------------------------------------------------------------------- paths
-def _fs(path: str):
-    fs, root = fsspec.core.url_to_fs(str(path))
-    return fs, root.rstrip("/")
-
-
-def is_local(path: str) -> bool:
-    return "://" not in str(path) or str(path).startswith("file://")
-
-
 def exists(path: str) -> bool:
     fs, root = _fs(path)
     return fs.exists(root)
@@ -154,20 +145,6 @@ class Digest:
 
     def hexdigest(self) -> str:
         return "sha256:" + self._h.hexdigest()
-
-
-def digest_group_arrays(group: zarr.Group, names: Iterable[str], rows_per_read: int = 1 << 20) -> str:
-    """Content digest of the named arrays of a group, read in blocks of rows."""
-    d = Digest()
-    for name in sorted(names):
-        arr = group[name]
-        d.add_bytes(f"{name}|{arr.dtype}|{arr.shape}|".encode())
-        n = arr.shape[0] if arr.ndim else 0
-        row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
-        step = max(1, min(n, (64 << 20) // row_bytes, rows_per_read)) if n else 1
-        for start in range(0, n, step):
-            d.add_bytes(np.ascontiguousarray(arr[start : start + step]).tobytes())
-    return d.hexdigest()
 
 
 # ----------------------------------------------------------------------- codecs

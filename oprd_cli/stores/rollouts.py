@@ -47,6 +47,7 @@ import zarr
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import common
 from oprd_cli.stores.common import StoreFormat
+from oprd_cli.stores.meta import RolloutMeta
 
 FORMAT = StoreFormat(kind="rollouts", version=2)
 FINISH_REASONS = ("eos", "length")
@@ -174,6 +175,13 @@ class RolloutWriter:
         return content_digest
 
 
+def _meta_field(key: str, conv, default=None) -> property:
+    """A property reading ``meta[key]`` (``default`` when given and the key is absent) through ``conv``."""
+    if default is None:
+        return property(lambda self: conv(self.meta[key]))
+    return property(lambda self: conv(self.meta.get(key, default)))
+
+
 class RolloutStore:
     """Read-only view of a complete rollout store."""
 
@@ -194,25 +202,11 @@ class RolloutStore:
             cache[name] = self.group[name][...]
         return cache[name]
 
-    @property
-    def num_samples(self) -> int:
-        return int(self.meta["num_samples"])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.meta["num_tokens"])
-
-    @property
-    def num_prompts(self) -> int:
-        return int(self.meta["num_prompts"])
-
-    @property
-    def content_digest(self) -> str:
-        return str(self.meta["content_digest"])
-
-    @property
-    def record_topk(self) -> int:
-        return int(self.meta.get("record_topk", 0))
+    num_samples = _meta_field("num_samples", int)
+    num_tokens = _meta_field("num_tokens", int)
+    num_prompts = _meta_field("num_prompts", int)
+    content_digest = _meta_field("content_digest", str)
+    record_topk = _meta_field("record_topk", int, default=0)
 
     @property
     def sampling(self) -> dict[str, Any]:
@@ -226,6 +220,11 @@ class RolloutStore:
     @property
     def tokenizer_digest(self) -> str:
         return str(self.meta["tokenizer"]["digest"])
+
+    @cached_property
+    def typed_meta(self) -> RolloutMeta:
+        """The store's metadata, typed (read once)."""
+        return RolloutMeta.from_attrs(self.path, self.meta)
 
     @cached_property
     def store_id(self) -> str:
@@ -337,6 +336,54 @@ class RolloutStore:
             "max_response_tokens": int(lengths.max()) if len(lengths) else 0,
         }
         return info
+
+
+@dataclass
+class RolloutArrays:
+    """The per-sample token arrays of one rollout store, held in memory (ids and log-probs are small
+    next to a cache): what the teacher pass and the trainer read. Samples of one prompt share its
+    ``prompt_ids`` array."""
+
+    path: str
+    prompt_ids: list[np.ndarray]  # int64, per sample
+    response_ids: list[np.ndarray]  # int64, per sample
+    logprobs: list[np.ndarray]  # float32, per sample
+    topk_ids: list[np.ndarray] | None  # int64 [T, K] per sample, when the store recorded top-k ids
+
+    @classmethod
+    def load(cls, store: "RolloutStore") -> "RolloutArrays":
+        return load_arrays(store)
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    def seq_len(self, row: int) -> int:
+        """Input length of a sample: prompt + response (the last response token's hidden state is
+        supervised by OPRD; its output distribution is never needed)."""
+        return len(self.prompt_ids[row]) + len(self.response_ids[row])
+
+    def response_tokens(self, rows) -> int:
+        return int(sum(len(self.response_ids[i]) for i in rows))
+
+
+def load_arrays(store: RolloutStore) -> RolloutArrays:
+    """The one way to load a rollout's token arrays: each flat array read once, split per sample."""
+    n = store.num_samples
+    cuts = (store.sample_offsets[1:-1] - store.sample_offsets[0]).astype(np.int64)
+    prompt_off = store._load("prompt/offsets")
+    prompt_flat = store._load("prompt/ids").astype(np.int64)
+    by_prompt = [prompt_flat[prompt_off[r]: prompt_off[r + 1]] for r in range(len(prompt_off) - 1)]
+
+    def per_sample(name: str, dtype) -> list[np.ndarray]:
+        return np.split(store.read_tokens(name, 0, n).astype(dtype), cuts) if n else []
+
+    return RolloutArrays(
+        path=store.path,
+        prompt_ids=[by_prompt[int(r)] for r in store._load("sample/prompt_row")],
+        response_ids=per_sample("response_ids", np.int64),
+        logprobs=per_sample("logprobs", np.float32),
+        topk_ids=per_sample("topk_ids", np.int64) if store.record_topk and n else None,
+    )
 
 
 def open_rollouts(path: str, require_complete: bool = True) -> RolloutStore:

@@ -61,6 +61,7 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def _under(name: str) -> property:
+    """A fixed path of the run directory: ``root / name``."""
     return property(lambda self: self.root / name, doc=f"``RUN/{name}``")
 
 

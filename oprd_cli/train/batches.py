@@ -16,41 +16,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from oprd_cli.backbone import pack_by_length
 from oprd_cli.errors import OprdError
+from oprd_cli.stores.rollouts import RolloutArrays as RolloutData  # noqa: F401 (re-exported)
 from oprd_cli.train.step import MicroBatch
-
-
-@dataclass
-class RolloutData:
-    """The per-sample token data of one rollout store, held in memory (ids and log-probs are small
-    next to the cache)."""
-
-    prompt_ids: list[np.ndarray]
-    response_ids: list[np.ndarray]
-    logprobs: list[np.ndarray]
-    topk_ids: list[np.ndarray] | None
-
-    @classmethod
-    def load(cls, store) -> "RolloutData":
-        p, r, lp, tk = [], [], [], []
-        for s in store.samples(0, store.num_samples):
-            p.append(np.asarray(s.prompt_ids, dtype=np.int64))
-            r.append(np.asarray(s.response_ids, dtype=np.int64))
-            lp.append(np.asarray(s.logprobs, dtype=np.float32))
-            if s.topk_ids is not None:
-                tk.append(np.asarray(s.topk_ids, dtype=np.int64))
-        return cls(p, r, lp, tk if tk else None)
-
-    def __len__(self) -> int:
-        return len(self.response_ids)
-
-    def seq_len(self, row: int) -> int:
-        """Input length of a sample: prompt + response (the last response token's hidden state is
-        supervised by OPRD; its output distribution is never needed)."""
-        return len(self.prompt_ids[row]) + len(self.response_ids[row])
-
-    def response_tokens(self, rows: Sequence[int]) -> int:
-        return int(sum(len(self.response_ids[i]) for i in rows))
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, cache_digest: str, shuffle: bool) -> np.ndarray:
@@ -76,22 +45,7 @@ def split_micro_batches(rows: Sequence[int], seq_lens: Sequence[int], budget: in
     """Split one step's rows into micro-batches whose padded size ``len(rows) * max(seq_len)`` stays
     within ``budget`` tokens (a sample longer than the budget gets a micro-batch of its own). Rows
     are sorted by length first (less padding); the result is deterministic."""
-    order = sorted(range(len(rows)), key=lambda i: (-int(seq_lens[i]), i))
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    cur_max = 0
-    for i in order:
-        n = int(seq_lens[i])
-        width = max(cur_max, n)
-        if cur and (len(cur) + 1) * width > budget:
-            groups.append(cur)
-            cur, cur_max = [], 0
-            width = n
-        cur.append(int(rows[i]))
-        cur_max = width
-    if cur:
-        groups.append(cur)
-    return groups
+    return [[int(rows[i]) for i in group] for group in pack_by_length(seq_lens, budget)]
 
 
 @dataclass(frozen=True)

@@ -75,51 +75,24 @@ def check_student_path(model: str) -> None:
 
 # ----------------------------------------------------------------------------- opening a cache
 def _check_cache(c, path: str, student: Student, cfg: TrainConfig, layers: list[int] | None) -> None:
-    if c.tokenizer_digest != student.tokenizer_digest:
-        raise OprdError(f"cache {path} was made for another tokenizer ({c.tokenizer_digest}) than the "
-                        f"student's ({student.tokenizer_digest}); use rollouts and a cache of this student")
-    t_layers = int(c.teacher.get("num_layers") or 0)
-    t_width = int(c.teacher.get("hidden_size") or c.hidden_size)
-    what = []
-    if t_layers != student.num_layers:
-        what.append(f"depth: teacher {t_layers} layers vs student {student.num_layers}")
-    if t_width != student.hidden_size or c.hidden_size != student.hidden_size:
-        what.append(f"width: teacher hidden size {t_width} vs student {student.hidden_size}")
-    if what:
-        raise OprdError(f"cache {path} does not fit the student ({'; '.join(what)}; cached layers "
-                        f"{c.layers}); OPRD-Vanilla needs a teacher of the same depth and width")
-    bad = [i for i in c.layers if i < 0 or i > student.num_layers]
-    if bad:
-        raise OprdError(f"cache {path} holds hidden_states index {bad[0]}, but the student has "
-                        f"{student.num_layers} layers")
+    meta = c.typed_meta
+    meta.check_fits(tokenizer_digest=student.tokenizer_digest, student_layers=student.num_layers,
+                    student_width=student.hidden_size)
     loss = cfg.loss
     if layers is not None and list(layers) != list(c.layers) and loss.uses_oprd:
         raise OprdError(f"cache {path} holds layers {c.layers}, but this run trains on layers "
                         f"{layers}; make caches with the same --layers for one run")
-    if loss.uses_oprd and not c.layers:
-        raise OprdError(f"cache {path} holds no hidden states; re-run `oprd teacher-cache` with --layers")
-    mode = c.logprobs["mode"]
-    if loss.objective == "opd-top1" and mode not in ("sampled", "topk"):
-        raise OprdError(f"--objective opd-top1 needs the teacher's log-probs, and cache {path} has none "
-                        f"(--logprobs {mode}); re-run `oprd teacher-cache` with --logprobs sampled|topk")
-    if loss.objective == "opd-topk" and mode != "topk":
-        raise OprdError(f"--objective opd-topk needs the teacher's log-probs on the student's top-k, and cache "
-                        f"{path} has --logprobs {mode}; re-run `oprd teacher-cache` with --logprobs topk")
+    meta.check_fits(need_hidden=loss.uses_oprd, logprobs_for=loss.objective)
 
 
 def _check_rollouts(store, c, rpath: str, path: str, student: Student, cfg: TrainConfig) -> None:
-    if store.content_digest != c.rollout.get("content_digest"):
-        raise OprdError(f"rollout store {rpath} is not the one cache {path} was made from "
-                        f"(digest {store.content_digest} vs {c.rollout.get('content_digest')})")
+    c.typed_meta.check_fits(rollout=store.typed_meta)
     if store.tokenizer_digest != student.tokenizer_digest:
         raise OprdError(f"rollout store {rpath} was sampled with another tokenizer ({store.tokenizer_digest}) "
                         f"than the student's ({student.tokenizer_digest})")
     if cfg.loss.objective == "opd-topk" and not store.record_topk:
         raise OprdError(f"--objective opd-topk needs the student's top-k ids, and rollout store {rpath} has "
                         "none; re-run `oprd rollout --record-topk K`")
-    if store.num_samples != c.num_samples:
-        raise OprdError(f"cache {path} has {c.num_samples} samples but its rollout store {rpath} has "
-                        f"{store.num_samples}")
 
 
 def locate_rollouts(cache_path: str, cache, override: str | None, run: RunDir | None) -> str:

@@ -6,7 +6,7 @@ This is the only implementation of the actor update; ``oprd train`` and ``oprd b
 Per micro-batch (:meth:`Trainer.micro_loss`):
 
 - OPRD term (Eq. 6): the student's decoder runs WITHOUT the LM head and only as deep as the deepest
-  cached layer (:func:`~oprd_cli.train.forward.backbone_hidden`); its states are gathered at the
+  cached layer (:func:`~oprd_cli.backbone.backbone_hidden`); its states are gathered at the
   cached positions and compared with the teacher's per layer (:func:`~oprd_cli.losses.oprd_loss`,
   called one layer at a time so the float32 copies stay ``[b, P, d]``). Hidden-state position: the
   state of response token ``y_t`` (prompt length ``Lp``) is the one at sequence index ``Lp + t``, the
@@ -38,7 +38,7 @@ from oprd_cli.losses import oprd_loss, opd_top1_loss, opd_topk_loss, topk_overla
 from oprd_cli.train import memory
 from oprd_cli.train.config import TrainConfig
 from oprd_cli.train.schedule import warmup_cosine
-from oprd_cli.train.forward import (
+from oprd_cli.backbone import (
     autocast_context,
     backbone_hidden,
     chunked_entropy,

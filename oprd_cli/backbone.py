@@ -1,30 +1,38 @@
-"""The student's forward pass for training: backbone hidden states, and logits only where needed.
+"""The one truncated decoder forward, shared by the teacher pass and the trainer, and the LM head on
+selected rows.
 
-Hidden-state indexing follows HF ``output_hidden_states=True`` of the full causal LM, which is what
-the teacher cache stores (checked in the tests for equality):
+Hidden-state indexing follows HF ``output_hidden_states=True`` of the full causal LM (checked in the
+tests for equality, Qwen2 and Llama):
 
 - ``hidden_states[0]``: the input of the first decoder block (the embedding output);
 - ``hidden_states[l]`` for ``1 <= l < L``: the output of block ``l`` (before any norm);
 - ``hidden_states[L]``: the decoder's ``last_hidden_state``, i.e. AFTER the final norm (transformers 5
   ties the last entry to ``last_hidden_state``; the raw output of block ``L`` is never exposed).
 
-:func:`backbone_hidden` calls the decoder (``model.get_decoder()``, without the LM head), captures the
-requested entries with forward hooks and stops after the deepest block it needs, so a cache of the
-first layers costs only those layers. The LM head is applied by the helpers below to gathered
-positions only: :func:`token_logprobs` (log-probs of given ids, chunked), :func:`support_logits`
-(``h @ W[S].T``, chunked and recomputed in backward) and :func:`chunked_entropy` (no grad).
+:func:`decoder_of` is the one rule for finding the decoder and its blocks; :func:`truncate_blocks`
+drops the blocks past the deepest needed layer (the teacher, which never needs them). :func:`backbone_hidden`
+calls the decoder (without the LM head), captures the requested entries with forward hooks (optionally
+gathered at selected rows right away) and stops after the deepest block it needs, so a cache of the
+first layers costs only those layers. The LM head is applied to gathered positions only:
+:func:`token_logprobs` (log-probs of given ids, chunked), :func:`support_logits` (``h @ W[S].T``,
+chunked and recomputed in backward), :func:`selected_logprobs` (the teacher's log-probs: sampled
+ids, its top-k and the student's support, chunked by logit elements) and :func:`chunked_entropy`.
+:func:`pack_by_length` is the one length packing of sequences into padded batches.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from oprd_cli.errors import OprdError
+
+_BLOCK_ATTRS = ("layers", "h", "blocks")
 
 
 class _StopForward(Exception):
@@ -33,40 +41,57 @@ class _StopForward(Exception):
 
 @dataclass
 class BackboneOutput:
-    hidden: dict[int, Tensor]  # hidden_states index -> [B, S, d]
+    hidden: dict[int, Tensor]  # hidden_states index -> [B, S, d] (or [N, d] gathered at ``rows``)
     final: Tensor | None  # [B, S, d] post-final-norm states (hidden_states[L]) when asked for
 
 
-def decoder_of(model):
-    """The decoder stack (``model.model`` for HF causal LMs) and its list of blocks."""
+def decoder_of(model) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+    """``(decoder, attribute, blocks)``: the decoder stack (``model.get_decoder()``, else the attribute
+    named by ``base_model_prefix``) and its ``ModuleList`` of blocks (``layers``, ``h`` or ``blocks``)."""
     get = getattr(model, "get_decoder", None)
-    decoder = get() if callable(get) else getattr(model, "model", None)
-    layers = getattr(decoder, "layers", None)
-    if decoder is None or layers is None:
-        raise OprdError(f"{type(model).__name__} has no decoder with a .layers list; oprd train cannot run it")
-    return decoder, layers
+    decoder = get() if callable(get) else None
+    if decoder is None:
+        decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    for attr in _BLOCK_ATTRS:
+        blocks = getattr(decoder, attr, None) if decoder is not None else None
+        if isinstance(blocks, torch.nn.ModuleList):
+            return decoder, attr, blocks
+    raise OprdError(f"cannot find the decoder blocks of {type(model).__name__}; this architecture is not "
+                    "supported by oprd yet")
+
+
+def truncate_blocks(model, depth: int) -> None:
+    """Drop the decoder blocks past ``hidden_states[depth]`` (at least one block stays)."""
+    decoder, attr, blocks = decoder_of(model)
+    setattr(decoder, attr, torch.nn.ModuleList(list(blocks)[: max(int(depth), 1)]))
 
 
 def _first_tensor(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def backbone_hidden(model, input_ids: Tensor, layers: list[int], need_final: bool = False) -> BackboneOutput:
-    """Run the student's decoder on ``input_ids`` ``[B, S]`` (right-padded; no attention mask is
-    needed because causal attention never lets a valid position see the padding after it) and
-    return ``hidden_states[l]`` for every ``l`` in ``layers`` (HF indexing, see the module doc) and,
-    when ``need_final``, the post-norm final states that the LM head consumes.
+def backbone_hidden(model, input_ids: Tensor, layers: list[int], need_final: bool = False, *,
+                    num_layers: int | None = None, rows: tuple[Tensor, Tensor] | None = None) -> BackboneOutput:
+    """Run the decoder on ``input_ids`` ``[B, S]`` (right-padded; no attention mask is needed because
+    causal attention never lets a valid position see the padding after it) and return
+    ``hidden_states[l]`` for every ``l`` in ``layers`` (HF indexing, see the module doc) and, when
+    ``need_final``, the post-norm final states that the LM head consumes.
 
-    Only as many blocks run as the deepest requested index needs; the LM head never runs here.
+    ``num_layers`` is the model's depth L when :func:`truncate_blocks` dropped blocks (default: the
+    number of blocks). ``rows = (batch_index [N], seq_index [N])`` gathers every captured state at
+    those positions as soon as it exists (``[N, d]``), so full ``[B, S, d]`` states of many layers
+    never live at once. Only as many blocks run as the deepest requested index needs; the LM head
+    never runs here.
     """
-    decoder, blocks = decoder_of(model)
-    n_layers = len(blocks)
+    decoder, _, blocks = decoder_of(model)
+    n_layers = int(num_layers) if num_layers is not None else len(blocks)
     wanted = sorted(set(int(i) for i in layers))
     if wanted and (wanted[0] < 0 or wanted[-1] > n_layers):
         raise OprdError(f"hidden_states index {wanted[-1] if wanted[-1] > n_layers else wanted[0]} is out of range "
                         f"for a model with {n_layers} layers (0..{n_layers})")
     run_all = need_final or (n_layers in wanted)
     deepest_block = n_layers if run_all else (max(wanted) if wanted else 0)
+    pick = (lambda h: h[rows[0], rows[1]]) if rows is not None else (lambda h: h)
 
     captured: dict[int, Tensor] = {}
     active = [True]  # hooks fire again when gradient checkpointing recomputes a block: ignore those
@@ -78,21 +103,21 @@ def backbone_hidden(model, input_ids: Tensor, layers: list[int], need_final: boo
                 return None
             if block_idx == 0 and 0 in wanted:
                 h0 = args[0] if args else kwargs.get("hidden_states")
-                captured[0] = h0
+                captured[0] = pick(h0)
             idx = block_idx + 1  # output of block i is hidden_states[i + 1]
             if idx in wanted and idx < n_layers:
-                captured[idx] = _first_tensor(output)
+                captured[idx] = pick(_first_tensor(output))
             if not run_all and idx >= deepest_block:
                 raise _StopForward
             return None
 
         return hook
 
+    final = None
     try:
         for i, block in enumerate(blocks):
             if i < max(deepest_block, 1):
                 handles.append(block.register_forward_hook(make_hook(i), with_kwargs=True))
-        final = None
         try:
             out = decoder(input_ids=input_ids, use_cache=False)
             final = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -103,11 +128,29 @@ def backbone_hidden(model, input_ids: Tensor, layers: list[int], need_final: boo
         for h in handles:
             h.remove()
     if n_layers in wanted:
-        captured[n_layers] = final
+        captured[n_layers] = pick(final)
     missing = [i for i in wanted if i not in captured]
     if missing:  # pragma: no cover - an architecture whose blocks do not see the hidden states as args[0]
         raise OprdError(f"could not capture hidden_states {missing} of {type(model).__name__}")
     return BackboneOutput(hidden=captured, final=final if need_final else None)
+
+
+def pack_by_length(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed into batches whose padded size ``len(batch) * max(length)`` stays
+    within ``budget`` tokens (a sequence longer than the budget gets a batch of its own). Longest
+    first, ties by index; deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = int(lengths[cur[0]]) if cur else int(lengths[i])
+        if cur and longest * (len(cur) + 1) > budget:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 # --------------------------------------------------------------------------------- LM head helpers
@@ -143,8 +186,13 @@ def _by_chunks(fn, model, h: Tensor, ids: Tensor, chunk: int) -> Tensor:
     return torch.cat(parts)
 
 
+def _head_logits(h: Tensor, w: Tensor, b: Tensor | None, cap: float | None) -> Tensor:
+    """float32 logits ``[N, V]`` of states ``h`` ``[N, d]`` (soft-capped after the cast)."""
+    return _softcap(torch.nn.functional.linear(h, w, b).float(), cap)
+
+
 def _logprob_chunk(h: Tensor, w: Tensor, b: Tensor | None, ids: Tensor, cap: float | None) -> Tensor:
-    logits = _softcap(torch.nn.functional.linear(h, w, b), cap).float()
+    logits = _head_logits(h, w, b, cap)
     return logits.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
@@ -170,6 +218,31 @@ def support_logits(model, h: Tensor, support_ids: Tensor, chunk: int = 0) -> Ten
     normaliser cancels). Chunked and checkpointed like :func:`token_logprobs`, so the gathered
     ``[chunk, K, d]`` rows of ``W`` are the largest temporary."""
     return _by_chunks(_support_chunk, model, h, support_ids, chunk)
+
+
+@torch.no_grad()
+def selected_logprobs(model, h: Tensor, targets: Tensor, *, support: Tensor | None = None, topk: int = 0,
+                      logit_elements: int = 1 << 27) -> dict[str, Tensor]:
+    """The LM head's log-probs at states ``h`` ``[N, d]``, without gradient, never more than about
+    ``logit_elements`` logits at once: ``logprobs`` ``[N]`` of ``targets`` ``[N]`` and, with ``topk``,
+    ``topk_ids`` / ``topk_logprobs`` ``[N, topk]`` (the model's own top-k) and ``support_logprobs``
+    ``[N, K]`` at ``support`` ``[N, K]`` ids. All float32 (ids int32) on the CPU."""
+    w, b, cap = lm_head_params(model)
+    step = max(1, logit_elements // int(w.shape[0]))
+    names = ["logprobs"] + (["support_logprobs", "topk_ids", "topk_logprobs"] if topk else [])
+    outs: dict[str, list[Tensor]] = {n: [] for n in names}
+    for a in range(0, int(h.shape[0]), step):
+        logits = _head_logits(h[a: a + step], w, b, cap)
+        logz = torch.logsumexp(logits, dim=-1, keepdim=True)
+        outs["logprobs"].append((logits.gather(1, targets[a: a + step, None]) - logz)[:, 0].cpu())
+        if topk:
+            vals, top = logits.topk(topk, dim=-1)
+            outs["topk_ids"].append(top.to(torch.int32).cpu())
+            outs["topk_logprobs"].append((vals - logz).cpu())
+            outs["support_logprobs"].append((logits.gather(1, support[a: a + step]) - logz).cpu())
+    empty = {"logprobs": (0,), "support_logprobs": (0, topk), "topk_ids": (0, topk), "topk_logprobs": (0, topk)}
+    return {n: torch.cat(v) if v else torch.zeros(empty[n], dtype=torch.int32 if n == "topk_ids" else torch.float32)
+            for n, v in outs.items()}
 
 
 @torch.no_grad()
