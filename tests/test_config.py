@@ -3,6 +3,8 @@ defaults that are the dataclass defaults."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -106,6 +108,7 @@ def test_teacher_cache_precedence(run_dir, monkeypatch):
     seen = {}
     monkeypatch.setattr(T, "cache_run_dir", lambda teacher, run_dir, **kw: seen.update(kw, teacher=teacher) or [])
     run_cli("teacher-cache", "--run-dir", run_dir, "--compressor", "lz4")
+    seen.update(dataclasses.asdict(seen.pop("cfg")))  # the command resolves TeacherCacheConfig once
     assert seen["compressor"] == "lz4"  # flag over toml
     assert (seen["k"], seen["topk"], seen["teacher"]) == (77, 4, "toml-teacher")  # toml
     assert (seen["positions"], seen["layers"], seen["max_batch_tokens"]) == ("last_k", "all", 16384)  # defaults
