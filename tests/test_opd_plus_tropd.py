@@ -346,3 +346,22 @@ def test_teacher_cache_objective_tropd_defaults_to_the_teacher_top64(run, tiny_d
     one_line(run_cli("teacher-cache", "--teacher", tiny_dir / "qwen2-b", "--rollouts", src, "--out",
                      tmp_path / "e.zarr", "--objective", "opd-minus", expect=2), "--objective")
     shutil.rmtree(wide)
+
+
+def test_logprobs_at_is_the_full_log_softmax_at_the_ids_chunked_or_not(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from oprd_cli.backbone import logprobs_at
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "qwen2").float()
+    torch.manual_seed(0)
+    h = torch.randn(7, model.config.hidden_size, requires_grad=True)
+    ids = torch.randint(0, model.config.vocab_size, (7, 5))
+    ref = torch.log_softmax(model.lm_head(h).float(), -1).gather(-1, ids)
+    got = {}
+    for chunk in (0, 3):
+        out = logprobs_at(model, h, ids, chunk)
+        (g,) = torch.autograd.grad((out * torch.arange(35.0).view(7, 5)).sum(), h)
+        got[chunk] = (out.detach(), g)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0][1], got[3][1], rtol=1e-5, atol=1e-6)
