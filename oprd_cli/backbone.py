@@ -205,6 +205,18 @@ def token_logprobs(model, h: Tensor, ids: Tensor, chunk: int = 0) -> Tensor:
     return _by_chunks(_logprob_chunk, model, h, ids, chunk)
 
 
+def _logprobs_at_chunk(h: Tensor, w: Tensor, b: Tensor | None, ids: Tensor, cap: float | None) -> Tensor:
+    logits = _head_logits(h, w, b, cap)
+    return logits.gather(-1, ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def logprobs_at(model, h: Tensor, ids: Tensor, chunk: int = 0) -> Tensor:
+    """Full-vocabulary log-probs at given ids: ``logits[ids] - logsumexp(logits)`` -> ``[N, K]`` float32
+    for ``h`` ``[N, d]`` and ``ids`` ``[N, K]`` (TrOPD: the sampled token and the teacher's top-k in one
+    pass). Chunked and checkpointed like :func:`token_logprobs`: no ``[N, V]`` log-softmax is kept."""
+    return _by_chunks(_logprobs_at_chunk, model, h, ids, chunk)
+
+
 def _support_chunk(h: Tensor, w: Tensor, b: Tensor | None, ids: Tensor, cap: float | None) -> Tensor:
     logits = torch.einsum("nd,nkd->nk", h, w[ids])
     if b is not None:

@@ -19,6 +19,7 @@ import typer
 from typer.core import TyperCommand
 
 from oprd_cli import __version__
+from oprd_cli import cli_options as O
 from oprd_cli.console import console, err_console
 from oprd_cli.errors import OprdError
 
@@ -153,6 +154,7 @@ def rollout(
     seed: Optional[int] = typer.Option(None, help="Random seed; same seed, model, prompts and device give the same store. (default: <rollout.seed>)"),
     batch_size: Optional[int] = typer.Option(None, help="Sequences generated together. (default: <rollout.batch_size>)"),
     record_topk: Optional[int] = typer.Option(None, "--record-topk", help="Also store the student's top-K token ids per position (for top-k OPD). (default: <rollout.record_topk> = off)"),
+    teacher_prefix: Optional[str] = O.TEACHER_PREFIX, prefix_max_tokens: Optional[int] = O.PREFIX_MAX_TOKENS, prefix_mode: Optional[str] = O.PREFIX_MODE,
     chat_template: Optional[bool] = _CHAT_TEMPLATE,
     system_prompt: Optional[str] = _SYSTEM_PROMPT,
     instruction: Optional[str] = _INSTRUCTION,
@@ -164,6 +166,7 @@ def rollout(
 ):
     """Sample on-policy responses from the student and write one rollout store."""
     from oprd_cli.config import resolve
+    from oprd_cli.guidance import guidance_from_flags
     from oprd_cli.rollout import print_summary, run_rollout
 
     c = resolve(run_dir, data=dict(prompts=prompts, split=split, prompt_field=prompt_field, answer_field=answer_field,
@@ -173,7 +176,8 @@ def rollout(
                 template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction))
     summary = run_rollout(model=model, data=c["data"], sampling=c["rollout"], template=c["template"], out=out,
                           run_dir=str(run_dir) if run_dir else None, overwrite=overwrite, backend=backend,
-                          device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+                          device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          guidance=guidance_from_flags(teacher_prefix, prefix_max_tokens, prefix_mode))
     print_summary(summary)
 
 
@@ -240,6 +244,7 @@ def teacher_cache(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing complete cache."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object describing the caches written."),
+    objective: Optional[str] = O.CACHE_OBJECTIVE,
 ):
     """Run the teacher on rollouts and cache its hidden states (and log-probs) in a Zarr store."""
     from oprd_cli.teacher import run_teacher_cache
@@ -250,7 +255,7 @@ def teacher_cache(
         positions=positions, k=k, logprobs=logprobs, topk=topk, store_dtype=store_dtype, compressor=compressor,
         level=level, lossy_mantissa_bits=lossy_mantissa_bits, max_batch_tokens=max_batch_tokens,
         unit_positions=unit_positions, unit_tokens=unit_tokens, device=device, dtype=dtype,
-        trust_remote_code=trust_remote_code or None,
+        trust_remote_code=trust_remote_code or None, objective=objective,
     )
     if as_json:
         emit_json({"caches": summaries})
@@ -390,7 +395,10 @@ def train(
     cache: Optional[str] = typer.Option(None, "--cache", "-c", help="One teacher cache to train on (with --out)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for checkpoints/ and metrics.jsonl with --cache (with --run-dir: the run itself)."),
     rollouts: Optional[str] = typer.Option(None, "--rollouts", help="The cache's rollout store, when it moved from the path the cache records."),
-    objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk (default: <train.objective>)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk | opd-plus | tropd (default: <train.objective>)."),
+    divergence: Optional[str] = O.DIVERGENCE, alpha: Optional[float] = O.ALPHA, advantage: Optional[str] = O.ADVANTAGE,
+    log_ratio_clip: Optional[float] = O.LOG_RATIO_CLIP, trust: Optional[str] = O.TRUST, tropd_topk: Optional[int] = O.TROPD_TOPK,
+    outlier: Optional[str] = O.OUTLIER, tau: Optional[float] = O.TAU, guidance_beta: Optional[float] = O.GUIDANCE_BETA,
     mu: Optional[float] = typer.Option(None, "--mu", help="Add mu * L_OPRD to an OPD objective, Eq. 7 (default: 0 for OPD, 1 for oprd)."),
     oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="normalized (both vectors L2-normalised, then MSE over d: the release) | raw (MSE with 1/d) (default: <train.oprd_form>)."),
     reduction: Optional[str] = typer.Option(None, "--reduction", help="token (mean over all supervised tokens of the batch, then layers: the release) | sample (Eq. 6 literally: per-sample means) (default: <train.reduction>)."),
@@ -437,7 +445,9 @@ def train(
                 max_grad_norm=max_grad_norm, epochs=epochs, clip_eps=clip_eps, topk_logits=topk_logits,
                 entropy=entropy, gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, seed=seed,
                 save_every=save_every, keep_last=keep_last, follow=follow, poll_seconds=poll_seconds, timeout=timeout,
-                max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code))["train"]
+                max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code, divergence=divergence,
+                alpha=alpha, advantage=advantage, log_ratio_clip=log_ratio_clip, trust=trust, tropd_topk=tropd_topk,
+                outlier=outlier, tau=tau, guidance_beta=guidance_beta))["train"]
     result = run_train(model=model, cache=cache, run_dir=str(run_dir) if run_dir else None, out=out, rollouts=rollouts,
                        config=cfg, resume=resume)
     show({**asdict(result), "steps": result.steps} if as_json else result, as_json, print_result)
@@ -511,7 +521,8 @@ def loop_cmd(
     logprobs: Optional[str] = typer.Option(None, "--logprobs", help="Teacher log-probs to cache: none | sampled | topk. (default: what --objective needs)"),
     topk: Optional[int] = typer.Option(None, "--topk", help="K of top-k OPD (rollouts record the student's top-K ids). (default: <teacher_cache.topk>)"),
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Padded tokens per teacher forward. (default: <teacher_cache.max_batch_tokens>)"),
-    objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk. (default: <train.objective>)"),
+    objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk | opd-plus | tropd (their options from [train] in oprd.toml). (default: <train.objective>)"),
+    prefix_schedule: str = O.PREFIX_SCHEDULE, prefix_max_tokens: Optional[int] = O.PREFIX_MAX_TOKENS, prefix_mode: Optional[str] = O.PREFIX_MODE,
     mu: Optional[float] = typer.Option(None, "--mu", help="Add mu * L_OPRD to an OPD objective (Eq. 7). (default: 0 for OPD, 1 for oprd)"),
     oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="normalized (L2-normalised vectors: the release) | raw (MSE with 1/d). (default: <train.oprd_form>)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate. (default: <train.lr>)"),
@@ -555,7 +566,7 @@ def loop_cmd(
     result = run_loop(run_dir=run_dir, model=model, teacher=teacher, data=c["data"], sampling=c["rollout"],
                       template=c["template"], train=c["train"], rounds=rounds, cache_settings=cache,
                       prompts_per_round=prompts_per_round, evaluation=evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                      show_progress=not as_json)
+                      show_progress=not as_json, guidance=dict(schedule=prefix_schedule, max_tokens=prefix_max_tokens, mode=prefix_mode))
     show(asdict(result) if as_json else result, as_json, print_result)
 
 

@@ -40,15 +40,22 @@ LOG_NAME = "loop.jsonl"
 
 
 # ------------------------------------------------------------------------------ settings
-def cache_defaults(objective: str, mu: float | None, topk: int = 16) -> dict[str, Any]:
+def cache_defaults(objective: str, mu: float | None, topk: int | None = None) -> dict[str, Any]:
     """Teacher-cache settings an objective needs (flags override them).
 
-    OPRD needs hidden states of every layer; OPD top-1 the teacher's log-prob of each sampled token;
-    OPD top-k the teacher's log-probs on the student's top-k (the rollout records the top-k ids).
-    OPD alone stores only the last layer (the store always holds some hidden states).
+    OPRD needs hidden states of every layer; OPD top-1 and OPD+ the teacher's log-prob of each sampled
+    token; OPD top-k the teacher's log-probs on the student's top-k (the rollout records the top-k ids);
+    TrOPD the teacher's own top-k (``topk`` default 64; the cache's topk mode also scores the student's
+    top-k, so its rollouts record them too). OPD alone stores only the last layer (the store always
+    holds some hidden states).
     """
+    from oprd_cli.train.config import OBJECTIVES
+
+    if objective not in OBJECTIVES:
+        raise OprdError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     uses_oprd = objective == "oprd" or (mu is not None and mu > 0)
-    logprobs = {"oprd": "none", "opd-top1": "sampled", "opd-topk": "topk"}.get(objective, "none")
+    logprobs = {"opd-top1": "sampled", "opd-plus": "sampled", "opd-topk": "topk", "tropd": "topk"}.get(objective, "none")
+    topk = topk or (64 if objective == "tropd" else 16)
     return {"layers": "all" if uses_oprd else "last", "logprobs": logprobs, "topk": topk}
 
 
@@ -260,17 +267,51 @@ def cache_config(train: Any, section: dict[str, Any] | None, flags: dict[str, An
     from oprd_cli.config import merge
     from oprd_cli.teacher import TeacherCacheConfig
 
-    topk = flags.get("topk") or (section or {}).get("topk") or 16
-    need = {**cache_defaults(train.loss.objective, train.loss.mu, int(topk)), "device": device, "dtype": dtype}
+    loss = train.loss
+    topk = flags.get("topk") or (section or {}).get("topk") or (loss.tropd_topk if loss.objective == "tropd" else 16)
+    need = {**cache_defaults(loss.objective, loss.mu, int(topk)), "device": device, "dtype": dtype}
     ccfg = merge(TeacherCacheConfig, section, defaults=need, **flags)
-    if train.loss.objective == "opd-topk":
+    if loss.objective in ("opd-topk", "tropd"):
         if ccfg.logprobs != "topk":
-            raise OprdError("--objective opd-topk needs --logprobs topk in the teacher cache")
+            raise OprdError(f"--objective {loss.objective} needs --logprobs topk in the teacher cache")
+        if loss.objective == "tropd" and ccfg.topk < loss.tropd_topk:
+            raise OprdError(f"--objective tropd with --tropd-topk {loss.tropd_topk} needs a cache --topk of at least "
+                            f"that, got {ccfg.topk}")
         if sampling.record_topk < ccfg.topk:
             sampling = replace(sampling, record_topk=ccfg.topk)
-    if train.loss.objective == "opd-top1" and ccfg.logprobs == "none":
-        raise OprdError("--objective opd-top1 needs the teacher's log-probs: --logprobs sampled (or topk)")
+    if loss.objective in ("opd-top1", "opd-plus") and ccfg.logprobs == "none":
+        raise OprdError(f"--objective {loss.objective} needs the teacher's log-probs: --logprobs sampled (or topk)")
     return ccfg, sampling
+
+
+PREFIX_SCHEDULES = ("none", "cosine")
+
+
+def prefix_plan(guidance: dict[str, Any] | None, sampling: SamplingConfig) -> tuple[str, int | None, str]:
+    """The loop's teacher-prefix guidance ``(schedule, L, mode)``: ``cosine`` anneals ``L`` (default
+    ``--max-new-tokens``) to 0 over the rounds; ``none`` uses a fixed ``L`` when one is given, else no
+    guidance (``L`` None)."""
+    g = dict(guidance or {})
+    schedule, max_tokens, mode = g.get("schedule") or "none", g.get("max_tokens"), g.get("mode") or "fixed"
+    if schedule not in PREFIX_SCHEDULES:
+        raise OprdError(f"--prefix-schedule must be one of {', '.join(PREFIX_SCHEDULES)}, got {schedule!r}")
+    if schedule == "cosine" and max_tokens is None:
+        max_tokens = sampling.max_new_tokens
+    from oprd_cli.guidance import GuidanceConfig
+
+    GuidanceConfig("", int(max_tokens or 0), mode).validate()
+    return schedule, max_tokens, mode
+
+
+def round_prefix_max(plan: tuple[str, int | None, str], r: int, rounds: int) -> int:
+    """The maximum teacher-prefix length of round ``r`` (1-based): ``L (1 + cos(pi (r-1) / R)) / 2``
+    with the cosine schedule, ``L`` without one, 0 without guidance."""
+    from oprd_cli.losses.tropd import guidance_prefix_max
+
+    schedule, max_tokens, _ = plan
+    if max_tokens is None:
+        return 0
+    return guidance_prefix_max(r - 1, rounds, int(max_tokens)) if schedule == "cosine" else int(max_tokens)
 
 
 def _write_run_config(run: RunDir, model, teacher, data: DataConfig, template: TemplateConfig,
@@ -310,6 +351,7 @@ class _Loop:
     show_progress: bool
     on_stage: Callable[[int, str, dict[str, Any]], None] | None
     result: LoopResult
+    prefix: tuple = ("none", None, "fixed")  # (schedule, L, mode): teacher-prefix guidance (prefix_plan)
     teacher_model: Any = None
     grader: Any = None
 
@@ -349,13 +391,17 @@ class _Loop:
         self.header(r, "rollout", f"policy {'step ' + str(latest.step) if latest else Path(policy).name}")
         t0 = time.monotonic()
         rdata = _round_prompts(self.run, self.records, r, self.per_round) if self.per_round else self.data
+        prefix_max = round_prefix_max(self.prefix, r, self.rounds)
+        from oprd_cli.guidance import GuidanceConfig
+
+        guidance = GuidanceConfig(str(self.teacher), prefix_max, self.prefix[2]) if prefix_max > 0 else None
         rs = run_rollout(model=policy, data=rdata, sampling=replace(self.sampling, seed=self.sampling.seed + r - 1),
                          template=self.template, out=str(rpath), run_dir=str(self.run.root), device=self.device,
-                         dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+                         dtype=self.dtype, trust_remote_code=self.trust_remote_code, guidance=guidance)
         err_console.print(f"rollout {rpath.name}: {rs.num_samples} samples, {rs.num_tokens:,} tokens, "
                           f"{rs.num_truncated} truncated ({rs.seconds:.1f} s)")
         self.stage_done(r, "rollout", t0, samples=rs.num_samples, tokens=rs.num_tokens,
-                        policy_step=latest.step if latest else 0)
+                        policy_step=latest.step if latest else 0, prefix_max=prefix_max)
 
     def cache(self, r: int) -> None:
         from oprd_cli.teacher import TeacherModel, cache_rollouts
@@ -450,6 +496,7 @@ def run_loop(
     trust_remote_code: bool = False,
     show_progress: bool = True,
     on_stage: Callable[[int, str, dict[str, Any]], None] | None = None,
+    guidance: dict[str, Any] | None = None,
 ) -> LoopResult:
     """Run ``rounds`` rounds in ``run_dir`` (resuming whatever an earlier invocation left).
 
@@ -457,6 +504,7 @@ def run_loop(
     over ``[teacher_cache]`` in ``RUN/oprd.toml``, which wins over what the objective needs
     (:func:`cache_config`). ``train.optim.total_steps`` (the lr schedule's length) defaults to ``rounds``
     times the steps of one round. ``on_stage(round, stage, info)`` is called after each stage.
+    ``guidance``: ``{"schedule", "max_tokens", "mode"}`` of teacher-prefix rollouts (:func:`prefix_plan`).
     """
     from oprd_cli.config import load_run_config
     from oprd_cli.data import load_records
@@ -471,6 +519,7 @@ def run_loop(
     train.validate()
     flags = {k: v for k, v in (cache_settings or {}).items() if v is not None}
     ccfg, sampling = cache_config(train, file_cfg.get("teacher_cache"), flags, device, dtype, sampling)
+    prefix = prefix_plan(guidance, sampling)
     records = load_records(data.prompts, data.split, data.prompt_field, data.answer_field, data.id_field, data.limit)
     per_round = min(prompts_per_round, len(records)) if prompts_per_round else len(records)
     if train.optim.total_steps is None:
@@ -481,7 +530,7 @@ def run_loop(
     _Loop(run=run, rounds=rounds, model=model, teacher=teacher, data=data, records=records,
           per_round=per_round if prompts_per_round else None, sampling=sampling, template=template, train=train,
           ccfg=ccfg, evaluation=evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-          show_progress=show_progress, on_stage=on_stage, result=result).run_all()
+          show_progress=show_progress, on_stage=on_stage, result=result, prefix=prefix).run_all()
     latest = run.latest_checkpoint()
     result.checkpoint = str(latest.path) if latest else None
     result.step = latest.step if latest else 0

@@ -324,8 +324,10 @@ def run_rollout(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    guidance=None,
 ) -> RolloutSummary:
-    """Sample ``sampling.num_samples`` responses per prompt and write one rollout store."""
+    """Sample ``sampling.num_samples`` responses per prompt and write one rollout store. ``guidance``
+    (:class:`oprd_cli.guidance.GuidanceConfig`): a teacher writes the first tokens of each response."""
     from oprd_cli import models as M
     from oprd_cli.config import write_initial_config
     from oprd_cli.stores import common
@@ -351,6 +353,11 @@ def run_rollout(
     tok = M.load_tokenizer(model_name, trust_remote_code)
     lm = M.load_model(model_name, dev, M.resolve_dtype(dtype, dev), trust_remote_code)
     gen = make_backend(backend, lm, tok)
+    if guidance is not None:
+        from oprd_cli.guidance import GuidedBackend, load_teacher_backend
+
+        gen = GuidedBackend(gen, load_teacher_backend(guidance, gen, M.tokenizer_digest(tok), dev, lm.dtype,
+                                                      trust_remote_code), guidance)
     if run_dir is not None:
         write_initial_config(run_dir, {"models": {"student": model_name}, "data": {"prompts": data.prompts}})
 
@@ -372,12 +379,15 @@ def run_rollout(
         "logprobs": LOGPROBS_MEANING,
         "skipped_prompts": len(result.skipped),
         "generation_seconds": round(result.seconds, 3),
+        **({"guidance": guidance.meta()} if guidance is not None else {}),
     }
-    writer = RolloutWriter(out_path, meta, record_topk=sampling.record_topk, overwrite=overwrite)
-    for (record, ids), group in zip(result.prompts, result.samples):
+    writer = RolloutWriter(out_path, meta, record_topk=sampling.record_topk, overwrite=overwrite,
+                           record_prefix=guidance is not None)
+    for p, ((record, ids), group) in enumerate(zip(result.prompts, result.samples)):
         row = writer.add_prompt(ids, record.index, record.id, record.answer)
         for j, s in enumerate(group):
-            writer.add_sample(row, j, s.response_ids, s.logprobs, s.finish_reason, s.text, s.topk_ids)
+            writer.add_sample(row, j, s.response_ids, s.logprobs, s.finish_reason, s.text, s.topk_ids,
+                              prefix_length=gen.prefix_lengths[p][j] if guidance is not None else 0)
     digest = writer.finish()
     n_trunc = sum(s.finish_reason == "length" for g in result.samples for s in g)
     return RolloutSummary(path=out_path, num_prompts=len(result.prompts),

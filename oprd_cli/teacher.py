@@ -462,10 +462,12 @@ def run_teacher_cache(
     shard: str | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    objective: str | None = None,
     **flags: Any,
 ) -> list[dict[str, Any]]:
     """What ``oprd teacher-cache`` runs. ``flags`` are :class:`TeacherCacheConfig` fields; a flag left
-    at None takes its value from ``[teacher_cache]`` in ``RUN/oprd.toml`` (run-dir mode), then the default."""
+    at None takes its value from ``[teacher_cache]`` in ``RUN/oprd.toml`` (run-dir mode), then what
+    ``objective`` needs (``--logprobs``/``--topk``, :func:`oprd_cli.loop.cache_defaults`), then the default."""
     from oprd_cli.config import load_run_config, merge
 
     if (rollouts is None) == (run_dir is None):
@@ -479,7 +481,12 @@ def run_teacher_cache(
     if poll_seconds <= 0:
         raise OprdError(f"--poll-seconds must be positive, got {poll_seconds}")
     file_cfg = load_run_config(run_dir) if run_dir is not None else {}
-    cfg = merge(TeacherCacheConfig, file_cfg.get("teacher_cache"), **flags)
+    need = None
+    if objective is not None:
+        from oprd_cli.loop import cache_defaults
+
+        need = {k: v for k, v in cache_defaults(objective, None).items() if k in ("logprobs", "topk")}
+    cfg = merge(TeacherCacheConfig, file_cfg.get("teacher_cache"), defaults=need, **flags)
     teacher = teacher or (file_cfg.get("models") or {}).get("teacher")
     if not teacher:
         raise OprdError("--teacher is required (a hub id or a local folder; or set [models] teacher in oprd.toml)")

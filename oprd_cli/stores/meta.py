@@ -79,11 +79,11 @@ class CacheMeta:
 
     def check_fits(self, *, tokenizer_digest: str | None = None, student_layers: int | None = None,
                    student_width: int | None = None, need_hidden: bool = False, logprobs_for: str | None = None,
-                   rollout: RolloutMeta | None = None) -> None:
+                   rollout: RolloutMeta | None = None, teacher_topk: int | None = None) -> None:
         """Refuse, in one line, a cache that does not fit: another tokenizer than the student's; another
         depth or width than the student (OPRD-Vanilla); no hidden states when they are needed; no
-        teacher log-probs for ``logprobs_for`` (``"opd-top1"`` or ``"opd-topk"``); a rollout store that
-        is not the one it was made from."""
+        teacher log-probs for ``logprobs_for`` (``"opd-top1"``, ``"opd-plus"``, ``"opd-topk"`` or ``"tropd"``,
+        which needs the teacher's own top-``teacher_topk``); a rollout store that is not the one it was made from."""
         p = self.path
         if tokenizer_digest is not None and self.tokenizer_digest != tokenizer_digest:
             raise OprdError(f"cache {p} was made for another tokenizer ({self.tokenizer_digest}) than the "
@@ -92,8 +92,10 @@ class CacheMeta:
             self._check_shape(student_layers, student_width)
         if need_hidden and not self.layers:
             raise OprdError(f"cache {p} holds no hidden states; re-run `oprd teacher-cache` with --layers")
-        if logprobs_for == "opd-top1" and self.logprobs_mode not in ("sampled", "topk"):
-            raise OprdError(f"--objective opd-top1 needs the teacher's log-probs, and cache {p} has none "
+        if logprobs_for == "tropd":
+            self._check_teacher_topk(int(teacher_topk or 1))
+        if logprobs_for in ("opd-top1", "opd-plus") and self.logprobs_mode not in ("sampled", "topk"):
+            raise OprdError(f"--objective {logprobs_for} needs the teacher's log-probs, and cache {p} has none "
                             f"(--logprobs {self.logprobs_mode}); re-run `oprd teacher-cache` with --logprobs sampled|topk")
         if logprobs_for == "opd-topk" and self.logprobs_mode != "topk":
             raise OprdError(f"--objective opd-topk needs the teacher's log-probs on the student's top-k, and cache "
@@ -105,6 +107,15 @@ class CacheMeta:
             if rollout.num_samples != self.num_samples:
                 raise OprdError(f"cache {p} has {self.num_samples} samples but its rollout store {rollout.path} has "
                                 f"{rollout.num_samples}")
+
+    def _check_teacher_topk(self, k: int) -> None:
+        if self.logprobs_mode != "topk":
+            raise OprdError(f"--objective tropd needs the teacher's own top-k log-probs, and cache {self.path} has "
+                            f"--logprobs {self.logprobs_mode}; re-run `oprd teacher-cache --objective tropd` "
+                            f"(--logprobs topk --topk {k})")
+        if self.logprobs_k < k:
+            raise OprdError(f"--tropd-topk {k} is more than the teacher top-{self.logprobs_k} stored in cache "
+                            f"{self.path}; use --tropd-topk {self.logprobs_k} or less, or re-cache with --topk {k}")
 
     def _check_shape(self, n_layers: int, width: int) -> None:
         t_layers, t_width = self.teacher_num_layers, self.teacher_hidden_size

@@ -16,11 +16,15 @@ Layout (Zarr v3 group; per-token data flat with offsets, never padded)::
     sample/finish_reason  uint8  [N]                0 = EOS, 1 = length limit
     sample/offsets        int64  [N+1]              into token/*
     sample/text_bytes, sample/text_offsets          decoded response text (utf-8, ragged)
+    sample/prefix_length  int32  [N]                optional (teacher-prefix guidance): the first n
+                                                    response tokens were written by the teacher; absent
+                                                    means 0 for every sample
     token/response_ids    int32  [R]
     token/logprobs        float32[R]                behaviour log-prob of each sampled token under the
                                                     distribution it was sampled from: log_softmax of the
                                                     logits after temperature, top-k and top-p
-                                                    (renormalised); 0 (log 1) for greedy decoding
+                                                    (renormalised); 0 (log 1) for greedy decoding; the
+                                                    teacher's for the tokens of a teacher prefix
     token/topk_ids        int32  [R, K]             optional: the top-K ids of the policy's raw logits
     oprd_complete.json                              completion marker (written last, atomically)
 
@@ -82,10 +86,13 @@ class RolloutWriter:
     and the next writer replaces.
     """
 
-    def __init__(self, path: str, meta: dict[str, Any], record_topk: int = 0, overwrite: bool = False):
+    def __init__(self, path: str, meta: dict[str, Any], record_topk: int = 0, overwrite: bool = False,
+                 record_prefix: bool = False):
         self.path = str(path)
         self.meta = dict(meta)
         self.record_topk = int(record_topk)
+        self.record_prefix = bool(record_prefix)  # write sample/prefix_length (teacher-prefix guidance)
+        self._prefix: list[int] = []
         common.prepare_output(self.path, overwrite, "rollout store")
         try:
             self.group = zarr.open_group(self.path, mode="w")
@@ -104,11 +111,14 @@ class RolloutWriter:
         return len(self._prompts) - 1
 
     def add_sample(self, prompt_row: int, sample_index: int, response_ids, logprobs, finish_reason: str,
-                   text: str, topk_ids=None) -> None:
+                   text: str, topk_ids=None, prefix_length: int = 0) -> None:
         ids = np.asarray(response_ids, dtype=np.int32).reshape(-1)
         lp = np.asarray(logprobs, dtype=np.float32).reshape(-1)
         if ids.shape != lp.shape:
             raise ValueError("response_ids and logprobs differ in length")
+        if not 0 <= int(prefix_length) <= len(ids) or (prefix_length and not self.record_prefix):
+            raise ValueError(f"prefix_length {prefix_length} does not fit a response of {len(ids)} tokens")
+        self._prefix.append(int(prefix_length))
         if self.record_topk:
             tk = np.asarray(topk_ids, dtype=np.int32).reshape(len(ids), self.record_topk)
             self._topk.append(tk)
@@ -141,6 +151,8 @@ class RolloutWriter:
         arrays["sample/finish_reason"] = np.asarray([s[2] for s in samples], dtype=np.uint8)
         arrays["sample/offsets"] = common.offsets_from_lengths(len(x) for x in ids)
         arrays["sample/text_bytes"], arrays["sample/text_offsets"] = common.encode_strings(s[3] for s in samples)
+        if self.record_prefix:
+            arrays["sample/prefix_length"] = np.asarray([self._prefix[i] for i in order], dtype=np.int32)
         arrays["token/response_ids"] = np.concatenate(ids)
         arrays["token/logprobs"] = np.concatenate([self._logprobs[i] for i in order])
         if self.record_topk:
@@ -243,6 +255,13 @@ class RolloutStore:
     def prompt_lengths(self) -> np.ndarray:
         """Prompt length of every sample, int64 [N]."""
         return np.diff(self._load("prompt/offsets"))[self._load("sample/prompt_row")]
+
+    @property
+    def prefix_lengths(self) -> np.ndarray:
+        """Teacher-prefix length of every sample, int32 [N] (0 everywhere for a store without guidance)."""
+        if "prefix_length" not in self.group["sample"]:
+            return np.zeros(self.num_samples, dtype=np.int32)
+        return self._load("sample/prefix_length")
 
     @property
     def finish_reasons(self) -> list[str]:
@@ -349,6 +368,7 @@ class RolloutArrays:
     response_ids: list[np.ndarray]  # int64, per sample
     logprobs: list[np.ndarray]  # float32, per sample
     topk_ids: list[np.ndarray] | None  # int64 [T, K] per sample, when the store recorded top-k ids
+    prefix_lengths: np.ndarray | None = None  # int32 [N] teacher-prefix lengths (None: no guidance, all 0)
 
     @classmethod
     def load(cls, store: "RolloutStore") -> "RolloutArrays":
@@ -383,6 +403,7 @@ def load_arrays(store: RolloutStore) -> RolloutArrays:
         response_ids=per_sample("response_ids", np.int64),
         logprobs=per_sample("logprobs", np.float32),
         topk_ids=per_sample("topk_ids", np.int64) if store.record_topk and n else None,
+        prefix_lengths=store.prefix_lengths if "prefix_length" in store.group["sample"] else None,
     )
 
 

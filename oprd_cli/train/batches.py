@@ -55,6 +55,8 @@ class Needs:
     hidden: bool
     teacher_logprobs: bool
     support: bool
+    teacher_topk: int = 0  # the teacher's own top-k (first K of the cache's), for tropd
+    trust_seed: tuple | None = None  # (run seed, round) of the TrOPD trust draw
 
 
 def assemble(rows: Sequence[int], rollout: RolloutData, cache, needs: Needs,
@@ -86,7 +88,9 @@ def assemble(rows: Sequence[int], rollout: RolloutData, cache, needs: Needs,
             support_ids[i, :rlen[i]] = torch.from_numpy(rollout.topk_ids[r])
     mb = MicroBatch(rows=np.asarray(rows), input_ids=input_ids, prompt_lens=torch.tensor(plen, dtype=torch.long),
                     response_ids=response_ids, response_mask=response_mask, behaviour_logprobs=behaviour,
-                    support_ids=support_ids)
+                    support_ids=support_ids, trust_seed=needs.trust_seed)
+    if rollout.prefix_lengths is not None:
+        mb.prefix_lens = torch.as_tensor(rollout.prefix_lengths[rows], dtype=torch.long)
     if cache is None:
         return mb
     cb = cache.read(rows, dtype=hidden_dtype) if hidden_dtype is not None else cache.read(rows)
@@ -100,6 +104,12 @@ def assemble(rows: Sequence[int], rollout: RolloutData, cache, needs: Needs,
         mb.hidden_positions = cb.positions.long()
     if needs.teacher_logprobs:
         mb.teacher_logprobs = _pad_to(cb.teacher_logprobs, T)
+    if needs.teacher_topk:
+        if cb.teacher_topk_ids is None or cb.teacher_topk_logprobs is None:
+            raise OprdError(f"cache {cache.path} holds no teacher top-k; re-run `oprd teacher-cache --objective tropd`")
+        k = needs.teacher_topk
+        mb.teacher_topk_ids = _pad_to(cb.teacher_topk_ids[..., :k], T).long().contiguous()
+        mb.teacher_topk_logprobs = _pad_to(cb.teacher_topk_logprobs[..., :k], T).contiguous()
     if needs.support:
         mb.support_logprobs = _pad_to(cb.support_logprobs, T)
         k_cache = int(mb.support_logprobs.shape[-1])

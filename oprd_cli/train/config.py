@@ -9,12 +9,15 @@ and :meth:`TrainConfig.to_flat` are the one place where flat keys map to groups.
 
 from __future__ import annotations
 
+import math
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from oprd_cli.errors import OprdError
 
-OBJECTIVES = ("oprd", "opd-top1", "opd-topk")
+OBJECTIVES = ("oprd", "opd-top1", "opd-topk", "opd-plus", "tropd")
+ADVANTAGES = ("corrected", "stopgrad")
+TRUST_MODES = ("hard", "soft")
 OPRD_FORMS = ("raw", "normalized")
 REDUCTIONS = ("sample", "token")
 TOPK_LOGITS = ("support", "full")
@@ -55,6 +58,12 @@ class LossConfig:
       entropy (checkpointed chunks; 0 = one chunk).
     - ``entropy``: log ``actor/entropy`` (costs an LM-head forward without grad when the objective does
       not compute full logits anyway); ``None`` = on for OPD objectives, off for ``oprd``.
+    - OPD+ (``opd-plus``): ``divergence`` (rkl|fkl|jsd|alpha|hellinger|chi2|tv), ``alpha`` (for
+      ``alpha``; None = 0.5), ``advantage`` (``corrected``: ``-f(u) + u f'(u)``; ``stopgrad``: ``-f(u)``),
+      ``log_ratio_clip`` (clamp of ``log u``, 0 = off).
+    - TrOPD (``tropd``): ``trust`` (``hard``: the Bernoulli draw; ``soft``: its probability as a weight),
+      ``tropd_topk`` (teacher top-k of the outlier FKL), ``outlier`` (fkl|mask|clip), ``tau`` (clip
+      floor), ``logprob_floor`` (floor on ``log pi_S`` in the FKL), ``guidance_beta`` (teacher-prefix tokens).
     """
 
     objective: str = "oprd"
@@ -66,6 +75,16 @@ class LossConfig:
     topk_logits: str = "support"
     logits_chunk_tokens: int = 4096
     entropy: bool | None = None
+    divergence: str = "rkl"
+    alpha: float | None = None
+    advantage: str = "corrected"
+    log_ratio_clip: float = 6.0
+    trust: str = "hard"
+    tropd_topk: int = 64
+    outlier: str = "fkl"
+    tau: float = -6.0
+    logprob_floor: float = -20.0
+    guidance_beta: float = 0.001
 
     @property
     def oprd_coef(self) -> float:
@@ -99,6 +118,26 @@ class LossConfig:
             raise OprdError(f"--clip-eps must be in [0, 1), got {self.clip_eps}")
         if self.logits_chunk_tokens < 0:
             raise OprdError(f"--logits-chunk-tokens must be >= 0, got {self.logits_chunk_tokens}")
+        self._validate_methods()
+
+    def _validate_methods(self) -> None:
+        """The OPD+ and TrOPD settings (checked whatever the objective, so a typo never waits)."""
+        from oprd_cli.losses.fdiv import DIVERGENCES
+        from oprd_cli.losses.tropd import OUTLIER_MODES
+
+        _one_of("divergence", self.divergence, DIVERGENCES)
+        _one_of("advantage", self.advantage, ADVANTAGES)
+        _one_of("trust", self.trust, TRUST_MODES)
+        _one_of("outlier", self.outlier, OUTLIER_MODES)
+        for name in ("alpha", "tau", "logprob_floor"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise OprdError(f"{_flag(name)} must be finite, got {v}")
+        if not (math.isfinite(self.log_ratio_clip) and self.log_ratio_clip >= 0):
+            raise OprdError(f"--log-ratio-clip must be >= 0 (0 = off), got {self.log_ratio_clip}")
+        if not (math.isfinite(self.guidance_beta) and self.guidance_beta >= 0):
+            raise OprdError(f"--guidance-beta must be >= 0, got {self.guidance_beta}")
+        _at_least_1(self, "tropd_topk")
 
 
 @dataclass

@@ -220,8 +220,9 @@ class TrainRun:
     def _producer(self, src: S.Source, todo: list):
         """Micro-batches of step ``i`` of ``todo`` (run by the prefetch thread)."""
         b, loss = self.cfg.batching, self.cfg.loss
-        needs = Needs(hidden=loss.uses_oprd, teacher_logprobs=loss.objective == "opd-top1",
-                      support=loss.objective == "opd-topk")
+        needs = Needs(hidden=loss.uses_oprd, teacher_logprobs=loss.objective in ("opd-top1", "opd-plus", "tropd"),
+                      support=loss.objective == "opd-topk", teacher_topk=loss.tropd_topk if loss.objective == "tropd"
+                      else 0, trust_seed=(int(b.seed), int(src.round or 0)))
         seq_lens = [src.rollout.seq_len(r) for r in range(len(src.rollout))]
 
         def produce(i: int):
@@ -245,6 +246,8 @@ class TrainRun:
         # On-policy only for the first update on a rollout made by exactly these weights; afterwards the
         # student has moved, and opd-top1 uses the behaviour log-probs for a clipped importance ratio.
         fresh = src.policy_digest is not None and start == 0 and src.policy_digest == M.weights_digest(self.model)
+        prefix = src.rollout.prefix_lengths
+        fresh = fresh and (prefix is None or not prefix.any())  # teacher-written tokens are never on-policy
         if bar is not None and task is not None and self.cfg.run.max_steps is None:
             bar.update(task, total=self.trainer.step + len(todo))
         done = start

@@ -82,7 +82,7 @@ def _check_cache(c, path: str, student: Student, cfg: TrainConfig, layers: list[
     if layers is not None and list(layers) != list(c.layers) and loss.uses_oprd:
         raise OprdError(f"cache {path} holds layers {c.layers}, but this run trains on layers "
                         f"{layers}; make caches with the same --layers for one run")
-    meta.check_fits(need_hidden=loss.uses_oprd, logprobs_for=loss.objective)
+    meta.check_fits(need_hidden=loss.uses_oprd, logprobs_for=loss.objective, teacher_topk=loss.tropd_topk)
 
 
 def _check_rollouts(store, c, rpath: str, path: str, student: Student, cfg: TrainConfig) -> None:

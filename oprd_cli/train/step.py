@@ -37,6 +37,7 @@ from oprd_cli.errors import OprdError
 from oprd_cli.losses import oprd_loss, opd_top1_loss, opd_topk_loss, topk_overlap
 from oprd_cli.train import memory
 from oprd_cli.train.config import TrainConfig
+from oprd_cli.train.objectives import SAMPLED_OBJECTIVES, add_metrics, sampled_objective
 from oprd_cli.train.schedule import warmup_cosine
 from oprd_cli.backbone import (
     autocast_context,
@@ -76,6 +77,9 @@ class MicroBatch:
     teacher_logprobs: Tensor | None = None  # [b, T] log q(y_t)
     support_logprobs: Tensor | None = None  # [b, T, K] log q at the support ids
     teacher_topk_ids: Tensor | None = None  # [b, T, K'] the teacher's own top-k ids
+    teacher_topk_logprobs: Tensor | None = None  # [b, T, K'] the teacher's own top-k log-probs (tropd)
+    prefix_lens: Tensor | None = None  # [b] int64 teacher-prefix tokens (guided rollouts)
+    trust_seed: tuple | None = None  # (run seed, round): the TrOPD trust draw's seed
 
     @property
     def size(self) -> int:
@@ -230,6 +234,8 @@ class Trainer:
     def _student_opd(self, h: Tensor, mb: MicroBatch, bi: Tensor, ti: Tensor, on_policy: bool):
         """The OPD loss output from the final states ``h`` ``[N, d]`` of the valid tokens ``(bi, ti)``."""
         cfg = self.cfg.loss
+        if cfg.objective in SAMPLED_OBJECTIVES:  # OPD+ and TrOPD (train/objectives.py)
+            return sampled_objective(self.model, h, mb, bi, ti, None if on_policy else mb.behaviour_logprobs, cfg)
         rmask = mb.response_mask.bool()
         b, T = rmask.shape
         if cfg.objective == "opd-top1":
@@ -263,6 +269,8 @@ class Trainer:
         acc.add("opd/pg_loss", part)
         acc.add("opd/kl", o.kl * tok_w)
         acc.add("opd/clip_frac", o.clip_frac * tok_w)
+        if self.cfg.loss.objective in SAMPLED_OBJECTIVES:
+            add_metrics(o, acc, tok_w, mb.size / max(1, totals.samples))
         if mb.support_ids is not None and mb.teacher_topk_ids is not None \
                 and mb.support_ids.shape[-1] == mb.teacher_topk_ids.shape[-1]:
             ov = topk_overlap(mb.support_ids[bi, ti], mb.teacher_topk_ids[bi, ti].to(mb.support_ids.dtype))
