@@ -238,6 +238,7 @@ def teacher_cache(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Teacher compute dtype: auto (bf16 on GPU, fp32 "
                                         "on CPU) | float32 | bfloat16 | float16. (default: <teacher_cache.dtype>)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
+    bridge: Optional[str] = typer.Option(None, "--bridge", help="Store only z_T = P_T (h_T - mu_T) of this fitted bridge's teacher layers (r numbers per layer and position); a teacher of another tokenizer reads the response text, aligned by character offsets. (default: <teacher_cache.bridge>)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing complete cache."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object describing the caches written."),
 ):
@@ -250,7 +251,7 @@ def teacher_cache(
         positions=positions, k=k, logprobs=logprobs, topk=topk, store_dtype=store_dtype, compressor=compressor,
         level=level, lossy_mantissa_bits=lossy_mantissa_bits, max_batch_tokens=max_batch_tokens,
         unit_positions=unit_positions, unit_tokens=unit_tokens, device=device, dtype=dtype,
-        trust_remote_code=trust_remote_code or None,
+        trust_remote_code=trust_remote_code or None, bridge=bridge,
     )
     if as_json:
         emit_json({"caches": summaries})
@@ -420,6 +421,7 @@ def train(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop following after waiting this many seconds without a new cache (default: never)."),
     max_caches: Optional[int] = typer.Option(None, "--max-caches", help="Stop following after training on N caches (default: never)."),
     max_staleness: Optional[int] = typer.Option(None, "--max-staleness", help="Skip caches whose rollout policy is more than N checkpoints older than the student (default: no limit)."),
+    bridge: Optional[str] = typer.Option(None, "--bridge", help="OPRD-Bridge: the representation term through this fitted bridge (Eq. 14-15; P_S frozen), on a cache projected with it or projected on the fly."),
     resume: bool = typer.Option(False, "--resume", help="With --cache/--out: continue from the latest checkpoint in --out (weights, optimizer, schedule, RNG, progress). --run-dir always continues."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object summarising the run."),
@@ -437,7 +439,7 @@ def train(
                 max_grad_norm=max_grad_norm, epochs=epochs, clip_eps=clip_eps, topk_logits=topk_logits,
                 entropy=entropy, gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, seed=seed,
                 save_every=save_every, keep_last=keep_last, follow=follow, poll_seconds=poll_seconds, timeout=timeout,
-                max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code))["train"]
+                max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code, bridge=bridge))["train"]
     result = run_train(model=model, cache=cache, run_dir=str(run_dir) if run_dir else None, out=out, rollouts=rollouts,
                        config=cfg, resume=resume)
     show({**asdict(result), "steps": result.steps} if as_json else result, as_json, print_result)
@@ -513,6 +515,7 @@ def loop_cmd(
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Padded tokens per teacher forward. (default: <teacher_cache.max_batch_tokens>)"),
     objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk. (default: <train.objective>)"),
     mu: Optional[float] = typer.Option(None, "--mu", help="Add mu * L_OPRD to an OPD objective (Eq. 7). (default: 0 for OPD, 1 for oprd)"),
+    bridge: Optional[str] = typer.Option(None, "--bridge", help="OPRD-Bridge: caches store z_T of this fitted bridge and training goes through it. (default: <train.bridge>)"),
     oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="normalized (L2-normalised vectors: the release) | raw (MSE with 1/d). (default: <train.oprd_form>)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate. (default: <train.lr>)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per optimizer step. (default: <train.batch_size>)"),
@@ -546,7 +549,7 @@ def loop_cmd(
                 template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction),
                 train=dict(objective=objective, mu=mu, oprd_form=oprd_form, lr=lr, batch_size=batch_size,
                            epochs=epochs, total_steps=total_steps, warmup_ratio=warmup_ratio,
-                           micro_batch_tokens=micro_batch_tokens, seed=seed))
+                           micro_batch_tokens=micro_batch_tokens, seed=seed, bridge=bridge))
     cache = dict(layers=layers, positions=positions, k=k, logprobs=logprobs, topk=topk,
                  max_batch_tokens=max_batch_tokens)  # over [teacher_cache] in oprd.toml (loop.cache_config)
     evaluation = eval_settings(run_dir, bench=eval_bench, data=eval_data, limit=eval_limit, every=eval_every,
@@ -577,6 +580,11 @@ def demo_cmd(
     summary = run_demo(out_dir=out, quick=quick, seed=seed, threads=threads, json_path=json_path, plot_path=plot,
                        resume=resume)
     print_summary(summary)
+
+
+from oprd_cli.cli_bridge import bridge_app  # noqa: E402 (uses guarded and emit_json defined above)
+
+app.add_typer(bridge_app, name="bridge")
 
 
 def main() -> None:

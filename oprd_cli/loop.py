@@ -261,7 +261,8 @@ def cache_config(train: Any, section: dict[str, Any] | None, flags: dict[str, An
     from oprd_cli.teacher import TeacherCacheConfig
 
     topk = flags.get("topk") or (section or {}).get("topk") or 16
-    need = {**cache_defaults(train.loss.objective, train.loss.mu, int(topk)), "device": device, "dtype": dtype}
+    need = {**cache_defaults(train.loss.objective, train.loss.mu, int(topk)), "device": device, "dtype": dtype,
+            "bridge": train.loss.bridge}
     ccfg = merge(TeacherCacheConfig, section, defaults=need, **flags)
     if train.loss.objective == "opd-topk":
         if ccfg.logprobs != "topk":

@@ -55,6 +55,8 @@ class LossConfig:
       entropy (checkpointed chunks; 0 = one chunk).
     - ``entropy``: log ``actor/entropy`` (costs an LM-head forward without grad when the objective does
       not compute full logits anyway); ``None`` = on for OPD objectives, off for ``oprd``.
+    - ``bridge``: a bridge folder (``oprd bridge fit``): the representation term becomes the bridge
+      loss (``P_S`` frozen), on a cache projected with it or projected on the fly.
     """
 
     objective: str = "oprd"
@@ -66,6 +68,7 @@ class LossConfig:
     topk_logits: str = "support"
     logits_chunk_tokens: int = 4096
     entropy: bool | None = None
+    bridge: str | None = None  # OPRD-Bridge (Eq. 14-15): the representation term through this fitted bridge
 
     @property
     def oprd_coef(self) -> float:
