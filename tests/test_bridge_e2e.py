@@ -39,6 +39,34 @@ def rollouts(tiny_qwen, aime24_path, tmp_path_factory):
     return run / "rollouts" / "r000001.zarr"
 
 
+@pytest.fixture(scope="module")
+def text_rollouts(rollouts, tiny_dir, aime24_path, tmp_path_factory):
+    """The rollouts' prompts with readable responses (random tiny models sample bytes that are no UTF-8, which
+    a cross-tokenizer alignment rightly masks): AIME text with multi-byte characters, EOS on some."""
+    from oprd_cli.models import load_tokenizer
+    from oprd_cli.stores.rollouts import RolloutWriter, load_arrays, open_rollouts
+
+    src = open_rollouts(str(rollouts))
+    arrays = load_arrays(src)
+    tok = load_tokenizer(str(tiny_dir / "tokenizer"))
+    problems = [json.loads(line)["problem"] for line in aime24_path.read_text().splitlines()]
+    keep = ("policy", "tokenizer", "sampling", "template", "prompts", "seed", "record_topk", "backend", "device",
+            "dtype", "logprobs")
+    w = RolloutWriter(str(tmp_path_factory.mktemp("text") / "r.zarr"), {k: src.meta[k] for k in keep if k in src.meta})
+    rows = {}
+    for i in range(src.num_samples):
+        pr = int(src._load("sample/prompt_row")[i])
+        if pr not in rows:
+            rows[pr] = w.add_prompt(arrays.prompt_ids[i].tolist(), int(src._load("prompt/dataset_index")[pr]), str(pr),
+                                    None)
+        ids = tok(problems[i][:40 + 7 * i] + " é, ü = 12", add_special_tokens=False)["input_ids"]
+        ids = ids + ([tok.eos_token_id] if i % 2 else [])
+        text = tok.decode(ids, skip_special_tokens=True)
+        w.add_sample(rows[pr], i, ids, [0.0] * len(ids), "eos" if i % 2 else "length", text)
+    w.finish()
+    return w.path
+
+
 def _fit(student, teacher, rollouts, out, rank="4", *more):
     r = run_cli("bridge", "fit", "--student", student, "--teacher", teacher, "--rollouts", rollouts, "--rank", rank,
                 "--out", out, "--epochs", "3", "--json", *more)
@@ -108,7 +136,8 @@ def test_train_bridge_projected_equals_on_the_fly_and_decreases(wide_bridge, tea
     assert "--bridge" in r.stderr
 
 
-def test_cross_tokenizer_fit_cache_train(tiny_qwen, teachers, rollouts, tmp_path):
+def test_cross_tokenizer_fit_cache_train(tiny_qwen, teachers, text_rollouts, tmp_path):
+    rollouts = text_rollouts
     out = tmp_path / "x"
     summary = _fit(tiny_qwen, teachers / "other", rollouts, out, "4")
     assert summary["cross_tokenizer"] and 0 < summary["aligned_fraction"] <= 1
