@@ -515,7 +515,7 @@ def loop_cmd(
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Padded tokens per teacher forward. (default: <teacher_cache.max_batch_tokens>)"),
     objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk. (default: <train.objective>)"),
     mu: Optional[float] = typer.Option(None, "--mu", help="Add mu * L_OPRD to an OPD objective (Eq. 7). (default: 0 for OPD, 1 for oprd)"),
-    bridge: Optional[str] = typer.Option(None, "--bridge", help="OPRD-Bridge: caches store z_T of this fitted bridge and training goes through it. (default: <train.bridge>)"),
+    bridge: Optional[str] = typer.Option(None, "--bridge", help="OPRD-Bridge: caches store z_T of this fitted bridge and training goes through it. (default: none, OPRD-Vanilla)"),
     oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="normalized (L2-normalised vectors: the release) | raw (MSE with 1/d). (default: <train.oprd_form>)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate. (default: <train.lr>)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per optimizer step. (default: <train.batch_size>)"),
