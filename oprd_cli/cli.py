@@ -279,6 +279,8 @@ def bench_cache(
     repeats: int = typer.Option(1, "--repeats", show_default=False, help="Time each pass this many times and keep the fastest. (default: 1)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch; 1 leaves a core to the "
                                           "writer and avoids stalls on a busy machine. (default: torch's choice)"),
+    bridge: Optional[str] = typer.Option(None, "--bridge", help="Also cache through this bridge (fitted for --teacher) and report its bytes per position next to the full cache's. (default: a rank --bridge-rank PCA of the full cache)"),
+    bridge_rank: int = typer.Option(8, "--bridge-rank", show_default=False, help="Rank of the default bridge. (default: 8)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Teacher-cache speed and size: truncated vs full forward, writer overhead, bytes per value."""
@@ -288,7 +290,7 @@ def bench_cache(
         teacher=teacher, rollouts=rollouts, device=device, dtype=dtype, store_dtype=store_dtype, layers=layers,
         positions=positions, k=k, compressor=compressor, level=level, tokens=tokens, hidden_size=hidden_size,
         num_layers=num_layers, vocab_size=vocab_size, max_batch_tokens=max_batch_tokens, repeats=repeats,
-        threads=threads, show_progress=not as_json,
+        threads=threads, show_progress=not as_json, bridge=bridge, bridge_rank=bridge_rank,
     )
     show(report, as_json, print_report)
 
