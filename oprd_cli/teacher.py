@@ -220,20 +220,23 @@ def _compute_unit(tm: TeacherModel, data: RolloutArrays, layout: cache_store.Lay
     needed no forward get empty entries). ``on_batch(tokens)`` after each batch. With a bridge
     (``bp``) the projected states (and, across tokenizers, the positions' validity)."""
     results: dict[int, dict] = {}
-    batches = bp.batches(layout, unit, cfg.max_batch_tokens) if bp is not None else \
+    cross = bp is not None and bp.cross  # the teacher reads the response text under its own tokenizer
+    batches = bp.batches(layout, unit, cfg.max_batch_tokens) if cross else \
         unit_batches(data, layout, unit, cfg.logprobs, cfg.max_batch_tokens, cfg.support_k)
     for batch in batches:
         outs = tm.run([q for _, q in batch], logprobs=cfg.logprobs, topk=cfg.support_k)
         results.update({row: o for (row, _), o in zip(batch, outs)})
         on_batch(sum(len(q.ids) for _, q in batch))
-    if bp is not None:
+    if cross:
         done = [bp.finish(layout, row, (results.get(row) or {}).get("hidden")) for row in unit.rows]
-        return [z for z, _ in done], ({cache_store.VALID: [v for _, v in done]} if bp.cross else {})
+        return [z for z, _ in done], {cache_store.VALID: [v for _, v in done]}
     hidden, tokens = [], {name: [] for name in cache_store.token_arrays_for(cfg.logprobs)}
     n_layers = len(models.select_layers(cfg.layers, tm.num_layers))
     for row in unit.rows:
         o = results.get(row)
         hidden.append(o["hidden"] if o is not None else torch.zeros((0, n_layers, tm.hidden_size), dtype=tm.dtype))
+        if bp is not None:  # the same tokenizer: z_T of the states at Lp + t
+            hidden[-1] = bp.finish(layout, row, o["hidden"] if o is not None else None)[0]
         for name in tokens:
             shape = (0,) if name == "teacher_logprobs" else (0, cfg.support_k)
             tokens[name].append(o[name] if o is not None else np.zeros(shape, np.float32))

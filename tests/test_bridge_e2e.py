@@ -161,3 +161,30 @@ def test_cross_tokenizer_fit_cache_train(tiny_qwen, teachers, text_rollouts, tmp
     r = run_cli("train", "--cache", cache, "--out", tmp_path / "t2", "--model", tiny_qwen, "--bridge", out,
                 "--objective", "opd-top1", "--mu", "1", expect=2)
     assert "another tokenizer" in r.stderr
+
+
+def test_bridge_combines_with_opd_top1(wide_bridge, teachers, tiny_qwen, rollouts, tmp_path):
+    out, _ = wide_bridge
+    cache = tmp_path / "c.zarr"
+    run_cli("teacher-cache", "--teacher", teachers / "wide", "--rollouts", rollouts, "--out", cache, "--bridge", out,
+            "--logprobs", "sampled")
+    assert info_json(cache)["logprobs"]["mode"] == "sampled" and info_json(cache)["hidden_size"] == 4
+    t = json.loads(run_cli("train", "--cache", cache, "--out", tmp_path / "t", "--model", tiny_qwen, "--bridge", out,
+                           "--objective", "opd-top1", "--mu", "1", "--batch-size", "8", "--max-steps", "1",
+                           "--json").stdout)
+    m = t["last_metrics"]
+    assert np.isfinite(m["rep/loss"]) and np.isfinite(m["opd/loss"])
+    assert m["loss"] == pytest.approx(m["rep/loss"] + m["opd/loss"], rel=1e-5)
+
+
+def test_loop_and_oprd_toml_know_the_bridge(wide_bridge, teachers, tiny_qwen, aime24_path, tmp_path):
+    out, _ = wide_bridge
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "oprd.toml").write_text(f'[train]\nbridge = "{out}"\n')
+    run_cli("loop", "--run-dir", run, "--model", tiny_qwen, "--teacher", teachers / "wide", "--prompts", aime24_path,
+            "--rounds", "1", "--limit", "2", "--num-samples", "2", "--max-new-tokens", "8", "--batch-size", "4",
+            "--no-eval-start")
+    info = info_json(run / "cache" / "r000001.zarr")
+    assert info["hidden_size"] == 4 and info["bridge"]["teacher_layers"] == [1, 3]
+    assert [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][0]["rep/loss"] > 0
