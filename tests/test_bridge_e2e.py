@@ -188,3 +188,33 @@ def test_loop_and_oprd_toml_know_the_bridge(wide_bridge, teachers, tiny_qwen, ai
     info = info_json(run / "cache" / "r000001.zarr")
     assert info["hidden_size"] == 4 and info["bridge"]["teacher_layers"] == [1, 3]
     assert [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][0]["rep/loss"] > 0
+
+
+def test_teacher_view_pairs_lp_plus_t_on_one_tokenizer_and_masks_unspelled_samples(rollouts, text_rollouts, tiny_dir,
+                                                                                  teachers):
+    from oprd_cli import models
+    from oprd_cli.bridge.view import teacher_view
+    from oprd_cli.stores.rollouts import load_arrays, open_rollouts
+
+    s_tok = models.load_tokenizer(str(tiny_dir / "tokenizer"))
+    t_tok = models.load_tokenizer(str(teachers / "tok-b"))
+    s_dig, t_dig = models.tokenizer_digest(s_tok), models.tokenizer_digest(t_tok)
+    store = open_rollouts(str(text_rollouts))
+    a = load_arrays(store)
+    same = teacher_view(store, a, s_tok, s_tok, s_dig, s_dig)
+    for i in range(len(a)):
+        assert np.array_equal(same.index[i], len(a.prompt_ids[i]) + np.arange(len(a.response_ids[i])))
+    cross = teacher_view(store, a, s_tok, t_tok, s_dig, t_dig)
+    texts = store.texts()
+    for i in range(len(a)):  # a paired teacher token ends where the student token ends: same text read
+        lp = len(cross.ids[i]) - len(t_tok(texts[i], add_special_tokens=False)["input_ids"])
+        for t, j in enumerate(cross.index[i].tolist()):
+            if j >= 0:
+                s_text = s_tok.decode(a.response_ids[i][:t + 1].tolist(), skip_special_tokens=True)
+                assert t_tok.decode(cross.ids[i][lp:j + 1].tolist(), skip_special_tokens=True) == s_text
+        if i % 2:
+            assert cross.index[i][-1] == -1  # EOS: no partner
+    assert 0.5 < cross.aligned_fraction() < 1
+    raw = open_rollouts(str(rollouts))  # random tiny models sample bytes that are no UTF-8: masked, not guessed
+    bad = teacher_view(raw, load_arrays(raw), s_tok, t_tok, s_dig, t_dig)
+    assert bad.aligned_fraction() < 0.5
