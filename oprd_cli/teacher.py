@@ -177,7 +177,7 @@ def _plan_store(cfg: TeacherCacheConfig, store: RolloutStore, tm: TeacherModel,
                 layer_list: list[int], bp=None) -> tuple[dict[str, Any], cache_store.Layout]:
     """The cache's metadata and unit layout for this rollout, teacher and settings (``bp``: a
     :class:`~oprd_cli.bridge.caching.BridgePass`, whose layers, rank and entries it records)."""
-    model_dtype = cache_store.dtype_name(tm.dtype)
+    model_dtype = "float32" if bp else cache_store.dtype_name(tm.dtype)  # z_T is computed in float32
     encoding = cache_store.Encoding(model_dtype if cfg.store_dtype == "auto" else cfg.store_dtype, model_dtype,
                                     cfg.lossy_mantissa_bits)
     layout = cache_store.plan_layout(
