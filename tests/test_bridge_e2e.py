@@ -118,7 +118,8 @@ def test_bridge_for_another_teacher_is_refused(wide_bridge, tiny_dir, rollouts, 
     assert not (tmp_path / "c.zarr").exists()
 
 
-def test_train_bridge_projected_equals_on_the_fly_and_decreases(wide_bridge, teachers, tiny_qwen, rollouts, tmp_path):
+def test_train_bridge_projected_equals_on_the_fly_and_decreases(wide_bridge, teachers, tiny_qwen, tiny_dir, rollouts,
+                                                                tmp_path):
     out, _ = wide_bridge
     full, proj = tmp_path / "full.zarr", tmp_path / "proj.zarr"
     for c, extra in ((full, []), (proj, ["--bridge", out])):
@@ -134,6 +135,9 @@ def test_train_bridge_projected_equals_on_the_fly_and_decreases(wide_bridge, tea
     # without --bridge a projected cache is refused; a vanilla cache of another width too
     r = run_cli("train", "--cache", proj, "--out", tmp_path / "tc", "--model", tiny_qwen, expect=2)
     assert "--bridge" in r.stderr
+    r = run_cli("train", "--cache", proj, "--out", tmp_path / "td", "--model", tiny_dir / "qwen2-deep", "--bridge", out,
+                expect=2)  # a student of another depth than the bridge's layer map
+    assert "4" in r.stderr and "layers" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_cross_tokenizer_fit_cache_train(tiny_qwen, teachers, text_rollouts, tmp_path):

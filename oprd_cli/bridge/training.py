@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from oprd_cli.bridge.command import bridge_identity, check_teacher
@@ -27,6 +25,10 @@ def load_for_training(folder: str | None) -> Bridge | None:
 
 def check_student(bridge: Bridge, folder: str, tokenizer_digest: str, n_layers: int, width: int) -> None:
     bridge.check_models(d_student=width, n_student_layers=n_layers)
+    fitted = bridge.student.get("n_layers")
+    if fitted and int(fitted) != int(n_layers):
+        raise OprdError(f"bridge {folder} was fitted for a student of {fitted} layers (its layer map), this student "
+                        f"has {n_layers}; fit a bridge for it")
     want = bridge.student.get("tokenizer_digest")
     if want and want != tokenizer_digest:
         raise OprdError(f"bridge {folder} was fitted for a student with another tokenizer than this student's")
@@ -66,7 +68,3 @@ def teacher_targets(bridge: Bridge, cache, teacher_hidden: torch.Tensor) -> torc
     cols = [list(cache.layers).index(x) for x in bridge.teacher_layers]
     return torch.stack([bridge.project_teacher(j, teacher_hidden[:, c]) for j, c in enumerate(cols)], dim=1)
 
-
-def describe(meta: dict[str, Any]) -> dict[str, Any]:
-    """The bridge entries of a cache's ``oprd info``."""
-    return {k: meta[k] for k in ("bridge", "alignment") if meta.get(k)}
