@@ -6,22 +6,15 @@ unexpected exceptions print one line too unless ``--debug`` asks for the traceba
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import re
-import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
-from typer.core import TyperCommand
 
 from oprd_cli import __version__
 from oprd_cli import cli_options as O
-from oprd_cli.console import console, err_console
-from oprd_cli.errors import OprdError
+from oprd_cli.cli_base import DefaultsCommand, emit_json, fill_help_defaults, guarded, show  # noqa: F401
+from oprd_cli.console import console
 
 app = typer.Typer(
     name="oprd",
@@ -33,64 +26,6 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks that measure speed and memory on this machine.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-
-
-_DEFAULT_RE = re.compile(r"<(data|template|rollout|teacher_cache|train|bench_loss)\.(\w+)>")
-
-
-def fill_help_defaults(command: click.Command) -> None:
-    """Replace the ``<section.field>`` placeholders in option help with the default of that field of the
-    section's configuration dataclass (:func:`oprd_cli.config.help_default`): ``--help`` shows the
-    defaults the code uses, and the dataclasses are imported only when help is shown."""
-    from oprd_cli.config import help_default
-
-    for p in command.params:
-        text = getattr(p, "help", None)
-        if text:
-            p.help = _DEFAULT_RE.sub(lambda m: help_default(m.group(1), m.group(2)), text)
-
-
-class DefaultsCommand(TyperCommand):
-    """A command whose option help names its defaults through ``<section.field>`` placeholders."""
-
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        fill_help_defaults(self)
-        super().format_help(ctx, formatter)
-
-
-def _debug() -> bool:
-    if os.environ.get("OPRD_DEBUG"):
-        return True
-    ctx = click.get_current_context(silent=True)
-    root = ctx.find_root() if ctx else None
-    return bool(root and (root.obj or {}).get("debug"))
-
-
-def guarded(fn):
-    """Turn OprdError into one line + exit code; hide other tracebacks unless --debug."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
-            raise
-        except OprdError as e:
-            if _debug():
-                raise
-            err_console.print(f"[red]error:[/] {e}", markup=True)
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[red]interrupted[/]")
-            raise typer.Exit(130) from None
-        except Exception as e:  # a bug: say so briefly
-            if _debug():
-                raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            err_console.print(f"[red]error:[/] {type(e).__name__}: {msg} (run with --debug for the traceback)")
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 def _version(value: bool):
@@ -115,20 +50,6 @@ _INSTRUCTION = typer.Option(None, help="Suffix appended to plain problems; '' fo
 _PROMPT_FIELD = typer.Option(None, help="Field holding the problem text or chat messages. (default: auto: problem/question/prompt)")
 _ANSWER_FIELD = typer.Option(None, help="Field holding the reference answer (dots reach into records). (default: auto: answer or reward_model.ground_truth)")
 _ID_FIELD = typer.Option(None, help="Field holding the problem id. (default: id, else the row number)")
-
-
-def emit_json(obj) -> None:
-    """One JSON object on stdout (machine-readable; nothing else goes to stdout with --json)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-    sys.stdout.flush()
-
-
-def show(result, as_json: bool, printer) -> None:
-    """A command's result: one JSON object with ``--json``, else the human summary ``printer`` writes."""
-    if as_json:
-        emit_json(result)
-    else:
-        printer(result)
 
 
 # --------------------------------------------------------------------- rollout
@@ -242,6 +163,7 @@ def teacher_cache(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Teacher compute dtype: auto (bf16 on GPU, fp32 "
                                         "on CPU) | float32 | bfloat16 | float16. (default: <teacher_cache.dtype>)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
+    bridge: Optional[str] = typer.Option(None, "--bridge", help="Store only z_T = P_T (h_T - mu_T) of this fitted bridge's teacher layers (r numbers per layer and position); a teacher of another tokenizer reads the response text, aligned by character offsets. (default: <teacher_cache.bridge>)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing complete cache."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object describing the caches written."),
     objective: Optional[str] = O.CACHE_OBJECTIVE,
@@ -255,7 +177,7 @@ def teacher_cache(
         positions=positions, k=k, logprobs=logprobs, topk=topk, store_dtype=store_dtype, compressor=compressor,
         level=level, lossy_mantissa_bits=lossy_mantissa_bits, max_batch_tokens=max_batch_tokens,
         unit_positions=unit_positions, unit_tokens=unit_tokens, device=device, dtype=dtype,
-        trust_remote_code=trust_remote_code or None, objective=objective,
+        trust_remote_code=trust_remote_code or None, objective=objective, bridge=bridge,
     )
     if as_json:
         emit_json({"caches": summaries})
@@ -283,6 +205,8 @@ def bench_cache(
     repeats: int = typer.Option(1, "--repeats", show_default=False, help="Time each pass this many times and keep the fastest. (default: 1)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch; 1 leaves a core to the "
                                           "writer and avoids stalls on a busy machine. (default: torch's choice)"),
+    bridge: Optional[str] = typer.Option(None, "--bridge", help="Also cache through this bridge (fitted for --teacher) and report its bytes per position next to the full cache's. (default: a rank --bridge-rank PCA of the full cache)"),
+    bridge_rank: int = typer.Option(8, "--bridge-rank", show_default=False, help="Rank of the default bridge. (default: 8)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Teacher-cache speed and size: truncated vs full forward, writer overhead, bytes per value."""
@@ -292,7 +216,7 @@ def bench_cache(
         teacher=teacher, rollouts=rollouts, device=device, dtype=dtype, store_dtype=store_dtype, layers=layers,
         positions=positions, k=k, compressor=compressor, level=level, tokens=tokens, hidden_size=hidden_size,
         num_layers=num_layers, vocab_size=vocab_size, max_batch_tokens=max_batch_tokens, repeats=repeats,
-        threads=threads, show_progress=not as_json,
+        threads=threads, show_progress=not as_json, bridge=bridge, bridge_rank=bridge_rank,
     )
     show(report, as_json, print_report)
 
@@ -428,6 +352,7 @@ def train(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop following after waiting this many seconds without a new cache (default: never)."),
     max_caches: Optional[int] = typer.Option(None, "--max-caches", help="Stop following after training on N caches (default: never)."),
     max_staleness: Optional[int] = typer.Option(None, "--max-staleness", help="Skip caches whose rollout policy is more than N checkpoints older than the student (default: no limit)."),
+    bridge: Optional[str] = typer.Option(None, "--bridge", help="OPRD-Bridge: the representation term through this fitted bridge (Eq. 14-15; P_S frozen), on a cache projected with it or projected on the fly."),
     resume: bool = typer.Option(False, "--resume", help="With --cache/--out: continue from the latest checkpoint in --out (weights, optimizer, schedule, RNG, progress). --run-dir always continues."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object summarising the run."),
@@ -447,7 +372,7 @@ def train(
                 save_every=save_every, keep_last=keep_last, follow=follow, poll_seconds=poll_seconds, timeout=timeout,
                 max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code, divergence=divergence,
                 alpha=alpha, advantage=advantage, log_ratio_clip=log_ratio_clip, trust=trust, tropd_topk=tropd_topk,
-                outlier=outlier, tau=tau, guidance_beta=guidance_beta))["train"]
+                outlier=outlier, tau=tau, guidance_beta=guidance_beta, bridge=bridge))["train"]
     result = run_train(model=model, cache=cache, run_dir=str(run_dir) if run_dir else None, out=out, rollouts=rollouts,
                        config=cfg, resume=resume)
     show({**asdict(result), "steps": result.steps} if as_json else result, as_json, print_result)
@@ -524,6 +449,7 @@ def loop_cmd(
     objective: Optional[str] = typer.Option(None, "--objective", help="oprd | opd-top1 | opd-topk | opd-plus | tropd (their options from [train] in oprd.toml). (default: <train.objective>)"),
     prefix_schedule: str = O.PREFIX_SCHEDULE, prefix_max_tokens: Optional[int] = O.PREFIX_MAX_TOKENS, prefix_mode: Optional[str] = O.PREFIX_MODE,
     mu: Optional[float] = typer.Option(None, "--mu", help="Add mu * L_OPRD to an OPD objective (Eq. 7). (default: 0 for OPD, 1 for oprd)"),
+    bridge: Optional[str] = typer.Option(None, "--bridge", help="OPRD-Bridge: caches store z_T of this fitted bridge and training goes through it. (default: none, OPRD-Vanilla)"),
     oprd_form: Optional[str] = typer.Option(None, "--oprd-form", help="normalized (L2-normalised vectors: the release) | raw (MSE with 1/d). (default: <train.oprd_form>)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate. (default: <train.lr>)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per optimizer step. (default: <train.batch_size>)"),
@@ -557,7 +483,7 @@ def loop_cmd(
                 template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction),
                 train=dict(objective=objective, mu=mu, oprd_form=oprd_form, lr=lr, batch_size=batch_size,
                            epochs=epochs, total_steps=total_steps, warmup_ratio=warmup_ratio,
-                           micro_batch_tokens=micro_batch_tokens, seed=seed))
+                           micro_batch_tokens=micro_batch_tokens, seed=seed, bridge=bridge))
     cache = dict(layers=layers, positions=positions, k=k, logprobs=logprobs, topk=topk,
                  max_batch_tokens=max_batch_tokens)  # over [teacher_cache] in oprd.toml (loop.cache_config)
     evaluation = eval_settings(run_dir, bench=eval_bench, data=eval_data, limit=eval_limit, every=eval_every,
@@ -588,6 +514,11 @@ def demo_cmd(
     summary = run_demo(out_dir=out, quick=quick, seed=seed, threads=threads, json_path=json_path, plot_path=plot,
                        resume=resume)
     print_summary(summary)
+
+
+from oprd_cli.cli_bridge import bridge_app  # noqa: E402 (mounted after the main commands)
+
+app.add_typer(bridge_app, name="bridge")
 
 
 def main() -> None:

@@ -269,7 +269,8 @@ def cache_config(train: Any, section: dict[str, Any] | None, flags: dict[str, An
 
     loss = train.loss
     topk = flags.get("topk") or (section or {}).get("topk") or (loss.tropd_topk if loss.objective == "tropd" else 16)
-    need = {**cache_defaults(loss.objective, loss.mu, int(topk)), "device": device, "dtype": dtype}
+    need = {**cache_defaults(loss.objective, loss.mu, int(topk)), "device": device, "dtype": dtype,
+            "bridge": loss.bridge}
     ccfg = merge(TeacherCacheConfig, section, defaults=need, **flags)
     if loss.objective in ("opd-topk", "tropd"):
         if ccfg.logprobs != "topk":

@@ -64,6 +64,7 @@ class TeacherCacheConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    bridge: str | None = None  # a fitted bridge folder: store z_T = P_T (h_T - mu_T) (oprd_cli.bridge.caching)
 
     def validate(self) -> None:
         if self.positions not in cache_store.POSITION_MODES:
@@ -152,8 +153,8 @@ def _check_inputs(cfg: TeacherCacheConfig, store: RolloutStore, out: str, overwr
         store.typed_meta.check_topk(cfg.topk)
 
 
-def _load_teacher(teacher: str | TeacherModel, cfg: TeacherCacheConfig, store: RolloutStore) -> tuple[TeacherModel,
-                                                                                                      list[int]]:
+def _load_teacher(teacher: str | TeacherModel, cfg: TeacherCacheConfig, store: RolloutStore,
+                  same_tokenizer: bool = True) -> tuple[TeacherModel, list[int]]:
     """The teacher (loaded, or checked when given loaded) and the layers to cache; it must share the
     rollout's tokenizer."""
     if isinstance(teacher, TeacherModel):
@@ -167,19 +168,22 @@ def _load_teacher(teacher: str | TeacherModel, cfg: TeacherCacheConfig, store: R
         tm = TeacherModel(teacher, layers=cfg.layers, need_logits=cfg.need_logits, device=cfg.device, dtype=cfg.dtype,
                           trust_remote_code=cfg.trust_remote_code)
         layer_list = tm.layers
-    store.typed_meta.check_teacher(tm.name, tm.tokenizer_digest)
+    if same_tokenizer:  # a bridge aligns other tokenizers by character offsets (oprd_cli.bridge.view)
+        store.typed_meta.check_teacher(tm.name, tm.tokenizer_digest)
     return tm, layer_list
 
 
 def _plan_store(cfg: TeacherCacheConfig, store: RolloutStore, tm: TeacherModel,
-                layer_list: list[int]) -> tuple[dict[str, Any], cache_store.Layout]:
-    """The cache's metadata and unit layout for this rollout, teacher and settings."""
-    model_dtype = cache_store.dtype_name(tm.dtype)
+                layer_list: list[int], bp=None) -> tuple[dict[str, Any], cache_store.Layout]:
+    """The cache's metadata and unit layout for this rollout, teacher and settings (``bp``: a
+    :class:`~oprd_cli.bridge.caching.BridgePass`, whose layers, rank and entries it records)."""
+    model_dtype = "float32" if bp else cache_store.dtype_name(tm.dtype)  # z_T is computed in float32
     encoding = cache_store.Encoding(model_dtype if cfg.store_dtype == "auto" else cfg.store_dtype, model_dtype,
                                     cfg.lossy_mantissa_bits)
     layout = cache_store.plan_layout(
         store.prompt_lengths, store.response_lengths, positions=cfg.positions, k=cfg.k,
-        n_layers=len(layer_list), hidden_size=tm.hidden_size, itemsize=encoding.storage.itemsize,
+        n_layers=bp.n_layers if bp else len(layer_list), hidden_size=bp.bridge.rank if bp else tm.hidden_size,
+        itemsize=encoding.storage.itemsize,
         unit_positions=cfg.unit_positions, unit_tokens=cfg.unit_tokens,
     )
     meta = {
@@ -191,8 +195,8 @@ def _plan_store(cfg: TeacherCacheConfig, store: RolloutStore, tm: TeacherModel,
                     "num_tokens": store.num_tokens, "policy": store.meta.get("policy")},
         "tokenizer_digest": store.tokenizer_digest,
         "teacher": tm.describe(),
-        "layers": layer_list,
-        "hidden_size": tm.hidden_size,
+        "layers": list(bp.bridge.teacher_layers) if bp else layer_list,
+        "hidden_size": bp.bridge.rank if bp else tm.hidden_size,
         "positions": {"mode": cfg.positions, "k": int(cfg.k)},
         "logprobs": {"mode": cfg.logprobs, "k": cfg.support_k, "support_k": cfg.support_k},
         "encoding": encoding.to_meta(),
@@ -204,24 +208,35 @@ def _plan_store(cfg: TeacherCacheConfig, store: RolloutStore, tm: TeacherModel,
         "num_positions": int(layout.num_positions.sum()),
         "num_tokens": int(layout.response_length.sum()),
     }
+    if bp is not None:
+        meta.update(bp.prepare(load_arrays(store), layout))
     return meta, layout
 
 
 def _compute_unit(tm: TeacherModel, data: RolloutArrays, layout: cache_store.Layout, unit: cache_store.Unit,
-                  cfg: TeacherCacheConfig, on_batch: Callable[[int], None]) -> tuple[list[torch.Tensor],
-                                                                                    dict[str, list[np.ndarray]]]:
+                  cfg: TeacherCacheConfig, on_batch: Callable[[int], None], bp=None) -> tuple[list[torch.Tensor],
+                                                                                              dict[str, list[np.ndarray]]]:
     """Run the teacher over one unit; its hidden states and per-token arrays in row order (rows that
-    needed no forward get empty entries). ``on_batch(tokens)`` after each batch."""
+    needed no forward get empty entries). ``on_batch(tokens)`` after each batch. With a bridge
+    (``bp``) the projected states (and, across tokenizers, the positions' validity)."""
     results: dict[int, dict] = {}
-    for batch in unit_batches(data, layout, unit, cfg.logprobs, cfg.max_batch_tokens, cfg.support_k):
+    cross = bp is not None and bp.cross  # the teacher reads the response text under its own tokenizer
+    batches = bp.batches(layout, unit, cfg.max_batch_tokens) if cross else \
+        unit_batches(data, layout, unit, cfg.logprobs, cfg.max_batch_tokens, cfg.support_k)
+    for batch in batches:
         outs = tm.run([q for _, q in batch], logprobs=cfg.logprobs, topk=cfg.support_k)
         results.update({row: o for (row, _), o in zip(batch, outs)})
         on_batch(sum(len(q.ids) for _, q in batch))
+    if cross:
+        done = [bp.finish(layout, row, (results.get(row) or {}).get("hidden")) for row in unit.rows]
+        return [z for z, _ in done], {cache_store.VALID: [v for _, v in done]}
     hidden, tokens = [], {name: [] for name in cache_store.token_arrays_for(cfg.logprobs)}
     n_layers = len(models.select_layers(cfg.layers, tm.num_layers))
     for row in unit.rows:
         o = results.get(row)
         hidden.append(o["hidden"] if o is not None else torch.zeros((0, n_layers, tm.hidden_size), dtype=tm.dtype))
+        if bp is not None:  # the same tokenizer: z_T of the states at Lp + t
+            hidden[-1] = bp.finish(layout, row, o["hidden"] if o is not None else None)[0]
         for name in tokens:
             shape = (0,) if name == "teacher_logprobs" else (0, cfg.support_k)
             tokens[name].append(o[name] if o is not None else np.zeros(shape, np.float32))
@@ -266,13 +281,13 @@ def _progress_bar(show: bool):
 
 def _run_units(tm: TeacherModel, data: RolloutArrays | None, layout: cache_store.Layout, todo: list,
                writer: cache_store.CacheWriter, worker: str, cfg: TeacherCacheConfig, writer_queue: int,
-               counters: _Counters) -> tuple[float, float]:
+               counters: _Counters, bp=None) -> tuple[float, float]:
     """Compute every unit of ``todo`` and hand it to a background writer; (compute, writer-busy) seconds."""
     compute_seconds, bg = 0.0, cache_store.BackgroundWriter(writer, worker, writer_queue, counters.written)
     try:
         for unit in todo:
             t_c = time.perf_counter()
-            hidden, tokens = _compute_unit(tm, data, layout, unit, cfg, counters.fed)
+            hidden, tokens = _compute_unit(tm, data, layout, unit, cfg, counters.fed, bp)
             compute_seconds += time.perf_counter() - t_c
             bg.submit(unit, hidden, tokens)
         bg.close()
@@ -306,15 +321,18 @@ def cache_rollouts(
     complete by whichever worker finds every unit done. A store left by an interrupted worker is
     resumed (only units without a done marker are computed). ``stats`` (a dict) receives timings.
     """
-    cfg = TeacherCacheConfig.resolve(cfg, settings)
+    from oprd_cli.bridge.caching import BridgePass, bridged_config
+
+    cfg = bridged_config(TeacherCacheConfig.resolve(cfg, settings))
     shard_i, shard_n = parse_shard(shard)
     rollouts_path = str(rollouts_path)
     out = str(out_path) if out_path is not None else str(default_out_path(rollouts_path))
     store = open_rollouts(rollouts_path)
     _check_inputs(cfg, store, out, overwrite)
     t_start = time.perf_counter()
-    tm, layer_list = _load_teacher(teacher, cfg, store)
-    meta, layout = _plan_store(cfg, store, tm, layer_list)
+    tm, layer_list = _load_teacher(teacher, cfg, store, same_tokenizer=not cfg.bridge)
+    bp = BridgePass(cfg.bridge, store, tm, cfg.logprobs) if cfg.bridge else None
+    meta, layout = _plan_store(cfg, store, tm, layer_list, bp)
     writer = cache_store.CacheWriter.open(out, meta, layout, overwrite=overwrite)
     recorded_budget = (writer.meta.get("layout") or {}).get("max_batch_tokens")
     if recorded_budget is not None and recorded_budget != cfg.max_batch_tokens:
@@ -337,7 +355,7 @@ def cache_rollouts(
     try:
         if todo:
             compute_seconds, writer_busy = _run_units(tm, load_arrays(store), layout, todo, writer, f"{shard_i}/{shard_n}",
-                                                      cfg, writer_queue, counters)
+                                                      cfg, writer_queue, counters, bp)
     finally:
         if bar is not None:
             bar.stop()
@@ -404,7 +422,9 @@ def cache_run_dir(
     run = RunDir(run_dir)
     if not run.root.is_dir():
         raise OprdError(f"run directory {run_dir} does not exist")
-    cfg = TeacherCacheConfig.resolve(cfg, settings)
+    from oprd_cli.bridge.caching import bridged_config
+
+    cfg = bridged_config(TeacherCacheConfig.resolve(cfg, settings))
     shard = parse_shard(shard)
     tm = teacher if isinstance(teacher, TeacherModel) else None
     summaries: list[dict[str, Any]] = []

@@ -456,6 +456,9 @@ def test_bench_cache_json_reports_the_issue_figures():
         assert isinstance(r[key], float) and np.isfinite(r[key]), key
     assert r["truncated_speedup"] > 0 and r["compression_ratio"] > 0
     assert r["machine"]["cpu_cores"] and r["machine"]["device"] == "cpu"
+    br = r["bridge"]  # issue 13: the bridged cache's bytes per position next to the full one
+    assert br["rank"] == 8 and br["bridged"]["hidden_size"] == 8 and br["bridged"]["raw_bytes_per_position"] == 8 * 4 * 8
+    assert br["full"]["hidden_size"] == 512 and br["shrink"] > 1
 
 
 # ------------------------------------------------------------ fsspec URLs

@@ -308,6 +308,8 @@ def run_bench(
     threads: int | None = None,
     show_progress: bool = True,
     workdir: str | None = None,
+    bridge: str | None = None,
+    bridge_rank: int = 8,
 ) -> dict[str, Any]:
     _check_args(teacher, rollouts, repeats, threads)
     dev = models.resolve_device(device)
@@ -353,15 +355,21 @@ def run_bench(
         say("reading the cache back")
         c, read_mb_s = _read_mb_s(cache_path)
         info = c.info()
+        say("caching through a bridge (z_T, r numbers per layer and position)")
+        from oprd_cli.bridge.bench import bridged_cache_size
+
+        bridged = bridged_cache_size(tm, rollouts, c, root, rank=bridge_rank, bridge=bridge, positions=positions, k=k,
+                                     compressor=compressor, level=level, max_batch_tokens=max_batch_tokens,
+                                     unit_positions=unit_positions)
         say("sweeping encodings and compressors")
         encodings, comps = _sweep(tm, batches, model_dtype, compressor, level,
                                   int(info["layout"]["hidden_chunk_rows"]))
-        return _report(dev=dev, tm=tm, teacher_name="generated" if generated else teacher, model_dtype=model_dtype,
+        return {**_report(dev=dev, tm=tm, teacher_name="generated" if generated else teacher, model_dtype=model_dtype,
                        store=store, batches=batches, max_batch_tokens=max_batch_tokens, enc=enc,
                        positions=positions, k=k, compressor=compressor, info=info,
                        num_layers_cached=len(c.layers), hidden_size=c.hidden_size, timing=timing,
                        read_mb_s=read_mb_s, encodings=encodings, comps=comps, setup_s=setup_s, repeats=repeats,
-                       t0=t0)
+                       t0=t0), "bridge": bridged}
     finally:
         tmp.cleanup()
 
@@ -396,6 +404,11 @@ def print_report(r: dict[str, Any]) -> None:
         ("write MB/s (raw, writer thread)", f"{r['write_mb_s']:.0f}" if r["write_mb_s"] else "-"),
         ("read MB/s (decoded)", f"{r['read_mb_s']:.0f}" if r["read_mb_s"] else "-"),
     ]
+    if r.get("bridge"):
+        br = r["bridge"]
+        rows.append((f"bytes/position: full {br['full']['store_dtype']} / bridged r={br['rank']} float32",
+                     f"{br['full']['stored_bytes_per_position']:,.1f} / {br['bridged']['stored_bytes_per_position']:,.1f}"
+                     f"  (x{br['shrink']:.1f} smaller)"))
     for a, b in rows:
         tab.add_row(a, b)
     console.print(tab)

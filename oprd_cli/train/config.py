@@ -64,6 +64,8 @@ class LossConfig:
     - TrOPD (``tropd``): ``trust`` (``hard``: the Bernoulli draw; ``soft``: its probability as a weight),
       ``tropd_topk`` (teacher top-k of the outlier FKL), ``outlier`` (fkl|mask|clip), ``tau`` (clip
       floor), ``logprob_floor`` (floor on ``log pi_S`` in the FKL), ``guidance_beta`` (teacher-prefix tokens).
+    - ``bridge``: a bridge folder (``oprd bridge fit``): the representation term becomes the bridge
+      loss (``P_S`` frozen), on a cache projected with it or projected on the fly.
     """
 
     objective: str = "oprd"
@@ -85,6 +87,7 @@ class LossConfig:
     tau: float = -6.0
     logprob_floor: float = -20.0
     guidance_beta: float = 0.001
+    bridge: str | None = None  # OPRD-Bridge (Eq. 14-15): the representation term through this fitted bridge
 
     @property
     def oprd_coef(self) -> float:

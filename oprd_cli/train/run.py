@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from oprd_cli import models as M
+from oprd_cli.bridge import training as bridging
 from oprd_cli.console import err_console, progress, warn
 from oprd_cli.errors import OprdError
 from oprd_cli.stores.rundir import RunDir
@@ -149,6 +150,10 @@ class TrainRun:
         self.model = M.load_model(path, self.device, torch.float32, rt.trust_remote_code, rt.attn_implementation)
         self.student = S.Student(M.tokenizer_digest(self.tokenizer), M.num_layers(self.model.config),
                                  M.hidden_size(self.model.config))
+        self.bridge = bridging.load_for_training(self.cfg.loss.bridge)
+        if self.bridge is not None:
+            bridging.check_student(self.bridge, self.cfg.loss.bridge, self.student.tokenizer_digest,
+                                   self.student.num_layers, self.student.hidden_size)
 
     def _setup_trainer(self, marker: dict | None, trainer_state: dict | None) -> Trainer:
         """The trainer with the schedule's planned length: --total-steps, else --max-steps, else what the
@@ -159,7 +164,7 @@ class TrainRun:
             total = S.horizon(self.first_source, 0, cfg, 0)
         self._warn_constant_lr = total is None  # said once, when a step is about to be taken
         self.state.layers = self.state.layers or (self.first_source.cache.layers if self.first_source else None)
-        trainer = Trainer(self.model, cfg, self.state.layers or [], self.device, total, self.autocast)
+        trainer = Trainer(self.model, cfg, self.state.layers or [], self.device, total, self.autocast, self.bridge)
         torch.manual_seed(cfg.batching.seed)
         if trainer_state is not None:
             trainer.load_state_dict(trainer_state)
@@ -229,6 +234,9 @@ class TrainRun:
             _, rows = todo[i]
             groups = split_micro_batches(rows, [seq_lens[r] for r in rows], b.micro_batch_tokens)
             mbs = [assemble(g, src.rollout, src.cache, needs) for g in groups]
+            if self.bridge is not None and needs.hidden:
+                for m in mbs:
+                    m.teacher_hidden = bridging.teacher_targets(self.bridge, src.cache, m.teacher_hidden)
             return [m.pin_memory() for m in mbs] if self.device.type == "cuda" else mbs
 
         return produce

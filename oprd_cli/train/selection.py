@@ -75,10 +75,17 @@ def check_student_path(model: str) -> None:
 
 # ----------------------------------------------------------------------------- opening a cache
 def _check_cache(c, path: str, student: Student, cfg: TrainConfig, layers: list[int] | None) -> None:
+    from oprd_cli.bridge import training as bridging
+
     meta = c.typed_meta
-    meta.check_fits(tokenizer_digest=student.tokenizer_digest, student_layers=student.num_layers,
-                    student_width=student.hidden_size)
     loss = cfg.loss
+    if loss.bridge:  # another depth, width or tokenizer: the bridge decides what fits
+        meta.check_fits(tokenizer_digest=student.tokenizer_digest)
+        bridging.check_cache(bridging.load_for_training(loss.bridge), loss.bridge, c, loss.objective)
+    else:
+        bridging.refuse_bridged_cache(c)
+        meta.check_fits(tokenizer_digest=student.tokenizer_digest, student_layers=student.num_layers,
+                        student_width=student.hidden_size)
     if layers is not None and list(layers) != list(c.layers) and loss.uses_oprd:
         raise OprdError(f"cache {path} holds layers {c.layers}, but this run trains on layers "
                         f"{layers}; make caches with the same --layers for one run")

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from oprd_cli.errors import OprdError
-from oprd_cli.losses import oprd_loss, opd_top1_loss, opd_topk_loss, topk_overlap
+from oprd_cli.losses import bridge_loss, oprd_loss, opd_top1_loss, opd_topk_loss, topk_overlap
 from oprd_cli.train import memory
 from oprd_cli.train.config import TrainConfig
 from oprd_cli.train.objectives import SAMPLED_OBJECTIVES, add_metrics, sampled_objective
@@ -164,8 +164,9 @@ class Trainer:
     """The student, its AdamW optimizer and warm-up + cosine schedule, and the step function."""
 
     def __init__(self, model, config: TrainConfig, layers: list[int], device: torch.device,
-                 total_steps: int | None, autocast_dtype: torch.dtype | None = None):
+                 total_steps: int | None, autocast_dtype: torch.dtype | None = None, bridge=None):
         self.model = model
+        self.bridge = bridge  # a Bridge: the representation term is the bridge loss at its student layers
         self.cfg = config
         self.layers = list(layers)
         self.device = device
@@ -191,7 +192,7 @@ class Trainer:
         if cfg.uses_oprd and mb.teacher_hidden is None:
             raise OprdError("the OPRD term needs teacher hidden states, and this batch has none")
         with autocast_context(self.device, self.autocast_dtype):
-            out = backbone_hidden(self.model, mb.input_ids, self.layers if cfg.uses_oprd else [],
+            out = backbone_hidden(self.model, mb.input_ids, self.rep_layers if cfg.uses_oprd else [],
                                   need_final=cfg.uses_opd)
         n_tok, n_pos = counts if counts is not None else (mb.num_tokens, mb.num_positions)
         tok_w = n_tok / max(1, totals.tokens)  # this micro-batch's share of the step's tokens
@@ -211,18 +212,30 @@ class Trainer:
             return torch.full((counts.shape[0],), 1.0 / max(1, samples), device=self.device)
         return counts / max(1, step_total)
 
+    @property
+    def rep_layers(self) -> list[int]:
+        """Student layers of the representation term: the cached ones, or the bridge's."""
+        return list(self.bridge.student_layers) if self.bridge is not None else self.layers
+
+    def _layer_loss(self, j: int, s: Tensor, mb: MicroBatch, mask: Tensor):
+        normalize = self.cfg.loss.oprd_form == "normalized"
+        if self.bridge is None:
+            return oprd_loss(s, mb.teacher_hidden[:, j:j + 1], mask, normalize=normalize, reduction="sample")
+        return bridge_loss([s[:, 0]], [self.bridge.student_proj[j]], [mb.teacher_hidden[:, j]], mask,
+                           normalize=normalize, reduction="sample")
+
     def _oprd_term(self, out, mb: MicroBatch, totals: StepTotals, pos_w: float, acc: _Acc) -> Tensor:
         """Eq. 6 over the cached layers (averaged), one layer at a time so the float32 copies stay
-        ``[b, P, d]``."""
+        ``[b, P, d]``; with a bridge, Eq. 14-15 (``teacher_hidden`` then holds ``z_T``)."""
         mask = mb.hidden_mask.bool()
         seq_index = hidden_seq_index(mb.prompt_lens, mb.hidden_positions.clamp_min(0), mb.input_ids.shape[1])
         w = self._weights(mask.sum(dim=-1).float(), totals.positions, totals.samples)
-        n_layers = len(self.layers)
+        layers = self.rep_layers
+        n_layers = len(layers)
         per_sample = torch.zeros(mb.size, device=self.device, dtype=torch.float32)
-        for j, layer in enumerate(self.layers):
+        for j, layer in enumerate(layers):
             s = gather_positions(out.hidden[layer], seq_index)[:, None]  # [b, 1, P, d]
-            o = oprd_loss(s, mb.teacher_hidden[:, j:j + 1], mask, normalize=self.cfg.loss.oprd_form == "normalized",
-                          reduction="sample")
+            o = self._layer_loss(j, s, mb, mask)
             per_sample = per_sample + o.per_sample / n_layers
             acc.add(f"rep/loss/layer_{layer:02d}", (o.per_sample.detach() * w).sum())
             acc.add(f"rep/cosine/layer_{layer:02d}", o.cosine * pos_w)

@@ -60,7 +60,7 @@ Modules: ``format`` (version, modes, value encoding, codecs, digests), ``layout`
 """
 
 from oprd_cli.stores.cache.format import (  # noqa: F401
-    DEFAULT_COMPRESSOR, DEFAULT_LEVEL, FORMAT, HIDDEN, LOGPROB_MODES, POSITION_MODES, STORE_DTYPES, TOKEN_ARRAYS,
+    DEFAULT_COMPRESSOR, DEFAULT_LEVEL, FORMAT, HIDDEN, LOGPROB_MODES, POSITION_MODES, STORE_DTYPES, TOKEN_ARRAYS, VALID,
     CosineStats, Encoding, dtype_name, hidden_codecs, position_range, round_mantissa, token_arrays_for,
 )
 from oprd_cli.stores.cache.layout import Layout, Unit, plan_layout  # noqa: F401

@@ -37,6 +37,9 @@ DEFAULT_UNIT_TOKENS = 16384  # at most this many response tokens per unit (unles
 TOKEN_CHUNK_ROWS = 4096
 
 HIDDEN = "hidden"
+# Per stored position (row of ``hidden``), bool: the position has a teacher partner. Only in caches of a
+# cross-tokenizer bridge (``meta["alignment"]``); a cache without it has every stored position valid.
+VALID = "position/valid"
 TOKEN_ARRAYS = {  # name -> (dtype, has a K axis)
     "teacher_logprobs": ("float32", False),
     "support_logprobs": ("float32", True),
@@ -238,6 +241,7 @@ def value_meta(meta: dict) -> dict[str, Any]:
         "hidden_size": int(meta["hidden_size"]), "positions": meta["positions"], "logprobs": meta["logprobs"],
         "encoding": {"dtype": enc["dtype"], "lossy_mantissa_bits": enc.get("lossy_mantissa_bits")},
         "rollout_content_digest": meta["rollout"]["content_digest"], "num_samples": int(meta["num_samples"]),
+        **({"bridge": meta["bridge"].get("digest")} if meta.get("bridge") else {}),
     }
 
 

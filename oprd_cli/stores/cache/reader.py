@@ -12,7 +12,7 @@ import zarr
 
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import common
-from oprd_cli.stores.cache.format import (FORMAT, HIDDEN, LAYOUT_MARKER, Encoding, combine_digests, sample_digest,
+from oprd_cli.stores.cache.format import (FORMAT, HIDDEN, LAYOUT_MARKER, VALID, Encoding, combine_digests, sample_digest,
                                           token_arrays_for)
 from oprd_cli.stores.cache.layout import Layout
 from oprd_cli.stores.meta import CacheMeta
@@ -86,6 +86,8 @@ class TeacherCache:
         self.rollout = {"path": m.rollout_path, "store_id": meta["rollout"].get("store_id"),
                         "content_digest": m.rollout_digest}
         self.tokenizer_digest, self.teacher = m.tokenizer_digest, dict(meta["teacher"])
+        self.bridge, self.alignment = meta.get("bridge"), meta.get("alignment")
+        self.has_valid = bool((self.alignment or {}).get("cross_tokenizer"))
 
     @property
     def content_digest(self) -> str | None:
@@ -147,6 +149,7 @@ class TeacherCache:
         B, P, T = len(r), int(n.max()) if len(r) else 0, int(lengths.max()) if len(r) else 0
         chunk_rows = int(self.meta["layout"]["hidden_chunk_rows"])
         parts = _read_spans(self.group[HIDDEN], lay.hidden_offset[r], n, gap=chunk_rows) if B else []
+        vparts = _read_spans(self.group[VALID], lay.hidden_offset[r], n, gap=chunk_rows) if B and self.has_valid else None
         hidden = torch.zeros((B, n_layers, P, d), dtype=self.encoding.torch_dtype)
         mask = torch.zeros((B, P), dtype=torch.bool)
         positions = torch.full((B, P), -1, dtype=torch.int64)
@@ -154,7 +157,7 @@ class TeacherCache:
             k = int(n[i])
             if k:
                 hidden[i, :, :k] = self.encoding.decode(part).permute(1, 0, 2)
-                mask[i, :k] = True
+                mask[i, :k] = torch.from_numpy(np.asarray(vparts[i], dtype=np.bool_)) if vparts is not None else True
                 positions[i, :k] = torch.arange(int(lay.position_start[r[i]]), int(lay.position_start[r[i]]) + k)
         response_mask = torch.arange(T)[None, :] < torch.from_numpy(lengths)[:, None] if B else \
             torch.zeros((0, 0), dtype=torch.bool)
@@ -197,6 +200,8 @@ class TeacherCache:
                                                                          self.encoding.storage)
                 b = int(lay.token_offset[row] - unit.token_start)
                 tok = {name: tb[b: b + length] for name, tb in tblocks.items()}
+                if self.has_valid:
+                    tok[VALID] = self.group[VALID][lay.hidden_offset[row]: lay.hidden_offset[row] + n]
                 digests.append(sample_digest(row, t0, n, length, h, tok))
         return combine_digests(self.meta, digests)
 
@@ -248,6 +253,8 @@ class TeacherCache:
             "rollout_digest": self.rollout["content_digest"],
             "tokenizer_digest": self.tokenizer_digest,
             "teacher": self.teacher,
+            **({"bridge": self.bridge} if self.bridge else {}),
+            **({"alignment": self.alignment} if self.alignment else {}),
             "units": {"total": units_total, "done": units_done},
             "layout": m.get("layout"),
             "created_at": m.get("created_at"),

@@ -17,7 +17,8 @@ import zarr
 
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import common
-from oprd_cli.stores.cache.format import (FORMAT, HIDDEN, LAYOUT_MARKER, TOKEN_ARRAYS, UNIT_DIR, UNIT_RE, CosineStats,
+from oprd_cli.stores.cache.format import (FORMAT, HIDDEN, LAYOUT_MARKER, TOKEN_ARRAYS, UNIT_DIR, UNIT_RE, VALID,
+                                          CosineStats,
                                           Encoding, _describe_key_difference, combine_digests, hidden_codecs,
                                           layout_key, sample_digest, token_arrays_for)
 from oprd_cli.stores.cache.layout import Layout, Unit
@@ -45,6 +46,7 @@ class CacheWriter:
         self.token_names = token_arrays_for(meta["logprobs"]["mode"])
         self.hidden = group[HIDDEN]
         self.tokens = {name: group[f"token/{name}"] for name in self.token_names}
+        self.valid = group[VALID] if (meta.get("alignment") or {}).get("cross_tokenizer") else None
         self._fs, self._root = common._fs(path)
 
     # ---- opening
@@ -117,6 +119,10 @@ class CacheWriter:
                          chunks=(p["hidden_chunk_rows"], n_layers, d), shards=(p["hidden_shard_rows"], n_layers, d),
                          compressors=codecs, fill_value=0),
         }
+        if (meta.get("alignment") or {}).get("cross_tokenizer"):
+            specs[VALID] = dict(shape=(layout.hidden_rows,), dtype=np.bool_, chunks=(p["hidden_chunk_rows"],),
+                                shards=(p["hidden_shard_rows"],), compressors=common.compressor_codecs("zstd", 3),
+                                fill_value=False)
         k = int(meta["logprobs"].get("k") or 0)
         for name in token_arrays_for(meta["logprobs"]["mode"]):
             dt, has_k = TOKEN_ARRAYS[name]
@@ -155,7 +161,8 @@ class CacheWriter:
     def write_unit(self, unit: Unit, hidden: list[torch.Tensor], tokens: dict[str, list[np.ndarray]],
                    worker: str = "0/1") -> dict[str, Any]:
         """Encode, write and mark one unit. ``hidden[j]`` is sample ``unit.sample_start + j``'s teacher
-        output ``[n_j, n_layers, d]`` (CPU); ``tokens[name][j]`` its per-token array ``[T_j, ...]``."""
+        output ``[n_j, n_layers, d]`` (CPU); ``tokens[name][j]`` its per-token array ``[T_j, ...]``;
+        ``tokens[VALID][j]`` (cross-tokenizer caches) its per-position validity ``[n_j]`` bool."""
         lay = self.layout
         n_layers, d = self.hidden.shape[1], self.hidden.shape[2]
         region = np.zeros((unit.hidden_rows, n_layers, d), dtype=self.encoding.storage)
@@ -164,6 +171,7 @@ class CacheWriter:
         token_regions = {name: np.zeros((unit.token_rows, *self.tokens[name].shape[1:]), dtype=self.tokens[name].dtype)
                          for name in self.token_names}
         raw_hidden = raw_tokens = 0
+        valid = np.zeros(unit.hidden_rows, dtype=np.bool_) if self.valid is not None else None
         for j, row in enumerate(unit.rows):
             t0, n, length = int(lay.position_start[row]), int(lay.num_positions[row]), int(lay.response_length[row])
             h = hidden[j]
@@ -184,10 +192,16 @@ class CacheWriter:
                 token_regions[name][b: b + length] = arr
                 raw_tokens += arr.nbytes
                 tok[name] = arr
+            if valid is not None:
+                v = np.asarray(tokens[VALID][j], dtype=np.bool_)
+                valid[a: a + n] = v
+                tok[VALID] = v
             digests.append(sample_digest(row, t0, n, length, enc, tok))
         try:
             if unit.hidden_rows:
                 self.hidden[unit.hidden_start: unit.hidden_start + unit.hidden_rows] = region
+                if valid is not None:
+                    self.valid[unit.hidden_start: unit.hidden_start + unit.hidden_rows] = valid
             for name in self.token_names:
                 if unit.token_rows:
                     self.tokens[name][unit.token_start: unit.token_start + unit.token_rows] = token_regions[name]
