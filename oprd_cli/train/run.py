@@ -48,6 +48,7 @@ from oprd_cli.train.checkpoint import (
     set_rng_state,
 )
 from oprd_cli.train.config import TrainConfig, TrainResult
+from oprd_cli.train import distributed as D
 from oprd_cli.train.report import MetricsLog, show_step
 from oprd_cli.train.step import NonFiniteLoss, Trainer
 
@@ -102,6 +103,7 @@ class TrainRun:
         self._setup_student(str(latest.path) if latest is not None else self._initial_student())
         self.base_model = marker.get("base_model", self.student_path) if marker is not None else self.student_path
         self.first_source = self.open(self.cache_arg) if self.cache_arg is not None else None
+        self._latest = latest.path if latest is not None else None
         self.trainer = self._setup_trainer(marker, load_trainer_state(latest.path) if marker is not None else None)
         self.ckpt = Checkpointer(self.target.checkpoints_dir, self.trainer, self.tokenizer, self.marker_state,
                                  self.state.checkpoint_steps, save_every=self.cfg.checkpoint.save_every,
@@ -109,7 +111,8 @@ class TrainRun:
                                  latest=str(latest.path) if latest is not None else None,
                                  saved_step=self.trainer.step if marker is not None else None)
         self.metrics = MetricsLog(self.target.metrics_path)
-        self.metrics.truncate(self.trainer.step)
+        if self.env.is_main:
+            self.metrics.truncate(self.trainer.step)
 
     def _resume_point(self):
         """The checkpoint this invocation continues from, and its marker (None, None: a fresh start)."""
@@ -143,12 +146,20 @@ class TrainRun:
     def _setup_student(self, path: str) -> None:
         rt = self.cfg.runtime
         self.student_path = path
-        self.device = M.resolve_device(rt.device)
+        self.env, self.device = D.init_distributed(M.resolve_device(rt.device))
+        D.quiet_other_ranks(self.env)
         self.autocast = autocast_dtype(rt.dtype, self.device)
         self.tokenizer = M.load_tokenizer(path, rt.trust_remote_code)
         self.model = M.load_model(path, self.device, torch.float32, rt.trust_remote_code, rt.attn_implementation)
         self.student = S.Student(M.tokenizer_digest(self.tokenizer), M.num_layers(self.model.config),
                                  M.hidden_size(self.model.config))
+        self.sharding = None
+        if self.env.enabled:  # torchrun: FSDP2 over the ranks
+            if rt.gradient_checkpointing:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.sharding = D.Sharding(self.env, D.apply_fsdp(self.model), self.device)
+            err_console.print(f"training sharded over {self.env.world_size} ranks (FSDP2, "
+                              f"{'nccl' if self.device.type == 'cuda' else 'gloo'})")
 
     def _setup_trainer(self, marker: dict | None, trainer_state: dict | None) -> Trainer:
         """The trainer with the schedule's planned length: --total-steps, else --max-steps, else what the
@@ -159,10 +170,11 @@ class TrainRun:
             total = S.horizon(self.first_source, 0, cfg, 0)
         self._warn_constant_lr = total is None  # said once, when a step is about to be taken
         self.state.layers = self.state.layers or (self.first_source.cache.layers if self.first_source else None)
-        trainer = Trainer(self.model, cfg, self.state.layers or [], self.device, total, self.autocast)
+        trainer = Trainer(self.model, cfg, self.state.layers or [], self.device, total, self.autocast,
+                          sharding=self.sharding)
         torch.manual_seed(cfg.batching.seed)
         if trainer_state is not None:
-            trainer.load_state_dict(trainer_state)
+            trainer.load_state_dict(trainer_state, checkpoint=self._latest)
             set_rng_state(trainer_state.get("rng"))
         return trainer
 
@@ -190,8 +202,11 @@ class TrainRun:
             self._sources[cache_path] = src
         return self._sources[cache_path]
 
+    def weights_digest(self) -> str:
+        return self.sharding.weights_digest() if self.sharding is not None else M.weights_digest(self.model)
+
     def staleness(self, src: S.Source) -> int:
-        return S.staleness(src, M.weights_digest(self.model) if src.policy_digest else "",
+        return S.staleness(src, self.weights_digest() if src.policy_digest else "",
                            self.state.checkpoint_steps, self.trainer.step)
 
     def steps_done(self, src: S.Source) -> int:
@@ -226,8 +241,11 @@ class TrainRun:
 
         def produce(i: int):
             _, rows = todo[i]
+            mine = D.local_rows(rows, self.env)  # under torchrun: this rank's share of the step
+            rows, empty = (mine, False) if len(mine) else (rows[:1], True)
             groups = split_micro_batches(rows, [seq_lens[r] for r in rows], b.micro_batch_tokens)
             mbs = [assemble(g, src.rollout, src.cache, needs) for g in groups]
+            mbs = [D.placeholder(m) for m in mbs] if empty else mbs
             return [m.pin_memory() for m in mbs] if self.device.type == "cuda" else mbs
 
         return produce
@@ -244,7 +262,7 @@ class TrainRun:
         staleness = self.staleness(src)
         # On-policy only for the first update on a rollout made by exactly these weights; afterwards the
         # student has moved, and opd-top1 uses the behaviour log-probs for a clipped importance ratio.
-        fresh = src.policy_digest is not None and start == 0 and src.policy_digest == M.weights_digest(self.model)
+        fresh = src.policy_digest is not None and start == 0 and src.policy_digest == self.weights_digest()
         if bar is not None and task is not None and self.cfg.run.max_steps is None:
             bar.update(task, total=self.trainer.step + len(todo))
         done = start
@@ -265,7 +283,8 @@ class TrainRun:
                           "cache_name": src.name, "cache_path": src.path, "epoch": epoch, "staleness": staleness,
                           "off_policy": 0 if on_policy else 1, "policy_step": src.policy_step,
                           "data_wait_s": pf.wait_s, "time_s": time.monotonic() - self.t_start})
-                self.metrics.append(m)
+                if self.env.is_main:
+                    self.metrics.append(m)
                 result.losses.append(float(m["loss"]))
                 result.last_metrics = m
                 show_step(bar, task, m)
@@ -362,7 +381,7 @@ def run_train(*, model: str | None = None, cache: str | None = None, run_dir: st
     start = run.trainer.step
     result = TrainResult(start_step=start, step=start, checkpoints_dir=str(run.target.checkpoints_dir),
                          metrics_path=str(run.target.metrics_path))
-    bar = progress(TextColumn("{task.fields[stats]}")) if show_progress else None
+    bar = progress(TextColumn("{task.fields[stats]}")) if show_progress and run.env.is_main else None
     try:
         if bar is not None:
             bar.__enter__()
