@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import types
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
