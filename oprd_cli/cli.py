@@ -161,6 +161,8 @@ def rollout(
     dtype: str = typer.Option("auto", help="Model dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete store at --out."),
+    import_file: Optional[str] = typer.Option(None, "--import", help="Build the store from an outside engine's responses (JSONL of prompt_index, sample_index, token_ids, logprobs, finish_reason) to the prompts --print-prompts renders; see docs/scale-out.md."),
+    print_prompts: Optional[str] = typer.Option(None, "--print-prompts", help="Write the rendered prompt token ids (JSONL) to this file for an outside engine, and stop."),
 ):
     """Sample on-policy responses from the student and write one rollout store."""
     from oprd_cli.config import resolve
@@ -171,9 +173,16 @@ def rollout(
                 rollout=dict(num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
                              max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, record_topk=record_topk),
                 template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction))
+    if print_prompts is not None:
+        from oprd_cli.rollout_import import print_prompts as write_prompts
+
+        n = write_prompts(print_prompts, model, str(run_dir) if run_dir else None, c["data"], c["template"],
+                          trust_remote_code)
+        err_console.print(f"wrote {n} rendered prompts to {print_prompts}")
+        return
     summary = run_rollout(model=model, data=c["data"], sampling=c["rollout"], template=c["template"], out=out,
                           run_dir=str(run_dir) if run_dir else None, overwrite=overwrite, backend=backend,
-                          device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+                          device=device, dtype=dtype, trust_remote_code=trust_remote_code, import_path=import_file)
     print_summary(summary)
 
 

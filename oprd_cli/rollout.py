@@ -247,15 +247,10 @@ def make_backend(name: str, model, tokenizer) -> GenerationBackend:
 def generate_for_records(backend: GenerationBackend, tokenizer, records: list[Record], template: TemplateConfig,
                          sampling: SamplingConfig, description: str = "sampling") -> GenerationResult:
     """Render each record's prompt, skip those that do not fit the context, and sample."""
-    kept: list[tuple[Record, list[int]]] = []
-    skipped: list[Record] = []
+    from oprd_cli.rollout_import import kept_prompts
+
     ctx = backend.context_length
-    for r in records:
-        ids = render_prompt(r, tokenizer, template)
-        if ctx is not None and len(ids) >= ctx:
-            skipped.append(r)
-        else:
-            kept.append((r, ids))
+    kept, skipped = kept_prompts(records, tokenizer, template, ctx)  # one rule, shared with --print-prompts
     if skipped:
         warn(f"skipped {len(skipped)} of {len(records)} prompts longer than the model's context ({ctx} tokens)")
     if not kept:
@@ -324,6 +319,7 @@ def run_rollout(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    import_path: str | None = None,
 ) -> RolloutSummary:
     """Sample ``sampling.num_samples`` responses per prompt and write one rollout store."""
     from oprd_cli import models as M
@@ -350,7 +346,13 @@ def run_rollout(
     dev = M.resolve_device(device)
     tok = M.load_tokenizer(model_name, trust_remote_code)
     lm = M.load_model(model_name, dev, M.resolve_dtype(dtype, dev), trust_remote_code)
-    gen = make_backend(backend, lm, tok)
+    if import_path is not None:  # responses from an outside engine (vLLM, SGLang, ...)
+        from oprd_cli.rollout_import import ImportBackend
+
+        gen, backend = ImportBackend(import_path, tok, M.context_length(lm), lm.config.get_text_config().vocab_size,
+                                     eos_ids=HFBackend(lm, tok).eos_ids), "import"
+    else:
+        gen = make_backend(backend, lm, tok)
     if run_dir is not None:
         write_initial_config(run_dir, {"models": {"student": model_name}, "data": {"prompts": data.prompts}})
 
