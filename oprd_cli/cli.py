@@ -355,11 +355,14 @@ def eval_cmd(
     dtype: str = typer.Option("auto", help="Model dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub."),
     as_json: bool = typer.Option(False, "--json", show_default=False, help="Print the report summary as JSON on stdout."),
+    report_to: str = typer.Option("none", "--report-to", help="Also log the reports at their checkpoint's step to tensorboard (RUN/tensorboard) or wandb (offline without an API key). (default: none)"),
 ):
     """Sample n responses per problem, grade them and write a report (Avg@n, pass@k, Best@n, maj@n, Dist-4g, lengths)."""
     from oprd_cli.eval import run_eval
+    from oprd_cli.tracking import check_report_to, report_eval
 
-    run_eval(
+    check_report_to(report_to)
+    res = run_eval(
         bench=bench, data=data, responses=responses, model=model, run_dir=run_dir, checkpoint=checkpoint,
         all_checkpoints=all_checkpoints, out=out, limit=limit, split=split, prompt_field=prompt_field,
         answer_field=answer_field, id_field=id_field,
@@ -370,6 +373,9 @@ def eval_cmd(
         timeout=grade_timeout, extract=extract,
         skip_existing=skip_existing, per_problem=per_problem, plot=plot, json_output=as_json,
     )
+    if report_to != "none" and res.get("reports"):
+        first = res["reports"][0].get("report_path")
+        report_eval(report_to, Path(run_dir) if run_dir else Path(first or ".").parent, res["reports"])
 
 
 # ---------------------------------------------------------------------- report
@@ -429,6 +435,7 @@ def train(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop following after waiting this many seconds without a new cache (default: never)."),
     max_caches: Optional[int] = typer.Option(None, "--max-caches", help="Stop following after training on N caches (default: never)."),
     max_staleness: Optional[int] = typer.Option(None, "--max-staleness", help="Skip caches whose rollout policy is more than N checkpoints older than the student (default: no limit)."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Also report metrics to tensorboard (RUN/tensorboard) or wandb (offline without an API key); rank 0 only (default: <train.report_to>)."),
     resume: bool = typer.Option(False, "--resume", help="With --cache/--out: continue from the latest checkpoint in --out (weights, optimizer, schedule, RNG, progress). --run-dir always continues."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object summarising the run."),
@@ -446,7 +453,8 @@ def train(
                 max_grad_norm=max_grad_norm, epochs=epochs, clip_eps=clip_eps, topk_logits=topk_logits,
                 entropy=entropy, gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, seed=seed,
                 save_every=save_every, keep_last=keep_last, follow=follow, poll_seconds=poll_seconds, timeout=timeout,
-                max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code))["train"]
+                max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code,
+                report_to=report_to))["train"]
     result = run_train(model=model, cache=cache, run_dir=str(run_dir) if run_dir else None, out=out, rollouts=rollouts,
                        config=cfg, resume=resume)
     show({**asdict(result), "steps": result.steps} if as_json else result, as_json, print_result)
@@ -537,6 +545,7 @@ def loop_cmd(
     eval_max_new_tokens: Optional[int] = typer.Option(None, "--eval-max-new-tokens", help="Eval length limit. (default: 16384, capped by the context)"),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate only the first N problems."),
     no_eval_start: bool = typer.Option(False, "--no-eval-start", help="Do not evaluate the starting student (step 0)."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Also report training metrics to tensorboard (RUN/tensorboard) or wandb (offline without an API key). (default: <train.report_to>)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (every stage)."),
     dtype: str = typer.Option("auto", help="Model dtype for sampling and the teacher: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub."),
@@ -555,7 +564,7 @@ def loop_cmd(
                 template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction),
                 train=dict(objective=objective, mu=mu, oprd_form=oprd_form, lr=lr, batch_size=batch_size,
                            epochs=epochs, total_steps=total_steps, warmup_ratio=warmup_ratio,
-                           micro_batch_tokens=micro_batch_tokens, seed=seed))
+                           micro_batch_tokens=micro_batch_tokens, seed=seed, report_to=report_to))
     cache = dict(layers=layers, positions=positions, k=k, logprobs=logprobs, topk=topk,
                  max_batch_tokens=max_batch_tokens)  # over [teacher_cache] in oprd.toml (loop.cache_config)
     evaluation = eval_settings(run_dir, bench=eval_bench, data=eval_data, limit=eval_limit, every=eval_every,

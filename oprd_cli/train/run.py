@@ -111,6 +111,10 @@ class TrainRun:
                                  latest=str(latest.path) if latest is not None else None,
                                  saved_step=self.trainer.step if marker is not None else None)
         self.metrics = MetricsLog(self.target.metrics_path)
+        from oprd_cli.tracking import open_tracker
+
+        self.tracker = open_tracker(self.cfg.run.report_to, self.target.root, name=self.target.root.name,
+                                    config=self.cfg.to_flat(), is_main=self.env.is_main)
         if self.env.is_main:
             self.metrics.truncate(self.trainer.step)
 
@@ -285,6 +289,7 @@ class TrainRun:
                           "data_wait_s": pf.wait_s, "time_s": time.monotonic() - self.t_start})
                 if self.env.is_main:
                     self.metrics.append(m)
+                self.tracker.log(m, m["step"], prefix="train/")
                 result.losses.append(float(m["loss"]))
                 result.last_metrics = m
                 show_step(bar, task, m)
@@ -398,6 +403,7 @@ def run_train(*, model: str | None = None, cache: str | None = None, run_dir: st
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
+        run.tracker.close()
         result.step = run.trainer.step
         result.seconds = time.monotonic() - run.t_start
         result.skipped_caches = [s["name"] for s in run.state.skipped]
