@@ -89,3 +89,19 @@ def test_rank_split_and_torchrun_env():
     shares = [local_rows(rows, DistEnv(r, 2, r)) for r in range(2)]
     assert shares == [[0, 2, 4], [1, 3]]
     assert local_rows(rows, DistEnv()) == rows
+
+
+@pytest.mark.slow
+def test_teacher_cache_under_torchrun_takes_rank_shards_and_gives_the_one_worker_store(cache, tiny_dir, tmp_path):
+    from helpers import info_json
+
+    rollouts = cache.parent.parent / "rollouts" / "r000001.zarr"
+    out = tmp_path / "c.zarr"
+    args = ["teacher-cache", "--teacher", tiny_dir / "qwen2-b", "--rollouts", rollouts, "--layers", "all",
+            "--logprobs", "sampled", "--unit-tokens", 16]
+    torchrun(*args, "--out", out)
+    run_cli(*args, "--out", tmp_path / "one.zarr")
+    info = info_json(out)
+    assert info["complete"] and info["content_digest"] == info_json(tmp_path / "one.zarr")["content_digest"]
+    workers = {json.loads(f.read_text())["worker"] for f in (out / "units").glob("u*.json")}
+    assert workers == {"0/2", "1/2"}

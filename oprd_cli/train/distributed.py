@@ -27,41 +27,15 @@ import shutil
 import time
 import types
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from oprd_cli.errors import OprdError
+from oprd_cli.torchrun import DistEnv, dist_env
 
 DCP_DIR = "dcp"  # the sharded model + optimizer state inside a checkpoint folder
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits among torchrun's ranks (world_size 1: a plain run)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_env(environ: dict[str, str] | None = None) -> DistEnv:
-    """The torchrun variables ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (absent: one process)."""
-    env = os.environ if environ is None else environ
-    try:
-        return DistEnv(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-    except ValueError:
-        raise OprdError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (start the command with torchrun)") from None
 
 
 def init_distributed(device: torch.device) -> tuple[DistEnv, torch.device]:
