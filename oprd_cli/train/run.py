@@ -316,10 +316,12 @@ class TrainRun:
         while True:
             if self.reached_max():
                 return "max_steps"
-            src = S.next_source(self.state, lambda: self.source_run.cache_rounds(complete_only=True), self.open,
-                                self.staleness, self.cfg, self.trainer.step)
+            src = S.next_source(self.state, self._complete_caches, self.open, self.staleness, self.cfg,
+                                self.trainer.step)
             if src is None:
                 stop = self._nothing_new(result, started, said_waiting)
+                if self.sharding is not None:  # every rank stops (or waits) as rank 0 decides
+                    stop = D.broadcast(stop)
                 if stop:
                     return stop
                 said_waiting = True
@@ -351,6 +353,11 @@ class TrainRun:
                               "(raise --max-steps or --epochs for more passes)")
         self.train_source(src, result, bar, task)
         return "max_steps" if self.reached_max() else "caches_done"
+
+    def _complete_caches(self):
+        """The run's complete caches; under torchrun rank 0's view, so every rank picks the same cache."""
+        rounds = self.source_run.cache_rounds(complete_only=True)
+        return rounds if self.sharding is None else D.broadcast(rounds)
 
     def _nothing_new(self, result: TrainResult, started: float, said_waiting: bool) -> str | None:
         """No cache to train on now: the reason to stop, or None after waiting one poll (--follow)."""
