@@ -173,13 +173,9 @@ def rollout(
                 rollout=dict(num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
                              max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, record_topk=record_topk),
                 template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction))
-    if print_prompts is not None:
+    if print_prompts is not None:  # the rendered prompts for an outside engine; nothing is sampled
         from oprd_cli.rollout_import import print_prompts as write_prompts
-
-        n = write_prompts(print_prompts, model, str(run_dir) if run_dir else None, c["data"], c["template"],
-                          trust_remote_code)
-        err_console.print(f"wrote {n} rendered prompts to {print_prompts}")
-        return
+        return write_prompts(print_prompts, model, run_dir, c["data"], c["template"], trust_remote_code)
     summary = run_rollout(model=model, data=c["data"], sampling=c["rollout"], template=c["template"], out=out,
                           run_dir=str(run_dir) if run_dir else None, overwrite=overwrite, backend=backend,
                           device=device, dtype=dtype, trust_remote_code=trust_remote_code, import_path=import_file)
@@ -361,7 +357,7 @@ def eval_cmd(
     from oprd_cli.eval import run_eval
     from oprd_cli.tracking import check_report_to, report_eval
 
-    check_report_to(report_to)
+    check_report_to(report_to)  # before the work
     res = run_eval(
         bench=bench, data=data, responses=responses, model=model, run_dir=run_dir, checkpoint=checkpoint,
         all_checkpoints=all_checkpoints, out=out, limit=limit, split=split, prompt_field=prompt_field,
@@ -373,9 +369,7 @@ def eval_cmd(
         timeout=grade_timeout, extract=extract,
         skip_existing=skip_existing, per_problem=per_problem, plot=plot, json_output=as_json,
     )
-    if report_to != "none" and res.get("reports"):
-        first = res["reports"][0].get("report_path")
-        report_eval(report_to, Path(run_dir) if run_dir else Path(first or ".").parent, res["reports"])
+    report_eval(report_to, run_dir, res.get("reports") or [])
 
 
 # ---------------------------------------------------------------------- report

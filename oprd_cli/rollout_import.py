@@ -59,23 +59,26 @@ def write_prompts(path: str, records, tokenizer, template, ctx: int | None) -> i
     return len(lines)
 
 
-def print_prompts(path: str, model: str | None, run_dir: str | None, data, template,
-                  trust_remote_code: bool = False) -> int:
+def print_prompts(path: str, model: str | None, run_dir, data, template, trust_remote_code: bool = False) -> int:
     """``oprd rollout --print-prompts``: the student's tokenizer and context (no weights loaded)."""
+    from oprd_cli.console import err_console
+
     from transformers import AutoConfig
 
     from oprd_cli import models as M
     from oprd_cli.data import load_records
     from oprd_cli.rollout import resolve_student
 
-    name, _ = resolve_student(model, run_dir)
+    name, _ = resolve_student(model, str(run_dir) if run_dir else None)
     if data.prompts is None:
         raise OprdError("pass --prompts (a hub dataset id or a .jsonl/.json/.parquet file)")
     records = load_records(data.prompts, data.split, data.prompt_field, data.answer_field, data.id_field, data.limit)
     tok = M.load_tokenizer(name, trust_remote_code)
     cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     ctx = getattr(getattr(cfg, "text_config", None) or cfg, "max_position_embeddings", None)
-    return write_prompts(path, records, tok, template, int(ctx) if ctx else None)
+    n = write_prompts(path, records, tok, template, int(ctx) if ctx else None)
+    err_console.print(f"wrote {n} rendered prompts to {path}")
+    return n
 
 
 def _fail(path: str, lineno: int, what: str):

@@ -92,9 +92,13 @@ def open_tracker(report_to: str, run_root: Path, *, name: str = "oprd", config: 
     return WandbTracker(Path(run_root), name, config)
 
 
-def report_eval(report_to: str, run_root: Path, reports: list[dict[str, Any]]) -> None:
-    """Log ``oprd eval`` reports (one per model) at their checkpoint's step under ``eval/BENCH/``."""
-    tracker = open_tracker(report_to, run_root, name=Path(run_root).name)
+def report_eval(report_to: str, run_dir: str | None, reports: list[dict[str, Any]]) -> None:
+    """Log ``oprd eval`` reports (one per model) at their checkpoint's step under ``eval/BENCH/``, in
+    the run directory (else beside the first report)."""
+    if report_to == "none" or not reports:
+        return
+    run_root = Path(run_dir) if run_dir else Path(reports[0].get("report_path") or "x").parent
+    tracker = open_tracker(report_to, run_root, name=run_root.name)
     try:
         for r in reports:
             flat = {**r, **{f"pass_at_{k}": v for k, v in (r.get("pass_at_k") or {}).items()}}
