@@ -343,7 +343,11 @@ def run_rollout(
             raise OprdError(f"rollout store {out_path} already exists and is complete; pass --overwrite to replace it")
 
     records = load_records(data.prompts, data.split, data.prompt_field, data.answer_field, data.id_field, data.limit)
-    dev = M.resolve_device(device)
+    from oprd_cli.rollout_ranks import RankedBackend, init_rollout_ranks
+    from oprd_cli.torchrun import dist_env, rank_device
+
+    dev = M.resolve_device(rank_device(device, dist_env()))
+    env = init_rollout_ranks(dev)  # under torchrun: the ranks sample one round together, rank 0 writes
     tok = M.load_tokenizer(model_name, trust_remote_code)
     lm = M.load_model(model_name, dev, M.resolve_dtype(dtype, dev), trust_remote_code)
     if import_path is not None:  # responses from an outside engine (vLLM, SGLang, ...)
@@ -353,6 +357,7 @@ def run_rollout(
                                      eos_ids=HFBackend(lm, tok).eos_ids), "import"
     else:
         gen = make_backend(backend, lm, tok)
+    gen = RankedBackend(gen, env) if env.enabled else gen
     if run_dir is not None:
         write_initial_config(run_dir, {"models": {"student": model_name}, "data": {"prompts": data.prompts}})
 
@@ -375,6 +380,9 @@ def run_rollout(
         "skipped_prompts": len(result.skipped),
         "generation_seconds": round(result.seconds, 3),
     }
+    if not env.is_main:  # rank 0 writes the store
+        return RolloutSummary(path=out_path, num_prompts=len(result.prompts), num_samples=0, num_tokens=0,
+                              num_truncated=0, skipped_prompts=len(result.skipped), content_digest="", seconds=0.0)
     writer = RolloutWriter(out_path, meta, record_topk=sampling.record_topk, overwrite=overwrite)
     for (record, ids), group in zip(result.prompts, result.samples):
         row = writer.add_prompt(ids, record.index, record.id, record.answer)

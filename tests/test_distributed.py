@@ -105,3 +105,21 @@ def test_teacher_cache_under_torchrun_takes_rank_shards_and_gives_the_one_worker
     assert info["complete"] and info["content_digest"] == info_json(tmp_path / "one.zarr")["content_digest"]
     workers = {json.loads(f.read_text())["worker"] for f in (out / "units").glob("u*.json")}
     assert workers == {"0/2", "1/2"}
+
+
+@pytest.mark.slow
+def test_rollout_under_torchrun_samples_one_round_together(tiny_dir, aime24_path, tmp_path):
+    from oprd_cli.stores.rollouts import open_rollouts
+
+    args = ["rollout", "--model", tiny_dir / "qwen2", "--prompts", aime24_path, "--num-samples", 2,
+            "--max-new-tokens", 6, "--temperature", 1.0]
+    res = torchrun(*args, "--limit", 3, "--out", tmp_path / "two.zarr")
+    assert "sampling over 2 ranks" in res.stderr and res.stderr.count("wrote ") == 1  # rank 0 writes
+    run_cli(*args, "--limit", 3, "--out", tmp_path / "one.zarr")
+    two, one = open_rollouts(str(tmp_path / "two.zarr")), open_rollouts(str(tmp_path / "one.zarr"))
+    got = list(two.samples())
+    # every prompt's samples, in (prompt, sample) order, on the prompts one process renders
+    assert [(s.prompt_row, s.sample_index) for s in got] == [(s.prompt_row, s.sample_index) for s in one.samples()]
+    assert [two.prompt_ids(i).tolist() for i in range(3)] == [one.prompt_ids(i).tolist() for i in range(3)]
+    assert all(0 < len(s.response_ids) <= 6 and len(s.logprobs) == len(s.response_ids) for s in got)
+    assert two.meta["policy"]["weights_digest"] == one.meta["policy"]["weights_digest"]
