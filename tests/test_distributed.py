@@ -45,7 +45,6 @@ def losses(folder: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # two torchrun processes and one plain run: about 40 s on 2 cores
 def test_fsdp2_over_two_ranks_gives_the_losses_of_one_process(cache, tiny_dir, tmp_path):
     args = ["train", "--model", tiny_dir / "qwen2", "--cache", cache, "--max-steps", 3, *COMMON]
     run_cli(*args, "--out", tmp_path / "one")
