@@ -119,3 +119,14 @@ def test_killed_worker_on_s3_resumes_to_the_same_store(s3, rollouts, reference, 
     run_cli(*args)  # resumes: keeps the finished units, redoes the rest
     info = info_json(cache)
     assert info["complete"] and info["content_digest"] == reference
+
+
+def test_run_directory_on_object_storage_is_refused_with_one_line(tiny_dir, aime24_path, tmp_path, monkeypatch):
+    """Stores take URLs; the run directory (checkpoints, metrics) is a local folder: say so, create nothing."""
+    monkeypatch.chdir(tmp_path)
+    for args in (["rollout", "--model", tiny_dir / "qwen2", "--prompts", aime24_path],
+                 ["teacher-cache", "--teacher", tiny_dir / "qwen2-b"]):
+        res = run_cli(*args, "--run-dir", "s3://bucket/run", expect=2)
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and "local folder" in last and "Traceback" not in res.stderr
+    assert not any(tmp_path.iterdir())  # no ./s3:/bucket/run folder
