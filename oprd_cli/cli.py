@@ -84,6 +84,8 @@ def rollout(
     dtype: str = typer.Option("auto", help="Model dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete store at --out."),
+    import_file: Optional[str] = typer.Option(None, "--import", help="Build the store from an outside engine's responses (JSONL of prompt_index, sample_index, token_ids, logprobs, finish_reason) to the prompts --print-prompts renders; see docs/scale-out.md."),
+    print_prompts: Optional[str] = typer.Option(None, "--print-prompts", help="Write the rendered prompt token ids (JSONL) to this file for an outside engine, and stop."),
 ):
     """Sample on-policy responses from the student and write one rollout store."""
     from oprd_cli.config import resolve
@@ -95,9 +97,12 @@ def rollout(
                 rollout=dict(num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
                              max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, record_topk=record_topk),
                 template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction))
+    if print_prompts is not None:  # the rendered prompts for an outside engine; nothing is sampled
+        from oprd_cli.rollout_import import print_prompts as write_prompts
+        return write_prompts(print_prompts, model, run_dir, c["data"], c["template"], trust_remote_code)
     summary = run_rollout(model=model, data=c["data"], sampling=c["rollout"], template=c["template"], out=out,
                           run_dir=str(run_dir) if run_dir else None, overwrite=overwrite, backend=backend,
-                          device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          device=device, dtype=dtype, trust_remote_code=trust_remote_code, import_path=import_file,
                           guidance=guidance_from_flags(teacher_prefix, prefix_max_tokens, prefix_mode))
     print_summary(summary)
 
@@ -275,11 +280,14 @@ def eval_cmd(
     dtype: str = typer.Option("auto", help="Model dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub."),
     as_json: bool = typer.Option(False, "--json", show_default=False, help="Print the report summary as JSON on stdout."),
+    report_to: str = typer.Option("none", "--report-to", help="Also log the reports at their checkpoint's step to tensorboard (RUN/tensorboard) or wandb (offline without an API key). (default: none)"),
 ):
     """Sample n responses per problem, grade them and write a report (Avg@n, pass@k, Best@n, maj@n, Dist-4g, lengths)."""
     from oprd_cli.eval import run_eval
+    from oprd_cli.tracking import check_report_to, report_eval
 
-    run_eval(
+    check_report_to(report_to)  # before the work
+    res = run_eval(
         bench=bench, data=data, responses=responses, model=model, run_dir=run_dir, checkpoint=checkpoint,
         all_checkpoints=all_checkpoints, out=out, limit=limit, split=split, prompt_field=prompt_field,
         answer_field=answer_field, id_field=id_field,
@@ -290,6 +298,7 @@ def eval_cmd(
         timeout=grade_timeout, extract=extract,
         skip_existing=skip_existing, per_problem=per_problem, plot=plot, json_output=as_json,
     )
+    report_eval(report_to, run_dir, res.get("reports") or [])
 
 
 # ---------------------------------------------------------------------- report
@@ -353,6 +362,7 @@ def train(
     max_caches: Optional[int] = typer.Option(None, "--max-caches", help="Stop following after training on N caches (default: never)."),
     max_staleness: Optional[int] = typer.Option(None, "--max-staleness", help="Skip caches whose rollout policy is more than N checkpoints older than the student (default: no limit)."),
     bridge: Optional[str] = typer.Option(None, "--bridge", help="OPRD-Bridge: the representation term through this fitted bridge (Eq. 14-15; P_S frozen), on a cache projected with it or projected on the fly."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Also report metrics to tensorboard (RUN/tensorboard) or wandb (offline without an API key); rank 0 only (default: <train.report_to>)."),
     resume: bool = typer.Option(False, "--resume", help="With --cache/--out: continue from the latest checkpoint in --out (weights, optimizer, schedule, RNG, progress). --run-dir always continues."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object summarising the run."),
@@ -372,7 +382,8 @@ def train(
                 save_every=save_every, keep_last=keep_last, follow=follow, poll_seconds=poll_seconds, timeout=timeout,
                 max_caches=max_caches, max_staleness=max_staleness, trust_remote_code=trust_remote_code, divergence=divergence,
                 alpha=alpha, advantage=advantage, log_ratio_clip=log_ratio_clip, trust=trust, tropd_topk=tropd_topk,
-                outlier=outlier, tau=tau, guidance_beta=guidance_beta, bridge=bridge))["train"]
+                outlier=outlier, tau=tau, guidance_beta=guidance_beta, bridge=bridge,
+                report_to=report_to))["train"]
     result = run_train(model=model, cache=cache, run_dir=str(run_dir) if run_dir else None, out=out, rollouts=rollouts,
                        config=cfg, resume=resume)
     show({**asdict(result), "steps": result.steps} if as_json else result, as_json, print_result)
@@ -465,6 +476,7 @@ def loop_cmd(
     eval_max_new_tokens: Optional[int] = typer.Option(None, "--eval-max-new-tokens", help="Eval length limit. (default: 16384, capped by the context)"),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate only the first N problems."),
     no_eval_start: bool = typer.Option(False, "--no-eval-start", help="Do not evaluate the starting student (step 0)."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Also report training metrics to tensorboard (RUN/tensorboard) or wandb (offline without an API key). (default: <train.report_to>)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (every stage)."),
     dtype: str = typer.Option("auto", help="Model dtype for sampling and the teacher: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub."),
@@ -483,7 +495,7 @@ def loop_cmd(
                 template=dict(chat_template=chat_template, system_prompt=system_prompt, instruction=instruction),
                 train=dict(objective=objective, mu=mu, oprd_form=oprd_form, lr=lr, batch_size=batch_size,
                            epochs=epochs, total_steps=total_steps, warmup_ratio=warmup_ratio,
-                           micro_batch_tokens=micro_batch_tokens, seed=seed, bridge=bridge))
+                           micro_batch_tokens=micro_batch_tokens, seed=seed, bridge=bridge, report_to=report_to))
     cache = dict(layers=layers, positions=positions, k=k, logprobs=logprobs, topk=topk,
                  max_batch_tokens=max_batch_tokens)  # over [teacher_cache] in oprd.toml (loop.cache_config)
     evaluation = eval_settings(run_dir, bench=eval_bench, data=eval_data, limit=eval_limit, every=eval_every,

@@ -27,7 +27,7 @@ import torch
 
 from oprd_cli.config import DataConfig, SamplingConfig, TemplateConfig
 from oprd_cli.console import err_console, progress, warn
-from oprd_cli.data import Record, load_records, render_prompt
+from oprd_cli.data import Record, load_records
 from oprd_cli.errors import OprdError
 
 BACKENDS = ("hf", "vllm")
@@ -247,15 +247,10 @@ def make_backend(name: str, model, tokenizer) -> GenerationBackend:
 def generate_for_records(backend: GenerationBackend, tokenizer, records: list[Record], template: TemplateConfig,
                          sampling: SamplingConfig, description: str = "sampling") -> GenerationResult:
     """Render each record's prompt, skip those that do not fit the context, and sample."""
-    kept: list[tuple[Record, list[int]]] = []
-    skipped: list[Record] = []
+    from oprd_cli.rollout_import import kept_prompts
+
     ctx = backend.context_length
-    for r in records:
-        ids = render_prompt(r, tokenizer, template)
-        if ctx is not None and len(ids) >= ctx:
-            skipped.append(r)
-        else:
-            kept.append((r, ids))
+    kept, skipped = kept_prompts(records, tokenizer, template, ctx)  # one rule, shared with --print-prompts
     if skipped:
         warn(f"skipped {len(skipped)} of {len(records)} prompts longer than the model's context ({ctx} tokens)")
     if not kept:
@@ -325,6 +320,7 @@ def run_rollout(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     guidance=None,
+    import_path: str | None = None,
 ) -> RolloutSummary:
     """Sample ``sampling.num_samples`` responses per prompt and write one rollout store. ``guidance``
     (:class:`oprd_cli.guidance.GuidanceConfig`): a teacher writes the first tokens of each response."""
@@ -349,15 +345,28 @@ def run_rollout(
             raise OprdError(f"rollout store {out_path} already exists and is complete; pass --overwrite to replace it")
 
     records = load_records(data.prompts, data.split, data.prompt_field, data.answer_field, data.id_field, data.limit)
-    dev = M.resolve_device(device)
+    from oprd_cli.rollout_ranks import RankedBackend, init_rollout_ranks
+    from oprd_cli.torchrun import dist_env, rank_device
+
+    dev = M.resolve_device(rank_device(device, dist_env()))
+    env = init_rollout_ranks(dev)  # under torchrun: the ranks sample one round together, rank 0 writes
     tok = M.load_tokenizer(model_name, trust_remote_code)
     lm = M.load_model(model_name, dev, M.resolve_dtype(dtype, dev), trust_remote_code)
-    gen = make_backend(backend, lm, tok)
+    if import_path is not None and guidance is not None:
+        raise OprdError("--import reads responses made elsewhere; it cannot be combined with --teacher-prefix")
+    if import_path is not None:  # responses from an outside engine (vLLM, SGLang, ...)
+        from oprd_cli.rollout_import import ImportBackend
+
+        gen, backend = ImportBackend(import_path, tok, M.context_length(lm), lm.config.get_text_config().vocab_size,
+                                     eos_ids=HFBackend(lm, tok).eos_ids), "import"
+    else:
+        gen = make_backend(backend, lm, tok)
     if guidance is not None:
         from oprd_cli.guidance import GuidedBackend, load_teacher_backend
 
         gen = GuidedBackend(gen, load_teacher_backend(guidance, gen, M.tokenizer_digest(tok), dev, lm.dtype,
                                                       trust_remote_code), guidance)
+    gen = RankedBackend(gen, env) if env.enabled else gen
     if run_dir is not None:
         write_initial_config(run_dir, {"models": {"student": model_name}, "data": {"prompts": data.prompts}})
 
@@ -381,6 +390,9 @@ def run_rollout(
         "generation_seconds": round(result.seconds, 3),
         **({"guidance": guidance.meta()} if guidance is not None else {}),
     }
+    if not env.is_main:  # rank 0 writes the store
+        return RolloutSummary(path=out_path, num_prompts=len(result.prompts), num_samples=0, num_tokens=0,
+                              num_truncated=0, skipped_prompts=len(result.skipped), content_digest="", seconds=0.0)
     writer = RolloutWriter(out_path, meta, record_topk=sampling.record_topk, overwrite=overwrite,
                            record_prefix=guidance is not None)
     for p, ((record, ids), group) in enumerate(zip(result.prompts, result.samples)):

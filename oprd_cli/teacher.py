@@ -511,6 +511,13 @@ def run_teacher_cache(
     if not teacher:
         raise OprdError("--teacher is required (a hub id or a local folder; or set [models] teacher in oprd.toml)")
     shard_t = parse_shard(shard)
+    from oprd_cli.torchrun import dist_env, rank_device
+
+    env = dist_env()
+    if env.enabled:  # under torchrun: rank I of N is shard I/N, on its own device
+        if shard is None:
+            shard_t = (env.rank, env.world_size)
+        cfg.device = rank_device(cfg.device, env)
     if run_dir is not None:
         return cache_run_dir(teacher, run_dir, follow=follow, poll_seconds=poll_seconds, max_rounds=max_rounds,
                              timeout=timeout, shard=shard_t, show_progress=show_progress, overwrite=overwrite,

@@ -689,7 +689,7 @@ def test_train_config_groups_map_flat_keys_one_to_one():
     from oprd_cli.train import TrainConfig
 
     names = [f.name for f in TrainConfig.flat_fields()]
-    assert len(names) == len(set(names)) == 48  # (37 + 10 OPD+/TrOPD + bridge) every flat key (oprd.toml, flag) lives in exactly one group
+    assert len(names) == len(set(names)) == 49  # (37 + 10 OPD+/TrOPD + bridge + report_to) every flat key (oprd.toml, flag) lives in exactly one group
     assert {f.name for f in fields(TrainConfig)} == {"loss", "optim", "batching", "checkpoint", "run", "runtime"}
     default = TrainConfig()
     assert TrainConfig.from_flat(default.to_flat()) == default

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from oprd_cli.errors import OprdError
 from oprd_cli.stores.common import is_complete, read_json
 
 ROUND_RE = re.compile(r"^r(\d{6})\.zarr$")
@@ -70,6 +71,9 @@ class RunDir:
     root: Path
 
     def __post_init__(self) -> None:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(self.root)):  # s3://b/run (Path() makes it s3:/b/run)
+            raise OprdError(f"run directory {self.root}: a run directory is a local folder (stores can live on "
+                            "object storage through explicit URLs, e.g. --out s3://...; see docs/scale-out.md)")
         object.__setattr__(self, "root", Path(self.root))
 
     # ---- fixed paths

@@ -55,14 +55,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(checkpoints_dir: Path, step: int, model, tokenizer, trainer_state: dict,
-                    marker: dict[str, Any]) -> Path:
-    """Write ``checkpoints_dir/step-NNNNNN`` atomically (temp folder, marker last, rename)."""
+                    marker: dict[str, Any], tmp: Path | None = None) -> Path:
+    """Write ``checkpoints_dir/step-NNNNNN`` atomically (temp folder, marker last, rename). ``tmp``: a
+    temporary folder that already holds part of it (a sharded run's DCP shards)."""
     checkpoints_dir = Path(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / checkpoint_name(step)
-    tmp = checkpoints_dir / f".{final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    made = tmp is None
+    tmp = tmp or checkpoints_dir / f".{final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     try:
-        tmp.mkdir(parents=True)
+        if made:
+            tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -173,10 +176,16 @@ class Checkpointer:
                             f"saved. Last good checkpoint: {self.last or 'none'} (lower --lr?)")
         if step not in self.steps:
             self.steps.append(step)
-        marker = {**self.marker(), "weights_digest": weights_digest(self.trainer.model)}
-        path = save_checkpoint(self.dir, step, self.trainer.model, self.tokenizer, self.trainer.state_dict(), marker)
+        sharded = getattr(self.trainer, "sharding", None)  # under torchrun: DCP shards + rank 0's folder
+        digest = sharded.weights_digest() if sharded is not None else weights_digest(self.trainer.model)
+        marker = {**self.marker(), "weights_digest": digest}
+        if sharded is not None:
+            path = sharded.save_checkpoint(self.dir, step, self.tokenizer, self.trainer.state_dict(), marker)
+        else:
+            path = save_checkpoint(self.dir, step, self.trainer.model, self.tokenizer, self.trainer.state_dict(), marker)
         self.last, self.saved_step = str(path), step
-        prune_checkpoints(self.dir, self.keep_last, protect=path)
+        if sharded is None or sharded.is_main:
+            prune_checkpoints(self.dir, self.keep_last, protect=path)
         return str(path)
 
     def after_step(self) -> None:

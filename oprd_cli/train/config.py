@@ -216,8 +216,12 @@ class RunConfig:
     timeout: float | None = None
     max_caches: int | None = None
     max_staleness: int | None = None
+    report_to: str = "none"  # none | tensorboard | wandb, beside metrics.jsonl (oprd_cli.tracking)
 
     def validate(self) -> None:
+        from oprd_cli.tracking import check_report_to
+
+        check_report_to(self.report_to)
         _at_least_1(self, "max_steps", "max_caches")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise OprdError(f"--max-staleness must be >= 0, got {self.max_staleness}")

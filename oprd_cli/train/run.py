@@ -49,6 +49,7 @@ from oprd_cli.train.checkpoint import (
     set_rng_state,
 )
 from oprd_cli.train.config import TrainConfig, TrainResult
+from oprd_cli.train import distributed as D
 from oprd_cli.train.report import MetricsLog, show_step
 from oprd_cli.train.step import NonFiniteLoss, Trainer
 
@@ -103,6 +104,7 @@ class TrainRun:
         self._setup_student(str(latest.path) if latest is not None else self._initial_student())
         self.base_model = marker.get("base_model", self.student_path) if marker is not None else self.student_path
         self.first_source = self.open(self.cache_arg) if self.cache_arg is not None else None
+        self._latest = latest.path if latest is not None else None
         self.trainer = self._setup_trainer(marker, load_trainer_state(latest.path) if marker is not None else None)
         self.ckpt = Checkpointer(self.target.checkpoints_dir, self.trainer, self.tokenizer, self.marker_state,
                                  self.state.checkpoint_steps, save_every=self.cfg.checkpoint.save_every,
@@ -110,7 +112,12 @@ class TrainRun:
                                  latest=str(latest.path) if latest is not None else None,
                                  saved_step=self.trainer.step if marker is not None else None)
         self.metrics = MetricsLog(self.target.metrics_path)
-        self.metrics.truncate(self.trainer.step)
+        from oprd_cli.tracking import open_tracker
+
+        self.tracker = open_tracker(self.cfg.run.report_to, self.target.root, name=self.target.root.name,
+                                    config=self.cfg.to_flat(), is_main=self.env.is_main)
+        if self.env.is_main:
+            self.metrics.truncate(self.trainer.step)
 
     def _resume_point(self):
         """The checkpoint this invocation continues from, and its marker (None, None: a fresh start)."""
@@ -144,7 +151,8 @@ class TrainRun:
     def _setup_student(self, path: str) -> None:
         rt = self.cfg.runtime
         self.student_path = path
-        self.device = M.resolve_device(rt.device)
+        self.env, self.device = D.init_distributed(M.resolve_device(rt.device))
+        D.quiet_other_ranks(self.env)
         self.autocast = autocast_dtype(rt.dtype, self.device)
         self.tokenizer = M.load_tokenizer(path, rt.trust_remote_code)
         self.model = M.load_model(path, self.device, torch.float32, rt.trust_remote_code, rt.attn_implementation)
@@ -154,6 +162,13 @@ class TrainRun:
         if self.bridge is not None:
             bridging.check_student(self.bridge, self.cfg.loss.bridge, self.student.tokenizer_digest,
                                    self.student.num_layers, self.student.hidden_size)
+        self.sharding = None
+        if self.env.enabled:  # torchrun: FSDP2 over the ranks
+            if rt.gradient_checkpointing:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.sharding = D.Sharding(self.env, D.apply_fsdp(self.model), self.device)
+            err_console.print(f"training sharded over {self.env.world_size} ranks (FSDP2, "
+                              f"{'nccl' if self.device.type == 'cuda' else 'gloo'})")
 
     def _setup_trainer(self, marker: dict | None, trainer_state: dict | None) -> Trainer:
         """The trainer with the schedule's planned length: --total-steps, else --max-steps, else what the
@@ -164,10 +179,11 @@ class TrainRun:
             total = S.horizon(self.first_source, 0, cfg, 0)
         self._warn_constant_lr = total is None  # said once, when a step is about to be taken
         self.state.layers = self.state.layers or (self.first_source.cache.layers if self.first_source else None)
-        trainer = Trainer(self.model, cfg, self.state.layers or [], self.device, total, self.autocast, self.bridge)
+        trainer = Trainer(self.model, cfg, self.state.layers or [], self.device, total, self.autocast, self.bridge,
+                          sharding=self.sharding)
         torch.manual_seed(cfg.batching.seed)
         if trainer_state is not None:
-            trainer.load_state_dict(trainer_state)
+            trainer.load_state_dict(trainer_state, checkpoint=self._latest)
             set_rng_state(trainer_state.get("rng"))
         return trainer
 
@@ -195,8 +211,11 @@ class TrainRun:
             self._sources[cache_path] = src
         return self._sources[cache_path]
 
+    def weights_digest(self) -> str:
+        return self.sharding.weights_digest() if self.sharding is not None else M.weights_digest(self.model)
+
     def staleness(self, src: S.Source) -> int:
-        return S.staleness(src, M.weights_digest(self.model) if src.policy_digest else "",
+        return S.staleness(src, self.weights_digest() if src.policy_digest else "",
                            self.state.checkpoint_steps, self.trainer.step)
 
     def steps_done(self, src: S.Source) -> int:
@@ -232,11 +251,14 @@ class TrainRun:
 
         def produce(i: int):
             _, rows = todo[i]
+            mine = D.local_rows(rows, self.env)  # under torchrun: this rank's share of the step
+            rows, empty = (mine, False) if len(mine) else (rows[:1], True)
             groups = split_micro_batches(rows, [seq_lens[r] for r in rows], b.micro_batch_tokens)
             mbs = [assemble(g, src.rollout, src.cache, needs) for g in groups]
             if self.bridge is not None and needs.hidden:
                 for m in mbs:
                     m.teacher_hidden = bridging.teacher_targets(self.bridge, src.cache, m.teacher_hidden)
+            mbs = [D.placeholder(m) for m in mbs] if empty else mbs
             return [m.pin_memory() for m in mbs] if self.device.type == "cuda" else mbs
 
         return produce
@@ -253,7 +275,7 @@ class TrainRun:
         staleness = self.staleness(src)
         # On-policy only for the first update on a rollout made by exactly these weights; afterwards the
         # student has moved, and opd-top1 uses the behaviour log-probs for a clipped importance ratio.
-        fresh = src.policy_digest is not None and start == 0 and src.policy_digest == M.weights_digest(self.model)
+        fresh = src.policy_digest is not None and start == 0 and src.policy_digest == self.weights_digest()
         prefix = src.rollout.prefix_lengths
         fresh = fresh and (prefix is None or not prefix.any())  # teacher-written tokens are never on-policy
         if bar is not None and task is not None and self.cfg.run.max_steps is None:
@@ -276,7 +298,9 @@ class TrainRun:
                           "cache_name": src.name, "cache_path": src.path, "epoch": epoch, "staleness": staleness,
                           "off_policy": 0 if on_policy else 1, "policy_step": src.policy_step,
                           "data_wait_s": pf.wait_s, "time_s": time.monotonic() - self.t_start})
-                self.metrics.append(m)
+                if self.env.is_main:
+                    self.metrics.append(m)
+                self.tracker.log(m, m["step"], prefix="train/")
                 result.losses.append(float(m["loss"]))
                 result.last_metrics = m
                 show_step(bar, task, m)
@@ -303,10 +327,12 @@ class TrainRun:
         while True:
             if self.reached_max():
                 return "max_steps"
-            src = S.next_source(self.state, lambda: self.source_run.cache_rounds(complete_only=True), self.open,
-                                self.staleness, self.cfg, self.trainer.step)
+            src = S.next_source(self.state, self._complete_caches, self.open, self.staleness, self.cfg,
+                                self.trainer.step)
             if src is None:
                 stop = self._nothing_new(result, started, said_waiting)
+                if self.sharding is not None:  # every rank stops (or waits) as rank 0 decides
+                    stop = D.broadcast(stop)
                 if stop:
                     return stop
                 said_waiting = True
@@ -338,6 +364,11 @@ class TrainRun:
                               "(raise --max-steps or --epochs for more passes)")
         self.train_source(src, result, bar, task)
         return "max_steps" if self.reached_max() else "caches_done"
+
+    def _complete_caches(self):
+        """The run's complete caches; under torchrun rank 0's view, so every rank picks the same cache."""
+        rounds = self.source_run.cache_rounds(complete_only=True)
+        return rounds if self.sharding is None else D.broadcast(rounds)
 
     def _nothing_new(self, result: TrainResult, started: float, said_waiting: bool) -> str | None:
         """No cache to train on now: the reason to stop, or None after waiting one poll (--follow)."""
@@ -373,7 +404,7 @@ def run_train(*, model: str | None = None, cache: str | None = None, run_dir: st
     start = run.trainer.step
     result = TrainResult(start_step=start, step=start, checkpoints_dir=str(run.target.checkpoints_dir),
                          metrics_path=str(run.target.metrics_path))
-    bar = progress(TextColumn("{task.fields[stats]}")) if show_progress else None
+    bar = progress(TextColumn("{task.fields[stats]}")) if show_progress and run.env.is_main else None
     try:
         if bar is not None:
             bar.__enter__()
@@ -390,6 +421,7 @@ def run_train(*, model: str | None = None, cache: str | None = None, run_dir: st
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
+        run.tracker.close()
         result.step = run.trainer.step
         result.seconds = time.monotonic() - run.t_start
         result.skipped_caches = [s["name"] for s in run.state.skipped]

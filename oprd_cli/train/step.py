@@ -164,7 +164,9 @@ class Trainer:
     """The student, its AdamW optimizer and warm-up + cosine schedule, and the step function."""
 
     def __init__(self, model, config: TrainConfig, layers: list[int], device: torch.device,
-                 total_steps: int | None, autocast_dtype: torch.dtype | None = None, bridge=None):
+                 total_steps: int | None, autocast_dtype: torch.dtype | None = None, bridge=None,
+                 sharding=None):
+        self.sharding = sharding  # train.distributed.Sharding under torchrun (model already FSDP-sharded)
         self.model = model
         self.bridge = bridge  # a Bridge: the representation term is the bridge loss at its student layers
         self.cfg = config
@@ -177,8 +179,10 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
                                            eps=opt.adam_eps, weight_decay=opt.weight_decay)
+        if sharding is not None:
+            sharding.optimizer = self.optimizer
         self.scheduler, self.warmup = warmup_cosine(self.optimizer, total_steps, opt.warmup_ratio, opt.min_lr_ratio)
-        if config.runtime.gradient_checkpointing:
+        if config.runtime.gradient_checkpointing and sharding is None:  # sharded: enabled before fully_shard
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
 
@@ -315,7 +319,8 @@ class Trainer:
             raise ValueError("train_step needs at least one micro-batch")
         dev = self.device
         step_no = self.step + 1
-        totals = StepTotals.of(micro_batches)
+        totals = StepTotals.of(micro_batches) if self.sharding is None else \
+            StepTotals(*self.sharding.global_totals(micro_batches))
         memory.reset_peak(dev)
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -323,17 +328,20 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         for mb in micro_batches:
             counts = (mb.num_tokens, mb.num_positions)  # on the host, before the copy to the device
-            loss = self.micro_loss(mb.to(dev), totals, on_policy, acc, counts)
+            if self.sharding is None:
+                loss = self.micro_loss(mb.to(dev), totals, on_policy, acc, counts)
+            else:  # inside the FSDP root's forward; the loss stays out-of-place (FSDP2 and HF views)
+                loss = self.sharding.run(lambda: self.micro_loss(mb.to(dev), totals, on_policy, acc, counts))
             acc.add("loss", loss)
             loss.backward()
             del loss
-        stats = acc.values()
+        stats = acc.values() if self.sharding is None else self.sharding.sum_stats(acc.values())
         loss_sum = stats.pop("loss")
         if not math.isfinite(loss_sum):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(step_no, "the loss", loss_sum)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)) if params else 0.0
+        grad_norm = _norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)) if params else 0.0
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(step_no, "the gradient norm", grad_norm)
@@ -365,10 +373,22 @@ class Trainer:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "step": self.step, "total_steps": self.total_steps, "warmup": self.warmup}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict, checkpoint=None) -> None:
+        if self.sharding is not None or "optimizer" not in state:  # sharded run or sharded checkpoint (DCP)
+            from oprd_cli.train.distributed import load_optimizer
+
+            load_optimizer(checkpoint, state, self.model, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
 
     def params_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in self.model.parameters())
+        return local if self.sharding is None else self.sharding.all_true(local)
+
+
+def _norm(total_norm) -> float:
+    """The gradient norm as a float (a sharded model's is a DTensor: its full value)."""
+    full = getattr(total_norm, "full_tensor", None)
+    return float(full() if callable(full) else total_norm)

@@ -1,0 +1,49 @@
+"""`--report-to tensorboard` for train and eval: the event files are read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import run_cli
+from oprd_cli.teacher import cache_rollouts
+
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_train_and_eval_report_to_tensorboard(tiny_dir, aime24_path, tmp_path):
+    run = tmp_path / "run"
+    run_cli("rollout", "--model", tiny_dir / "qwen2", "--prompts", aime24_path, "--run-dir", run, "--limit", 2,
+            "--num-samples", 2, "--max-new-tokens", 6)
+    cache_rollouts(str(tiny_dir / "qwen2-b"), run / "rollouts" / "r000001.zarr", run / "cache" / "r000001.zarr",
+                   layers="all", show_progress=False)
+    run_cli("train", "--run-dir", run, "--model", tiny_dir / "qwen2", "--max-steps", 2, "--batch-size", 2,
+            "--report-to", "tensorboard")
+    got = scalars(run / "tensorboard")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in got["train/loss"]] == [1, 2]
+    assert [v for _, v in got["train/loss"]] == pytest.approx([m["loss"] for m in lines], rel=1e-6)
+    assert "train/rep/cosine_similarity" in got and "train/lr" in got
+    # eval: the report's metrics at the checkpoint's step
+    resp = tmp_path / "resp.jsonl"
+    rows = [json.loads(x) for x in aime24_path.read_text().splitlines()][:2]
+    resp.write_text("".join(json.dumps({"id": r["id"], "response": f"\\boxed{{{r['answer']}}}", "num_tokens": 3,
+                                        "finished_by": "eos"}) + "\n" for r in rows for _ in range(2)))
+    run_cli("eval", "--data", aime24_path, "--limit", 2, "--responses", resp, "--out", tmp_path / "e" / "r.json",
+            "--report-to", "tensorboard")
+    ev = scalars(tmp_path / "e" / "tensorboard")
+    assert ev["eval/aime24/avg_at_n"] == [(0, 1.0)] and ev["eval/aime24/pass_at_1"] == [(0, 1.0)]
+
+
+def test_report_to_refuses_unknown_values(tiny_dir, tmp_path):
+    res = run_cli("train", "--model", tiny_dir / "qwen2", "--cache", tmp_path / "none.zarr", "--out", tmp_path / "o",
+                  "--report-to", "mlflow", expect=2)
+    assert res.stderr.strip().splitlines()[-1].startswith("error:") and "--report-to" in res.stderr
