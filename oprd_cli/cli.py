@@ -192,6 +192,19 @@ def info(
     show(desc, as_json, print_description)
 
 
+@app.command()
+@guarded
+def verify(
+    path: str = typer.Argument(..., help="A rollout store, teacher cache, checkpoint folder or run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a summary."),
+):
+    """Check every chunk's crc32c, the markers and the content digests; exit 1 naming what is wrong."""
+    from oprd_cli.verify import print_results, verify_path
+    results = verify_path(path)
+    ok = not any(r["problems"] for r in results)
+    show({"ok": ok, "results": results}, as_json, lambda _: print_results(results))
+    raise typer.Exit(0 if ok else 1)
+
 # --------------------------------------------------------------- teacher-cache
 @app.command("teacher-cache", cls=DefaultsCommand)
 @guarded

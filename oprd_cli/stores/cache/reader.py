@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from oprd_cli.errors import OprdError
-from oprd_cli.stores import common
+from oprd_cli.stores import common, integrity
 from oprd_cli.stores.cache.format import (FORMAT, HIDDEN, LAYOUT_MARKER, Encoding, combine_digests, sample_digest,
                                           token_arrays_for)
 from oprd_cli.stores.cache.layout import Layout
@@ -76,7 +76,7 @@ class TeacherCache:
         )
         self._layout_ready = self.complete or common.read_json(common.join(self.path, LAYOUT_MARKER)) is not None
         self.meta = meta
-        self.group = zarr.open_group(self.path, mode="r")
+        self.group = integrity.guard(zarr.open_group(self.path, mode="r"), self.path)
         self.encoding = Encoding.from_meta(meta["encoding"])
         # ---- metadata, read once
         m = self.typed_meta
