@@ -20,7 +20,7 @@ from typer.core import TyperCommand
 
 from oprd_cli import __version__
 from oprd_cli.console import console, err_console
-from oprd_cli.errors import OprdError
+from oprd_cli.errors import OprdError, from_os_error
 
 app = typer.Typer(
     name="oprd",
@@ -74,9 +74,10 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
-        except OprdError as e:
+        except (OprdError, OSError) as e:  # OSError: a path that is a file, a full disk, no permission
             if _debug():
                 raise
+            e = e if isinstance(e, OprdError) else from_os_error(e)
             err_console.print(f"[red]error:[/] {e}", markup=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
@@ -199,11 +200,8 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a summary."),
 ):
     """Check every chunk's crc32c, the markers and the content digests; exit 1 naming what is wrong."""
-    from oprd_cli.verify import print_results, verify_path
-    results = verify_path(path)
-    ok = not any(r["problems"] for r in results)
-    show({"ok": ok, "results": results}, as_json, lambda _: print_results(results))
-    raise typer.Exit(0 if ok else 1)
+    from oprd_cli.verify import run_verify
+    raise typer.Exit(run_verify(path, as_json, show))
 
 # --------------------------------------------------------------- teacher-cache
 @app.command("teacher-cache", cls=DefaultsCommand)

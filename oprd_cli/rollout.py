@@ -256,10 +256,10 @@ def generate_for_records(backend: GenerationBackend, tokenizer, records: list[Re
             skipped.append(r)
         else:
             kept.append((r, ids))
-    if skipped:
-        warn(f"skipped {len(skipped)} of {len(records)} prompts longer than the model's context ({ctx} tokens)")
     if not kept:
         raise OprdError(f"every prompt is longer than the model's context ({ctx} tokens); nothing to sample")
+    if skipped:
+        warn(f"skipped {len(skipped)} of {len(records)} prompts longer than the model's context ({ctx} tokens)")
     total = len(kept) * sampling.num_samples
     t0 = time.perf_counter()
     from rich.progress import TextColumn
@@ -330,6 +330,7 @@ def run_rollout(
     from oprd_cli.config import write_initial_config
     from oprd_cli.stores import common
     from oprd_cli.stores.rollouts import RolloutWriter
+    from oprd_cli.paths import check_output
     from oprd_cli.stores.rundir import RunDir
 
     if backend not in BACKENDS:
@@ -343,6 +344,7 @@ def run_rollout(
         out_path = str(RunDir(Path(run_dir)).next_rollout_path())
     else:
         out_path = str(out)
+        check_output(out_path, "rollout store", kind="rollouts")
         if common.exists(out_path) and common.is_complete(out_path) and not overwrite:
             raise OprdError(f"rollout store {out_path} already exists and is complete; pass --overwrite to replace it")
 

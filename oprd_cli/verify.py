@@ -142,3 +142,11 @@ def print_results(results: list[dict[str, Any]]) -> None:
             console.print(f"[green]ok[/]  {r['path']} ({r['kind']}{extra})", markup=True, highlight=False)
         for note in r["notes"]:
             console.print(f"    note: {note}", highlight=False)
+
+
+def run_verify(path: str, as_json: bool, show) -> int:
+    """``oprd verify``: the results through the CLI's ``show``; the exit status (1 when anything is wrong)."""
+    results = verify_path(path)
+    ok = not any(r["problems"] for r in results)
+    show({"ok": ok, "results": results}, as_json, lambda _: print_results(results))
+    return 0 if ok else 1

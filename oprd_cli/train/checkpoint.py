@@ -35,7 +35,9 @@ CHECKPOINT_FORMAT = 1
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # plain values: loadable with weights_only=True
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(np.asarray(keys, np.int64)), int(pos),
+                                                     int(has_gauss), float(gauss)], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -45,7 +47,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if not state:
         return
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         try:
@@ -137,9 +140,11 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     if not f.exists():
         raise OprdError(f"checkpoint {path} has no {TRAINER_STATE}; it cannot be resumed (it can still be used as "
                         "--model for a new run)")
-    try:
-        return torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
+    try:  # never unpickle code: tensors and plain values only (numpy arrays for older checkpoints' RNG state)
+        with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtypes.UInt32DType,
+                                               np._core.multiarray._reconstruct]):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file, or one that asks for code
         raise OprdError(f"cannot read {f}: {type(e).__name__}: {e}") from None
 
 

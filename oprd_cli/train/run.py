@@ -31,6 +31,7 @@ import torch
 from oprd_cli import models as M
 from oprd_cli.console import err_console, progress, warn
 from oprd_cli.errors import OprdError
+from oprd_cli.paths import check_output
 from oprd_cli.stores.rundir import RunDir
 from oprd_cli.train import selection as S
 from oprd_cli.train.batches import (
@@ -61,7 +62,10 @@ def check_arguments(cfg: TrainConfig, cache: str | None, run_dir: str | None, ou
     if cache is not None and out is None and run_dir is None:
         raise OprdError("pass --out DIR (where checkpoints and metrics go) with --cache")
     if run_dir is not None and not Path(run_dir).is_dir():
-        raise OprdError(f"run directory {run_dir} does not exist")
+        raise OprdError(f"run directory {run_dir} does not exist" if not Path(run_dir).exists()
+                        else f"run directory {run_dir} is a file, not a folder")
+    if out is not None:
+        check_output(out, "--out", inputs=[cache])
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -162,7 +166,11 @@ class TrainRun:
         trainer = Trainer(self.model, cfg, self.state.layers or [], self.device, total, self.autocast)
         torch.manual_seed(cfg.batching.seed)
         if trainer_state is not None:
-            trainer.load_state_dict(trainer_state)
+            try:
+                trainer.load_state_dict(trainer_state)
+            except (ValueError, KeyError, RuntimeError) as e:  # another model's optimizer state
+                raise OprdError(f"checkpoint {self.student_path}: its trainer state does not fit its model (weights "
+                                f"of another architecture or size?): {str(e).splitlines()[0][:120]}") from None
             set_rng_state(trainer_state.get("rng"))
         return trainer
 

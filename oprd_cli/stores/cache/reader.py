@@ -170,12 +170,24 @@ class TeacherCache:
                 if len(part):
                     t[i, : len(part)] = torch.from_numpy(np.ascontiguousarray(part)).to(dt)
             out[name] = t
+        self._check_finite(r, {HIDDEN: hidden, **out})
         if dtype is not None:
             hidden = hidden.to(dtype)
         batch = CacheBatch(r, hidden, mask, positions, response_mask, out.get("teacher_logprobs"),
                            out.get("support_logprobs"), out.get("teacher_topk_ids"),
                            out.get("teacher_topk_logprobs"))
         return batch.to(device) if device is not None else batch
+
+    def _check_finite(self, rows: np.ndarray, arrays: dict[str, torch.Tensor | None]) -> None:
+        """Refuse NaN or +inf anywhere (and -inf in hidden states) in what was read: never train on it."""
+        for name, t in arrays.items():
+            if t is None or not t.is_floating_point():
+                continue
+            bad = ~torch.isfinite(t) if name == HIDDEN else (torch.isnan(t) | (t == float("inf")))
+            if bool(bad.any()):
+                i = int(bad.reshape(len(rows), -1).any(1).nonzero()[0, 0])
+                raise OprdError(f"teacher cache {self.path}: {name} of sample {int(rows[i])} is not finite (NaN or "
+                                "inf); nothing was trained on it; re-create the cache (was the teacher's output NaN?)")
 
     # ---- checking and describing
     def unit_markers(self) -> dict[int, dict]:
