@@ -31,6 +31,7 @@ import torch
 from oprd_cli import models as M
 from oprd_cli.console import err_console, progress, warn
 from oprd_cli.errors import OprdError
+from oprd_cli.lock import WriterLock
 from oprd_cli.paths import check_output
 from oprd_cli.stores.rundir import RunDir
 from oprd_cli.train import selection as S
@@ -358,14 +359,23 @@ class TrainRun:
 
 
 # ----------------------------------------------------------------------------- public API
+TRAIN_LOCK = "oprd-train.lock"  # one trainer per run directory (or --out)
+
+
 def run_train(*, model: str | None = None, cache: str | None = None, run_dir: str | None = None,
               out: str | None = None, rollouts: str | None = None, config: TrainConfig | None = None,
               resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """What ``oprd train`` runs. See the module docstring for the two modes."""
-    from rich.progress import TextColumn
-
+    """What ``oprd train`` runs (holding the run directory's writer lock). See the module docstring for the
+    two modes."""
     run = TrainRun(model=model, cache=cache, run_dir=run_dir, out=out, rollouts=rollouts,
                    config=config or TrainConfig(), resume=resume)
+    with WriterLock(run.target.root / TRAIN_LOCK, "oprd train", f"run directory {run.target.root}"):
+        return _train(run, show_progress)
+
+
+def _train(run: TrainRun, show_progress: bool) -> TrainResult:
+    from rich.progress import TextColumn
+
     run.setup()
     start = run.trainer.step
     result = TrainResult(start_step=start, step=start, checkpoints_dir=str(run.target.checkpoints_dir),
