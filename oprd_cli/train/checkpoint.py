@@ -16,7 +16,9 @@ looks complete (readers only trust folders with the marker, see :mod:`oprd_cli.s
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -144,8 +146,13 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtypes.UInt32DType,
                                                np._core.multiarray._reconstruct]):
             return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file, or one that asks for code
-        raise OprdError(f"cannot read {f}: {type(e).__name__}: {e}") from None
+    except pickle.UnpicklingError as e:  # it asks for code (or objects) beyond tensors and plain values
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise OprdError(f"cannot read {f}: it asks to run {found.group(1) if found else 'code'} while loading; "
+                        "oprd reads tensors and plain values only (is it an oprd checkpoint?)") from None
+    except Exception as e:  # a truncated or foreign file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise OprdError(f"cannot read {f}: {type(e).__name__}: {first}") from None
 
 
 class Checkpointer:
