@@ -2,7 +2,8 @@
 
 After each kill the same command is run again and must finish with what an uninterrupted run gives (train:
 the same losses on CPU; rollout: the same content digest), and no reader may see an incomplete store or
-checkpoint in between. The short form runs one seed per stage; ``-m slow`` runs more. SIGKILL of
+checkpoint in between (eval: no partial report, a report only with its responses). The short form runs one seed
+per stage; ``-m slow`` runs more. SIGKILL of
 ``teacher-cache`` (one worker and two shards) and of ``loop`` are in test_teacher_cache.py and test_loop.py.
 """
 
@@ -140,3 +141,41 @@ def test_full_disk_while_caching_leaves_a_resumable_store(run, tiny_dir, tmp_pat
     monkeypatch.setattr(LocalStore, "set", real_set)
     run_cli(*args, "--out", out)  # space again: the same command finishes the store
     assert info_json(out)["content_digest"] == info_json(reference)["content_digest"]
+
+
+def _reports(folder: Path) -> dict[str, dict]:
+    """What the eval reports of a folder say: step, Avg@n and the graded responses (no timings)."""
+    out = {}
+    for p in sorted(folder.glob("*.json")):
+        rep = json.loads(p.read_text())  # written atomically: never a partial file
+        responses = p.with_name(p.stem + ".responses.jsonl")
+        assert responses.exists(), f"{p.name} without its responses"  # the report is written last
+        out[p.name] = {"step": rep["step"], "avg_at_n": rep["avg_at_n"],
+                       "responses": [json.loads(x)["response"] for x in responses.read_text().splitlines()]}
+    return out
+
+
+EVAL_SEEDS = [pytest.param(0)] + [pytest.param(s, marks=pytest.mark.slow) for s in (1, 2)]
+
+
+@pytest.mark.parametrize("seed", EVAL_SEEDS)
+def test_eval_all_checkpoints_killed_at_a_seeded_moment_reruns_to_the_same_reports(run, tiny_dir, aime24_path,
+                                                                                    tmp_path, seed):
+    import shutil
+
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine)
+    run_cli("train", "--run-dir", mine, "--model", tiny_dir / "qwen2", "--batch-size", 2, "--max-steps", 2,
+            "--save-every", 1, "--lr", "3e-3")
+    args = ["eval", "--data", aime24_path, "--bench", "aime24", "--run-dir", mine, "--all-checkpoints", "--limit", 1,
+            "--num-samples", 2, "--max-new-tokens", 4, "--seed", 0]
+    run_cli(*args, "--out", tmp_path / "ref")
+    reference = _reports(tmp_path / "ref")
+    assert [r["step"] for r in reference.values()] == [0, 1, 2]
+    out = tmp_path / "eval"
+    proc = _proc(*args, "--out", out)
+    _kill_when(proc, lambda: len(list(out.glob("*.json"))) >= 1, random.Random(seed).uniform(0.0, 1.0))
+    partial = _reports(out) if out.exists() else {}
+    assert all(partial[k] == reference[k] for k in partial)  # what a reader sees in between is right
+    run_cli(*args, "--out", out)
+    assert _reports(out) == reference
