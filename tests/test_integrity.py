@@ -129,3 +129,20 @@ def test_verify_checkpoint_with_a_missing_file(tiny_dir, tmp_path):
     assert json.loads(run_cli("verify", ck, "--json").stdout)["ok"]
     (ck / "model.safetensors").unlink()
     assert "model.safetensors is missing" in run_cli("verify", ck, expect=1).stdout
+
+
+def test_a_store_deleted_under_its_reader_is_noticed(run, tmp_path):
+    """zarr reads a missing chunk as its fill value: a vanished store must not read as zeros."""
+    from oprd_cli.errors import OprdError
+    from oprd_cli.stores.cache import open_cache
+    from oprd_cli.stores.rollouts import open_rollouts
+
+    cache_path = copy(run / "cache" / "r000001.zarr", tmp_path / "c.zarr")
+    rollouts_path = copy(run / "rollouts" / "r000001.zarr", tmp_path / "r.zarr")
+    cache, rollouts = open_cache(str(cache_path)), open_rollouts(str(rollouts_path))
+    cache.read([0])  # a first read opens everything lazily
+    shutil.rmtree(cache_path)
+    shutil.rmtree(rollouts_path)
+    for read in (lambda: cache.read([1]), lambda: rollouts.read_tokens("response_ids", 0, 1)):
+        with pytest.raises(OprdError, match="deleted or replaced while it was being read"):
+            read()

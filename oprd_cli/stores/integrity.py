@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from typing import Any, Iterator
 
 import zarr
@@ -100,11 +101,19 @@ def _rows_of(selection: Any) -> tuple[int, int] | None:
     return None
 
 
-class GuardedArray:
-    """A read-only zarr array whose reads name the corrupt chunk in one line."""
+def _check_still_there(watch: str | None, store: str, name: str) -> None:
+    if watch is not None and not os.path.exists(watch):
+        raise OprdError(f"store {store} was deleted or replaced while it was being read (array {name}); "
+                        "nothing read from it is used; run the command again")
 
-    def __init__(self, arr: zarr.Array, store: str, name: str):
-        self._arr, self._store, self._name = arr, store, name
+
+class GuardedArray:
+    """A read-only zarr array whose reads name the corrupt chunk in one line, and (``watch``: the marker
+    of a store opened complete) notice a store deleted under the reader: zarr reads a missing chunk as
+    its fill value, so without this a vanished store would read as zeros."""
+
+    def __init__(self, arr: zarr.Array, store: str, name: str, watch: str | None = None):
+        self._arr, self._store, self._name, self._watch = arr, store, name, watch
 
     def __getattr__(self, attr: str):
         return getattr(self._arr, attr)
@@ -114,19 +123,21 @@ class GuardedArray:
 
     def __getitem__(self, selection):
         try:
-            return self._arr[selection]
+            values = self._arr[selection]
         except _DECODE_ERRORS as e:
             found = bad_chunk(self._arr, _rows_of(selection))
             if found is None:
                 raise
             raise corrupt_error(self._store, self._name, *found) from e
+        _check_still_there(self._watch, self._store, self._name)
+        return values
 
 
 class GuardedGroup:
     """A zarr group whose arrays are :class:`GuardedArray` (attributes and members pass through)."""
 
-    def __init__(self, group: zarr.Group, store: str, prefix: str = ""):
-        self._group, self._store, self._prefix = group, store, prefix
+    def __init__(self, group: zarr.Group, store: str, prefix: str = "", watch: str | None = None):
+        self._group, self._store, self._prefix, self._watch = group, store, prefix, watch
 
     def __getattr__(self, attr: str):
         return getattr(self._group, attr)
@@ -135,15 +146,26 @@ class GuardedGroup:
         return name in self._group
 
     def __getitem__(self, name: str):
-        item = self._group[name]
         full = f"{self._prefix}{name}"
+        try:
+            item = self._group[name]
+        except KeyError:
+            _check_still_there(self._watch, self._store, full)
+            raise
         if isinstance(item, zarr.Group):
-            return GuardedGroup(item, self._store, full + "/")
-        return GuardedArray(item, self._store, full)
+            return GuardedGroup(item, self._store, full + "/", self._watch)
+        return GuardedArray(item, self._store, full, self._watch)
 
 
-def guard(group: zarr.Group, store: str) -> GuardedGroup:
-    return GuardedGroup(group, store)
+def guard(group: zarr.Group, store: str, complete: bool = False) -> GuardedGroup:
+    """``group`` read through :class:`GuardedArray`; a ``complete`` local store is also watched for deletion
+    (one stat of its completion marker per read)."""
+    from oprd_cli.stores.common import COMPLETE_MARKER, is_local, join
+
+    watch = join(store, COMPLETE_MARKER) if complete and is_local(store) else None
+    if watch is not None and watch.startswith("file://"):
+        watch = watch[len("file://"):]
+    return GuardedGroup(group, store, watch=watch)
 
 
 def array_names(group: zarr.Group, prefix: str = "") -> list[str]:

@@ -193,7 +193,7 @@ class RolloutStore:
             "re-run `oprd rollout` to produce it",
         )
         self.meta = meta
-        self.group = integrity.guard(zarr.open_group(self.path, mode="r"), self.path)
+        self.group = integrity.guard(zarr.open_group(self.path, mode="r"), self.path, self.complete)
 
     # ---- small arrays, loaded once
     def _load(self, name: str) -> np.ndarray:

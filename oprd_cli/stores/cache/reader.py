@@ -76,7 +76,7 @@ class TeacherCache:
         )
         self._layout_ready = self.complete or common.read_json(common.join(self.path, LAYOUT_MARKER)) is not None
         self.meta = meta
-        self.group = integrity.guard(zarr.open_group(self.path, mode="r"), self.path)
+        self.group = integrity.guard(zarr.open_group(self.path, mode="r"), self.path, self.complete)
         self.encoding = Encoding.from_meta(meta["encoding"])
         # ---- metadata, read once
         m = self.typed_meta
