@@ -122,6 +122,16 @@ def info(
     show(desc, as_json, print_description)
 
 
+@app.command()
+@guarded
+def verify(
+    path: str = typer.Argument(..., help="A rollout store, teacher cache, checkpoint folder or run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a summary."),
+):
+    """Check every chunk's crc32c, the markers and the content digests; exit 1 naming what is wrong."""
+    from oprd_cli.verify import run_verify
+    raise typer.Exit(run_verify(path, as_json, show))
+
 # --------------------------------------------------------------- teacher-cache
 @app.command("teacher-cache", cls=DefaultsCommand)
 @guarded

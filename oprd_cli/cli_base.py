@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperCommand
 
 from oprd_cli.console import err_console
-from oprd_cli.errors import OprdError
+from oprd_cli.errors import OprdError, from_os_error
 
 _DEFAULT_RE = re.compile(r"<(data|template|rollout|teacher_cache|train|bench_loss)\.(\w+)>")
 
@@ -56,9 +56,10 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
-        except OprdError as e:
+        except (OprdError, OSError) as e:  # OSError: a path that is a file, a full disk, no permission
             if _debug():
                 raise
+            e = e if isinstance(e, OprdError) else from_os_error(e)
             err_console.print(f"[red]error:[/] {e}", markup=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:

@@ -54,9 +54,14 @@ def load_run_config(run_dir: str | Path | None) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        cfg = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise OprdError(f"{path} is not valid TOML: {e}") from None
+    unknown = sorted(k for k, v in cfg.items() if k not in KNOWN_SECTIONS or not isinstance(v, dict))
+    if unknown:
+        raise OprdError(f"{path}: unknown section or top-level key {', '.join(map(repr, unknown))}; sections: "
+                        f"{', '.join(sorted(KNOWN_SECTIONS))}")
+    return cfg
 
 
 def write_initial_config(run_dir: str | Path, sections: dict[str, dict[str, Any]]) -> None:
@@ -97,6 +102,10 @@ SECTIONS = {
     "train": "oprd_cli.train.config:TrainConfig",
     "bench_loss": "oprd_cli.bench.loss:BenchLossConfig",  # no toml section: flags over the dataclass only
 }
+
+
+# every table oprd.toml may hold: the dataclass sections, the models and eval's sampling
+KNOWN_SECTIONS = {*(k for k in SECTIONS if k != "bench_loss"), "models", "eval"}
 
 
 def section_class(section: str) -> type:

@@ -14,6 +14,8 @@ convention). verl prompts already carry their instruction and are used as given.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,23 @@ def get_benchmark(name: str) -> Benchmark:
     return BENCHMARKS[name]
 
 
+def _check_json_text(path: Path, source: str) -> None:
+    """A local .json/.jsonl file is UTF-8 and (for .jsonl) one JSON object per line: name the first bad line."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OprdError(f"{source} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if path.suffix.lower() != ".jsonl":
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as e:
+            raise OprdError(f"{source} line {lineno} is not valid JSON ({e.msg}; a truncated line?)") from None
+        if not isinstance(row, dict):
+            raise OprdError(f"{source} line {lineno} is a JSON {type(row).__name__}, expected an object per line")
+
+
 def _load_dataset(source: str, split: str, config: str | None = None):
     import datasets
 
@@ -88,7 +107,10 @@ def _load_dataset(source: str, split: str, config: str | None = None):
         builder = LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise OprdError(f"{source}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv")
+        if builder == "json":
+            _check_json_text(path, source)
         try:
+            logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its own error lines would repeat ours
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:
             raise OprdError(f"could not read {source} as {builder}: {str(e).splitlines()[0] if str(e) else e}") from None
@@ -185,8 +207,10 @@ def load_records(
         problem, messages = None, None
         if _is_chat(value):
             messages = tuple({"role": m.get("role", "user"), "content": m["content"]} for m in value)
-        elif isinstance(value, str):
+        elif isinstance(value, str) and value.strip():
             problem = value
+        elif isinstance(value, str):
+            raise OprdError(f"{source} row {i}: field {prompt_field!r} is empty")
         else:
             raise OprdError(
                 f"{source} row {i}: field {prompt_field!r} is neither text nor a list of chat messages"

@@ -81,6 +81,9 @@ def _load_error(kind: str, name: str, e: Exception) -> OprdError:
         if path.is_dir() and not (path / "config.json").exists():
             return OprdError(f"{name} is a folder but not a {kind} saved with save_pretrained (no config.json)")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "custom code" in first:  # transformers refuses model code unless trusted
+            return OprdError(f"{kind} {name} needs its own Python code to load; oprd runs it only with "
+                             "--trust-remote-code (read that code first)")
         return OprdError(f"could not load {kind} from {name}: {first}")
     looks_local = str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
     if looks_local:

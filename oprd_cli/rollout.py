@@ -17,6 +17,8 @@ The same generation code serves ``oprd eval``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -251,10 +253,10 @@ def generate_for_records(backend: GenerationBackend, tokenizer, records: list[Re
 
     ctx = backend.context_length
     kept, skipped = kept_prompts(records, tokenizer, template, ctx)  # one rule, shared with --print-prompts
-    if skipped:
-        warn(f"skipped {len(skipped)} of {len(records)} prompts longer than the model's context ({ctx} tokens)")
     if not kept:
         raise OprdError(f"every prompt is longer than the model's context ({ctx} tokens); nothing to sample")
+    if skipped:
+        warn(f"skipped {len(skipped)} of {len(records)} prompts longer than the model's context ({ctx} tokens)")
     total = len(kept) * sampling.num_samples
     t0 = time.perf_counter()
     from rich.progress import TextColumn
@@ -306,7 +308,35 @@ def resolve_student(model: str | None, run_dir: str | Path | None) -> tuple[str,
     return model, 0
 
 
-def run_rollout(
+def rollout_lock(out: str | None, run_dir: str | None):
+    """The writer lock of a rollout: beside the ``--out`` store, or on the run's ``rollouts/`` folder
+    (two rollouts into one run would write the same round)."""
+    from oprd_cli.io import is_local
+    from oprd_cli.lock import WriterLock
+
+    if out is not None:
+        if not is_local(str(out)):
+            return contextlib.nullcontext()
+        p = Path(os.path.abspath(os.path.expanduser(str(out))))
+        return WriterLock(p.parent / f".{p.name}.lock", "oprd rollout", f"rollout store {out}")
+    return WriterLock(Path(run_dir) / "rollouts" / ".oprd-rollout.lock", "oprd rollout",
+                      f"the rollouts of run {run_dir}")
+
+
+def run_rollout(*, out: str | None = None, run_dir: str | None = None, **kwargs) -> RolloutSummary:
+    """Sample ``sampling.num_samples`` responses per prompt and write one rollout store (see
+    :func:`_run_rollout`), holding the writer lock of its output."""
+    from oprd_cli.paths import check_output
+
+    if out is None and run_dir is None:
+        raise OprdError("pass --out STORE.zarr or --run-dir RUN")
+    check_output(out if out is not None else run_dir, "rollout store" if out is not None else "run directory",
+                 kind="rollouts" if out is not None else None)
+    with rollout_lock(out, run_dir):
+        return _run_rollout(out=out, run_dir=run_dir, **kwargs)
+
+
+def _run_rollout(
     *,
     model: str | None,
     data: DataConfig,

@@ -36,6 +36,7 @@ import torch
 
 from oprd_cli import models
 from oprd_cli.console import err_console, progress
+from oprd_cli.paths import check_output
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import cache as cache_store
 from oprd_cli.stores import common
@@ -144,6 +145,7 @@ def _check_inputs(cfg: TeacherCacheConfig, store: RolloutStore, out: str, overwr
     """The refusals that need no teacher: an existing complete cache, top-k ids the rollout lacks."""
     if common.is_local(store.path) and common.is_local(out) and Path(out).resolve() == Path(store.path).resolve():
         raise OprdError("--out is the rollout store itself; choose another path for the cache")
+    check_output(out, "teacher cache", inputs=[store.path])
     if not overwrite and common.exists(out) and common.is_complete(out):  # say so before loading the teacher
         kind = common.read_meta(out).get("kind")
         if kind != cache_store.FORMAT.kind:

@@ -28,7 +28,10 @@ def load_responses_file(path: str | Path, records: Sequence[Record]) -> list[dic
     p = Path(os.path.expanduser(str(path)))
     if not p.is_file():
         raise OprdError(f"responses file {path} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OprdError(f"responses file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     rows: list[tuple[int, Any]] = []
     stripped = text.lstrip()
     if p.suffix.lower() == ".json" and stripped.startswith("["):

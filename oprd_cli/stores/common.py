@@ -152,7 +152,13 @@ COMPRESSORS = ("zstd", "lz4", "blosc-lz4", "blosc-zstd", "blosc-lz4hc", "gzip", 
 
 
 def compressor_codecs(name: str = "zstd", level: int | None = None, typesize: int | None = None) -> list:
-    """Zarr v3 bytes-to-bytes codecs for a compressor name (see COMPRESSORS)."""
+    """Zarr v3 bytes-to-bytes codecs for a compressor name (see COMPRESSORS), crc32c last."""
+    from oprd_cli.stores.integrity import checksum_codec
+
+    return [*_compressor(name, level, typesize), checksum_codec()]
+
+
+def _compressor(name: str, level: int | None, typesize: int | None) -> list:
     from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
     if name == "none":

@@ -49,7 +49,7 @@ import numpy as np
 import zarr
 
 from oprd_cli.errors import OprdError
-from oprd_cli.stores import common
+from oprd_cli.stores import common, integrity
 from oprd_cli.stores.common import StoreFormat
 from oprd_cli.stores.meta import RolloutMeta
 
@@ -205,7 +205,7 @@ class RolloutStore:
             "re-run `oprd rollout` to produce it",
         )
         self.meta = meta
-        self.group = zarr.open_group(self.path, mode="r")
+        self.group = integrity.guard(zarr.open_group(self.path, mode="r"), self.path, self.complete)
 
     # ---- small arrays, loaded once
     def _load(self, name: str) -> np.ndarray:

@@ -16,7 +16,9 @@ looks complete (readers only trust folders with the marker, see :mod:`oprd_cli.s
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +37,9 @@ CHECKPOINT_FORMAT = 1
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # plain values: loadable with weights_only=True
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(np.asarray(keys, np.int64)), int(pos),
+                                                     int(has_gauss), float(gauss)], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -45,7 +49,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if not state:
         return
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         try:
@@ -140,10 +145,17 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     if not f.exists():
         raise OprdError(f"checkpoint {path} has no {TRAINER_STATE}; it cannot be resumed (it can still be used as "
                         "--model for a new run)")
-    try:
-        return torch.load(f, map_location="cpu", weights_only=False)
+    try:  # never unpickle code: tensors and plain values only (numpy arrays for older checkpoints' RNG state)
+        with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtypes.UInt32DType,
+                                               np._core.multiarray._reconstruct]):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # it asks for code (or objects) beyond tensors and plain values
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise OprdError(f"cannot read {f}: it asks to run {found.group(1) if found else 'code'} while loading; "
+                        "oprd reads tensors and plain values only (is it an oprd checkpoint?)") from None
     except Exception as e:  # a truncated or foreign file
-        raise OprdError(f"cannot read {f}: {type(e).__name__}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise OprdError(f"cannot read {f}: {type(e).__name__}: {first}") from None
 
 
 class Checkpointer:

@@ -32,6 +32,8 @@ from oprd_cli import models as M
 from oprd_cli.bridge import training as bridging
 from oprd_cli.console import err_console, progress, warn
 from oprd_cli.errors import OprdError
+from oprd_cli.lock import WriterLock
+from oprd_cli.paths import check_output
 from oprd_cli.stores.rundir import RunDir
 from oprd_cli.train import selection as S
 from oprd_cli.train.batches import (
@@ -63,7 +65,10 @@ def check_arguments(cfg: TrainConfig, cache: str | None, run_dir: str | None, ou
     if cache is not None and out is None and run_dir is None:
         raise OprdError("pass --out DIR (where checkpoints and metrics go) with --cache")
     if run_dir is not None and not Path(run_dir).is_dir():
-        raise OprdError(f"run directory {run_dir} does not exist")
+        raise OprdError(f"run directory {run_dir} does not exist" if not Path(run_dir).exists()
+                        else f"run directory {run_dir} is a file, not a folder")
+    if out is not None:
+        check_output(out, "--out", inputs=[cache])
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -183,7 +188,11 @@ class TrainRun:
                           sharding=self.sharding)
         torch.manual_seed(cfg.batching.seed)
         if trainer_state is not None:
-            trainer.load_state_dict(trainer_state, checkpoint=self._latest)
+            try:
+                trainer.load_state_dict(trainer_state, checkpoint=self._latest)
+            except (ValueError, KeyError, RuntimeError) as e:  # another model's optimizer state
+                raise OprdError(f"checkpoint {self.student_path}: its trainer state does not fit its model (weights "
+                                f"of another architecture or size?): {str(e).splitlines()[0][:120]}") from None
             set_rng_state(trainer_state.get("rng"))
         return trainer
 
@@ -392,14 +401,23 @@ class TrainRun:
 
 
 # ----------------------------------------------------------------------------- public API
+TRAIN_LOCK = "oprd-train.lock"  # one trainer per run directory (or --out)
+
+
 def run_train(*, model: str | None = None, cache: str | None = None, run_dir: str | None = None,
               out: str | None = None, rollouts: str | None = None, config: TrainConfig | None = None,
               resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """What ``oprd train`` runs. See the module docstring for the two modes."""
-    from rich.progress import TextColumn
-
+    """What ``oprd train`` runs (holding the run directory's writer lock). See the module docstring for the
+    two modes."""
     run = TrainRun(model=model, cache=cache, run_dir=run_dir, out=out, rollouts=rollouts,
                    config=config or TrainConfig(), resume=resume)
+    with WriterLock(run.target.root / TRAIN_LOCK, "oprd train", f"run directory {run.target.root}"):
+        return _train(run, show_progress)
+
+
+def _train(run: TrainRun, show_progress: bool) -> TrainResult:
+    from rich.progress import TextColumn
+
     run.setup()
     start = run.trainer.step
     result = TrainResult(start_step=start, step=start, checkpoints_dir=str(run.target.checkpoints_dir),

@@ -108,6 +108,11 @@ def locate_rollouts(cache_path: str, cache, override: str | None, run: RunDir | 
         return str(override)
     recorded = cache.rollout.get("path")
     if recorded and common.exists(str(recorded)):
+        # followed only to an absolute path or URL holding a rollout store: never where crafted metadata points
+        rp = Path(str(recorded))
+        if common.is_local(str(recorded)) and not (rp.is_absolute() and (rp / "zarr.json").is_file()):
+            raise OprdError(f"cache {cache_path} records its rollout store as {recorded}, which is not an absolute "
+                            "path to a rollout store (a moved or crafted cache?); pass --rollouts PATH")
         return str(recorded)
     if run is not None and round_index(cache_path) is not None:
         p = run.rollout_path_for(cache_path)

@@ -14,6 +14,7 @@ import torch
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import common
 from oprd_cli.stores.common import StoreFormat
+from oprd_cli.stores.integrity import checksum_codec
 
 # Version 2: the hidden state of response token t is the one at sequence index Lp + t (version 1
 # stored Lp - 1 + t); an old cache is refused, never misread.
@@ -216,7 +217,7 @@ def hidden_codecs(name: str, level: int | None, itemsize: int) -> list:
 
         common.compressor_codecs(name, level)  # validates the name
         return [BloscCodec(cname=name.split("-", 1)[1], clevel=DEFAULT_LEVEL.get(name, 5) if level is None else level,
-                           shuffle="shuffle", typesize=itemsize, blocksize=BLOSC_BLOCK_BYTES)]
+                           shuffle="shuffle", typesize=itemsize, blocksize=BLOSC_BLOCK_BYTES), checksum_codec()]
     return common.compressor_codecs(name, level, typesize=itemsize)
 
 # ------------------------------------------------------------------------- digests

@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from oprd_cli.errors import OprdError
-from oprd_cli.stores import common
+from oprd_cli.stores import common, integrity
 from oprd_cli.stores.cache.format import (FORMAT, HIDDEN, LAYOUT_MARKER, VALID, Encoding, combine_digests, sample_digest,
                                           token_arrays_for)
 from oprd_cli.stores.cache.layout import Layout
@@ -76,7 +76,7 @@ class TeacherCache:
         )
         self._layout_ready = self.complete or common.read_json(common.join(self.path, LAYOUT_MARKER)) is not None
         self.meta = meta
-        self.group = zarr.open_group(self.path, mode="r")
+        self.group = integrity.guard(zarr.open_group(self.path, mode="r"), self.path, self.complete)
         self.encoding = Encoding.from_meta(meta["encoding"])
         # ---- metadata, read once
         m = self.typed_meta
@@ -173,12 +173,24 @@ class TeacherCache:
                 if len(part):
                     t[i, : len(part)] = torch.from_numpy(np.ascontiguousarray(part)).to(dt)
             out[name] = t
+        self._check_finite(r, {HIDDEN: hidden, **out})
         if dtype is not None:
             hidden = hidden.to(dtype)
         batch = CacheBatch(r, hidden, mask, positions, response_mask, out.get("teacher_logprobs"),
                            out.get("support_logprobs"), out.get("teacher_topk_ids"),
                            out.get("teacher_topk_logprobs"))
         return batch.to(device) if device is not None else batch
+
+    def _check_finite(self, rows: np.ndarray, arrays: dict[str, torch.Tensor | None]) -> None:
+        """Refuse NaN or +inf anywhere (and -inf in hidden states) in what was read: never train on it."""
+        for name, t in arrays.items():
+            if t is None or not t.is_floating_point():
+                continue
+            bad = ~torch.isfinite(t) if name == HIDDEN else (torch.isnan(t) | (t == float("inf")))
+            if bool(bad.any()):
+                i = int(bad.reshape(len(rows), -1).any(1).nonzero()[0, 0])
+                raise OprdError(f"teacher cache {self.path}: {name} of sample {int(rows[i])} is not finite (NaN or "
+                                "inf); nothing was trained on it; re-create the cache (was the teacher's output NaN?)")
 
     # ---- checking and describing
     def unit_markers(self) -> dict[int, dict]:

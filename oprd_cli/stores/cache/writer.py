@@ -26,6 +26,11 @@ from oprd_cli.stores.cache.layout import Layout, Unit
 
 # -------------------------------------------------------------------------- writer
 def _storage_error(path: str, e: OSError) -> OprdError:
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OprdError(f"cannot write teacher cache {path}: {e.strerror} (disk full); the cache stays incomplete "
+                         "and resumable: free some space and run the same command again")
     return OprdError(f"cannot write teacher cache {path}: {e.strerror or e}")
 
 
