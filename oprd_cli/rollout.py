@@ -313,7 +313,10 @@ def rollout_lock(out: str | None, run_dir: str | None):
     (two rollouts into one run would write the same round)."""
     from oprd_cli.io import is_local
     from oprd_cli.lock import WriterLock
+    from oprd_cli.torchrun import dist_env
 
+    if not dist_env().is_main:  # under torchrun, rank 0 holds the lock for all ranks
+        return contextlib.nullcontext()
     if out is not None:
         if not is_local(str(out)):
             return contextlib.nullcontext()

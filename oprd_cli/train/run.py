@@ -411,6 +411,10 @@ def run_train(*, model: str | None = None, cache: str | None = None, run_dir: st
     two modes."""
     run = TrainRun(model=model, cache=cache, run_dir=run_dir, out=out, rollouts=rollouts,
                    config=config or TrainConfig(), resume=resume)
+    from oprd_cli.torchrun import dist_env
+
+    if not dist_env().is_main:  # under torchrun, rank 0 holds the run's lock for all ranks
+        return _train(run, show_progress)
     with WriterLock(run.target.root / TRAIN_LOCK, "oprd train", f"run directory {run.target.root}"):
         return _train(run, show_progress)
 
