@@ -322,7 +322,10 @@ def rollout_lock(out: str | None, run_dir: str | None):
             return contextlib.nullcontext()
         p = Path(os.path.abspath(os.path.expanduser(str(out))))
         return WriterLock(p.parent / f".{p.name}.lock", "oprd rollout", f"rollout store {out}")
-    return WriterLock(Path(run_dir) / "rollouts" / ".oprd-rollout.lock", "oprd rollout",
+    from oprd_cli.stores.rundir import RunDir
+
+    run = RunDir(Path(run_dir))  # refuses a URL (a run directory is a local folder) before anything is created
+    return WriterLock(run.rollouts_dir / ".oprd-rollout.lock", "oprd rollout",
                       f"the rollouts of run {run_dir}")
 
 
