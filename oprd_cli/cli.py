@@ -581,6 +581,9 @@ def demo_cmd(
     print_summary(summary)
 
 
+from oprd_cli import cli_bench  # noqa: E402,F401  (registers oprd bench rollout/train/sweep/all)
+
+
 def main() -> None:
     app()
 

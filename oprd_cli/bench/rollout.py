@@ -1,0 +1,166 @@
+"""``oprd bench rollout``: ``oprd rollout`` against the fastest bare ``model.generate``.
+
+On the same prompts and settings (the rollout's own rendered prompt ids, read back from the store it
+wrote; the same batches, longest prompts first, left padding, the same seeds, temperature 1, no top-k
+or top-p, the same EOS ids and ``max_new_tokens``), one run times:
+
+- ``oprd``: the real rollout stage (:func:`oprd_cli.rollout.run_rollout`): generation through our
+  backend (the sampling processor that records behaviour log-probs and top-k ids, the attention kernel
+  that :func:`oprd_cli.models.choose_attn_implementation` picks), tokens per second of its generation
+  loop; the command's wall time (loading, digests, writing the store) is reported beside it;
+- ``bare_eager`` / ``bare_sdpa``: plain ``model.generate`` with each attention kernel, nothing else.
+
+``ratio`` = oprd tokens/s / the fastest bare tokens/s (target at least 0.9). Passes are interleaved
+``repeats`` times and the best of each is kept. Without ``--model`` a random Qwen2-style model is
+generated (the ``bench cache`` teacher); real figures need a real model (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oprd_cli.errors import OprdError
+
+TARGET_RATIO = 0.9
+PROMPTS = ["What is {a} + {b}? Explain each step.", "A train covers {a} km in {b} hours. What is its speed?",
+           "Find the remainder of {a}^{b} divided by 7.", "List the divisors of {a}{b}."]
+
+
+@dataclass
+class BenchRolloutConfig:
+    model: str | None = None
+    prompts: str | None = None  # a prompt file (default: generated arithmetic questions)
+    num_prompts: int = 8
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    repeats: int = 1
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("num_prompts", "max_new_tokens", "batch_size", "repeats"):
+            if getattr(self, name) < 1:
+                raise OprdError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise OprdError(f"--threads must be at least 1, got {self.threads}")
+
+
+def _prompt_file(root: Path, n: int) -> str:
+    path = root / "prompts.jsonl"
+    rows = [{"problem": PROMPTS[i % len(PROMPTS)].format(a=17 + 13 * i, b=3 + i), "answer": "0"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _run_oprd(cfg: BenchRolloutConfig, model: str, prompts: str, out: Path) -> dict[str, Any]:
+    from oprd_cli.config import DataConfig, SamplingConfig, TemplateConfig
+    from oprd_cli.rollout import run_rollout
+
+    sampling = SamplingConfig(num_samples=1, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                              seed=cfg.seed)
+    t = time.perf_counter()
+    s = run_rollout(model=model, data=DataConfig(prompts=prompts, limit=cfg.num_prompts), sampling=sampling,
+                    template=TemplateConfig(), out=str(out), overwrite=True, device=cfg.device)
+    wall = time.perf_counter() - t
+    return {"tokens": s.num_tokens, "seconds": s.seconds, "tok_s": s.num_tokens / max(s.seconds, 1e-9),
+            "command_seconds": wall}
+
+
+@torch.no_grad()
+def _run_bare(model, prompts: list[list[int]], eos: list[int], pad: int, cfg: BenchRolloutConfig) -> dict[str, Any]:
+    """Plain ``generate`` over the same batches (longest first, left padding) with the same seeds."""
+    dev = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    tokens, t = 0, time.perf_counter()
+    for b, start in enumerate(range(0, len(order), cfg.batch_size)):
+        seqs = [prompts[i] for i in order[start:start + cfg.batch_size]]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        torch.manual_seed(cfg.seed * 1_000_003 + b)
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                             pad_token_id=pad)[:, width:].cpu()
+        for row in out:  # tokens up to and including the first EOS, as the rollout counts them
+            hits = torch.isin(row, torch.tensor(eos)).nonzero()
+            tokens += int(hits[0]) + 1 if len(hits) else row.shape[0]
+    dt = time.perf_counter() - t
+    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / max(dt, 1e-9)}
+
+
+def run_bench_rollout(cfg: BenchRolloutConfig, say=lambda msg: None) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from oprd_cli import models as M
+    from oprd_cli.rollout import HFBackend
+    from oprd_cli.stores.rollouts import load_arrays, open_rollouts
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = M.resolve_device(cfg.device)
+    dtype = M.resolve_dtype("auto", dev)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="oprd-bench-rollout-") as tmp:
+        root = Path(tmp)
+        model = cfg.model
+        if model is None:
+            from oprd_cli.bench.cache import generate_teacher
+
+            say("generating a random Qwen2-style model (d=512, 8 layers, vocab 32000)")
+            model = str(generate_teacher(root / "model", 512, 8, 32000))
+        prompts = cfg.prompts or _prompt_file(root, cfg.num_prompts)
+        runs: dict[str, list[dict[str, Any]]] = {"oprd": [], "bare_eager": [], "bare_sdpa": []}
+        bare = {}
+        for rep in range(cfg.repeats):
+            say(f"oprd rollout (pass {rep + 1}/{cfg.repeats})")
+            runs["oprd"].append(_run_oprd(cfg, model, prompts, root / "r.zarr"))
+            if rep == 0:  # the prompts exactly as the rollout rendered them
+                ids = [p.tolist() for p in load_arrays(open_rollouts(str(root / "r.zarr"))).prompt_ids]
+            for attn in ("eager", "sdpa"):
+                say(f"bare generate, {attn} attention (pass {rep + 1}/{cfg.repeats})")
+                if attn not in bare:
+                    bare[attn] = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn)
+                    bare[attn].to(dev).eval()
+                    ref = HFBackend(bare[attn], M.load_tokenizer(model))  # the rollout's EOS and pad ids
+                    eos, pad = ref.eos_ids, ref.pad_id
+                runs[f"bare_{attn}"].append(_run_bare(bare[attn], ids, eos, pad, cfg))
+    best = {k: max(v, key=lambda r: r["tok_s"]) for k, v in runs.items()}
+    fastest = max(("bare_eager", "bare_sdpa"), key=lambda k: best[k]["tok_s"])
+    ratio = best["oprd"]["tok_s"] / max(best[fastest]["tok_s"], 1e-9)
+    return {"benchmark": "rollout", "config": asdict(cfg), "model": cfg.model or "generated",
+            "attn_implementation": M.choose_attn_implementation(dev, dtype), "device": str(dev),
+            "machine": M.machine_info(dev), "load_average": _load_average(), **best, "passes": runs,
+            "fastest_bare": fastest, "ratio": ratio,
+            "target": {"ratio_min": TARGET_RATIO, "met": ratio >= TARGET_RATIO},
+            "seconds": time.perf_counter() - t0}
+
+
+def _load_average() -> list[float] | None:
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def print_bench_rollout(r: dict[str, Any]) -> None:
+    from oprd_cli.console import console
+
+    for k in ("oprd", "bare_eager", "bare_sdpa"):
+        console.print(f"{k:>10}: {r[k]['tok_s']:7.1f} tok/s ({r[k]['tokens']} tokens in {r[k]['seconds']:.1f} s)")
+    console.print(f"oprd rollout / fastest bare ({r['fastest_bare']}): {r['ratio']:.2f} (target >= {TARGET_RATIO}: "
+                  f"{'met' if r['target']['met'] else 'NOT met'}); attention rule: {r['attn_implementation']}; "
+                  f"load average {r['load_average']}")
