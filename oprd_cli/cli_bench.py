@@ -75,6 +75,9 @@ def bench_sweep(
     hidden_size: int = typer.Option(1536, "--hidden-size", help="d."),
     vocab_size: int = typer.Option(151936, "--vocab-size", help="|V|."),
     intermediate_size: int = typer.Option(8960, "--intermediate-size", help="MLP width."),
+    num_heads: int = typer.Option(12, "--num-heads", help="Attention heads."),
+    num_kv_heads: int = typer.Option(2, "--num-kv-heads", help="Key/value heads."),
+    attn: str = typer.Option("auto", "--attn", help="auto (the rule every command uses) | eager | sdpa."),
     repeats: int = typer.Option(1, "--repeats", help="Timed steps per point."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute block activations."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of step time and Δpeak against T."),
@@ -88,7 +91,8 @@ def bench_sweep(
 
     base = BenchLossConfig(objectives=objectives, num_layers=num_layers, hidden_size=hidden_size,
                            vocab_size=vocab_size, intermediate_size=intermediate_size, repeats=repeats,
-                           grad_checkpointing=grad_checkpointing, device=device, threads=threads)
+                           num_heads=num_heads, num_kv_heads=num_kv_heads, attn=attn,
+                           grad_checkpointing=grad_checkpointing, device=device, threads=threads, warmup_step=False)
     r = run_sweep(base, parse_lengths(seq_lens), show_progress=not as_json)
     if plot:
         plot_sweep(r, plot)

@@ -109,17 +109,20 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def choose_attn_implementation(device: torch.device, dtype: torch.dtype | None = None) -> str:
+def choose_attn_implementation(device: torch.device, dtype: torch.dtype | None = None,
+                               training: bool = False) -> str:
     """The attention kernel for a model on ``device``.
 
     CUDA: ``flash_attention_2`` when the ``flash_attn`` package is installed and the dtype is
-    half precision (the kernel has no fp32 path), else ``sdpa``. CPU: ``eager``: with the torch CPU
-    build, SDPA pays a large one-off cost for every new sequence shape, which makes generation
-    5-20x slower (measured on the 2-core CI machine).
+    half precision (the kernel has no fp32 path), else ``sdpa``. CPU: ``sdpa`` for training (whole
+    sequences, no KV cache: torch's CPU flash kernel keeps attention memory O(T) where eager
+    materialises ``[heads, T, T]`` scores, 0.8 GB per tensor at T = 4096 with 12 heads), ``eager``
+    for generation and the teacher's forward (SmolLM2-135M, 8 x 32 tokens, one thread: eager 39
+    tokens per CPU-second, SDPA 36; docs/performance.md).
     """
     device = torch.device(device)
     if device.type != "cuda":
-        return "eager"
+        return "sdpa" if training else "eager"
     from transformers.utils import is_flash_attn_2_available
 
     if dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():

@@ -81,6 +81,7 @@ class BenchLossConfig:
     isolate: bool = True  # one fresh subprocess per objective (False: all in this process, faster)
     grad_checkpointing: bool = False  # recompute each block's activations in backward
     attn: str = "auto"  # auto (models.choose_attn_implementation) | eager | sdpa
+    warmup_step: bool = True  # False: allocate the AdamW state by one optimizer step on zero gradients
 
     def objective_list(self) -> list[str]:
         names = [n.strip() for n in self.objectives.split(",") if n.strip()]
@@ -183,7 +184,7 @@ def run_worker(cfg: BenchLossConfig, name: str) -> dict[str, Any]:
     autocast = None
     if device.type == "cuda" and cfg.dtype in ("auto", "bfloat16", "bf16"):
         autocast = torch.bfloat16
-    attn = M.choose_attn_implementation(device, autocast) if cfg.attn == "auto" else cfg.attn
+    attn = M.choose_attn_implementation(device, autocast, training=True) if cfg.attn == "auto" else cfg.attn
     model = _build_model(cfg, device, attn)
     spec = OBJECTIVES[name]
     layers = list(range(1, cfg.num_layers + 1))  # all layers, the paper's default
@@ -196,7 +197,9 @@ def run_worker(cfg: BenchLossConfig, name: str) -> dict[str, Any]:
     mb = _batch(cfg, spec["objective"], layers).to(device)
     times, deltas, bases, breakdowns = [], [], [], []
     first = None
-    for i in range(cfg.repeats + 1):
+    if not cfg.warmup_step:
+        _init_optimizer_state(trainer)
+    for i in range(0 if cfg.warmup_step else 1, cfg.repeats + 1):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -224,6 +227,18 @@ def run_worker(cfg: BenchLossConfig, name: str) -> dict[str, Any]:
         "warmup_step": first, "parameters": params, "threads": torch.get_num_threads(),
         "device": str(device), "autocast": str(autocast) if autocast else None, "attn_implementation": attn,
     }
+
+
+def _init_optimizer_state(trainer) -> None:
+    """Allocate the AdamW moments without a forward/backward (a step on zero gradients: the weights only
+    decay), so that the first measured step starts with the optimizer state in place."""
+    import torch
+
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
 
 
 def breakdown(phases: dict[str, int], base: int) -> dict[str, Any]:

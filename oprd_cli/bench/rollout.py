@@ -66,12 +66,12 @@ def _run_oprd(cfg: BenchRolloutConfig, model: str, prompts: str, out: Path) -> d
 
     sampling = SamplingConfig(num_samples=1, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                               seed=cfg.seed)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     s = run_rollout(model=model, data=DataConfig(prompts=prompts, limit=cfg.num_prompts), sampling=sampling,
                     template=TemplateConfig(), out=str(out), overwrite=True, device=cfg.device)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     return {"tokens": s.num_tokens, "seconds": s.seconds, "tok_s": s.num_tokens / max(s.seconds, 1e-9),
-            "command_seconds": wall}
+            "command_seconds": wall, "command_cpu_seconds": cpu}
 
 
 @torch.no_grad()
@@ -79,7 +79,7 @@ def _run_bare(model, prompts: list[list[int]], eos: list[int], pad: int, cfg: Be
     """Plain ``generate`` over the same batches (longest first, left padding) with the same seeds."""
     dev = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    tokens, t = 0, time.perf_counter()
+    tokens, t, cpu = 0, time.perf_counter(), time.process_time()
     for b, start in enumerate(range(0, len(order), cfg.batch_size)):
         seqs = [prompts[i] for i in order[start:start + cfg.batch_size]]
         width = max(len(s) for s in seqs)
@@ -95,8 +95,9 @@ def _run_bare(model, prompts: list[list[int]], eos: list[int], pad: int, cfg: Be
         for row in out:  # tokens up to and including the first EOS, as the rollout counts them
             hits = torch.isin(row, torch.tensor(eos)).nonzero()
             tokens += int(hits[0]) + 1 if len(hits) else row.shape[0]
-    dt = time.perf_counter() - t
-    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / max(dt, 1e-9)}
+    dt, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / max(dt, 1e-9), "cpu_seconds": cpu,
+            "tok_per_cpu_s": tokens / max(cpu, 1e-9)}
 
 
 def run_bench_rollout(cfg: BenchRolloutConfig, say=lambda msg: None) -> dict[str, Any]:

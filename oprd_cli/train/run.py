@@ -146,7 +146,8 @@ class TrainRun:
         self.device = M.resolve_device(rt.device)
         self.autocast = autocast_dtype(rt.dtype, self.device)
         self.tokenizer = M.load_tokenizer(path, rt.trust_remote_code)
-        self.model = M.load_model(path, self.device, torch.float32, rt.trust_remote_code, rt.attn_implementation)
+        attn = rt.attn_implementation or M.choose_attn_implementation(self.device, torch.float32, training=True)
+        self.model = M.load_model(path, self.device, torch.float32, rt.trust_remote_code, attn)
         self.student = S.Student(M.tokenizer_digest(self.tokenizer), M.num_layers(self.model.config),
                                  M.hidden_size(self.model.config))
 
