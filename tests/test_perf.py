@@ -101,3 +101,39 @@ def test_bench_loss_json_reports_breakdown_and_trained_parameters(tiny_dir, ckpt
         assert o["grad_checkpointing"] is ckpt
     # OPRD never runs the LM head: the untied head gets no gradient; top-16 trains it too
     assert r["opd_top16"]["trained_parameters"] - r["oprd"]["trained_parameters"] == V * d
+
+
+def test_train_overhead_arithmetic():
+    from oprd_cli.bench.train import overhead_of
+
+    rows = [{"time_s": 10.0, "step_time_s": 9.0, "data_wait_s": 0.5},
+            {"time_s": 12.0, "step_time_s": 1.5, "data_wait_s": 0.6},
+            {"time_s": 14.5, "step_time_s": 2.0, "data_wait_s": 0.9}]
+    o = overhead_of(rows)
+    assert o["wall_s"] == 4.5 and o["step_s"] == 3.5 and o["steps_measured"] == 2
+    assert o["overhead"] == pytest.approx(1.0 / 3.5) and o["data_wait_s"] == pytest.approx(0.4)
+
+
+def test_bench_rollout_runs_oprd_and_both_bare_engines_on_the_same_prompts(tiny_qwen):
+    r = json.loads(run_cli("bench", "rollout", "--model", tiny_qwen, "--num-prompts", "2", "--max-new-tokens", "4",
+                           "--batch-size", "2", "--device", "cpu", "--json").stdout)
+    for k in ("oprd", "bare_eager", "bare_sdpa"):
+        assert 2 <= r[k]["tokens"] <= 8 and r[k]["tok_s"] > 0
+    assert r["ratio"] == pytest.approx(r["oprd"]["tok_s"] / r[r["fastest_bare"]]["tok_s"])
+    assert r["machine"]["cpu_cores"] and r["attn_implementation"] == "eager"
+
+
+def test_bench_all_small_prints_every_ratio_with_the_machine():
+    r = json.loads(run_cli("bench", "all", "--small", "--device", "cpu", "--json").stdout)
+    assert set(r["ratios"]) == {"loss/opd_top1/delta_peak_over_grads", "loss/opd_top16/delta_peak_over_grads",
+                                "loss/oprd/delta_peak_over_grads", "loss/oprd_speedup_vs_top16",
+                                "rollout/oprd_over_fastest_bare", "train/data_path_overhead", "cache/writer_overhead"}
+    assert all(isinstance(v, float) for v in r["ratios"].values())
+    assert r["machine"]["cpu_cores"] and r["load_average"]["before"] is not None
+
+
+def test_attention_rule_sdpa_for_training_on_cpu():
+    from oprd_cli.models import choose_attn_implementation
+
+    assert choose_attn_implementation(torch.device("cpu"), torch.float32) == "eager"
+    assert choose_attn_implementation(torch.device("cpu"), torch.float32, training=True) == "sdpa"
