@@ -111,7 +111,7 @@ def test_train_overhead_arithmetic():
             {"time_s": 14.5, "step_time_s": 2.0, "data_wait_s": 0.9}]
     o = overhead_of(rows)
     assert o["wall_s"] == 4.5 and o["step_s"] == 3.5 and o["steps_measured"] == 2
-    assert o["overhead"] == pytest.approx(1.0 / 3.5) and o["data_wait_s"] == pytest.approx(0.4)
+    assert o["overhead"] == pytest.approx(1.0 / 3.5) and o["data_path_s"] == pytest.approx(1.0)
 
 
 def test_bench_rollout_runs_oprd_and_both_bare_engines_on_the_same_prompts(tiny_qwen):

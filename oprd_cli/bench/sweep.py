@@ -37,9 +37,11 @@ def run_sweep(base: BenchLossConfig, lengths: list[int], show_progress: bool = T
             o = r[name]
             rows.append({"objective": name, "seq_len": T, "step_time_s": o["step_time_s"],
                          "delta_peak_bytes": o["delta_peak_bytes"], "grad_bytes": o["grad_bytes"],
-                         "delta_peak_over_grads": o["delta_peak_over_grads"]})
+                         "delta_peak_over_grads": o["delta_peak_over_grads"], "breakdown": o["breakdown"],
+                         "trained_parameters": o["trained_parameters"]})
     return {"benchmark": "sweep", "seq_lens": lengths, "objectives": base.objective_list(), "rows": rows,
-            "machine": reports[0]["machine"] if reports else None, "memory_measure":
+            "machine": reports[0]["machine"] if reports else None,
+            "speedup_vs_top16": [r.get("speedup_vs_top16") for r in reports], "memory_measure":
             reports[0]["memory_measure"] if reports else None, "config": dataclasses.asdict(base),
             "slopes": _slopes(rows)}
 

@@ -51,8 +51,7 @@ def overhead_of(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     wall = metrics[-1]["time_s"] - metrics[0]["time_s"]
     step = sum(m["step_time_s"] for m in rows)
     return {"steps_measured": len(rows), "wall_s": wall, "step_s": step, "data_path_s": wall - step,
-            "overhead": (wall - step) / step if step > 0 else None,
-            "data_wait_s": rows[-1].get("data_wait_s", 0.0) - metrics[0].get("data_wait_s", 0.0)}
+            "overhead": (wall - step) / step if step > 0 else None}
 
 
 def run_bench_train(cfg: BenchTrainConfig, say=lambda msg: None) -> dict[str, Any]:
