@@ -162,7 +162,8 @@ def make_adamw(params: list[Tensor], lr: float, betas: tuple[float, float], eps:
     parameter and no temporaries, where the foreach path (CUDA default) allocates copies of every
     moment and the for-loop path (CPU default) a ``sqrt`` temporary as large as the largest parameter
     (the embedding). Same update as the reference within float rounding."""
-    fused = torch.device(device).type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+    fused = torch.device(device).type in ("cpu", "cuda") and all(
+        p.is_floating_point() and not hasattr(p, "device_mesh") for p in params)  # DTensor (FSDP2): reference path
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              **({"fused": True} if fused and params else {}))
 
