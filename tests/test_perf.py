@@ -137,3 +137,5 @@ def test_attention_rule_sdpa_for_training_on_cpu():
 
     assert choose_attn_implementation(torch.device("cpu"), torch.float32) == "eager"
     assert choose_attn_implementation(torch.device("cpu"), torch.float32, training=True) == "sdpa"
+    assert choose_attn_implementation(torch.device("cpu"), torch.float32, hidden_size=64) == "eager"  # tiny
+    assert choose_attn_implementation(torch.device("cpu"), torch.float32, hidden_size=576) == "sdpa"  # SmolLM2

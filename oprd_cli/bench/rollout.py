@@ -148,6 +148,7 @@ def run_bench_rollout(cfg: BenchRolloutConfig, say=lambda msg: None) -> dict[str
         tok = M.load_tokenizer(model)
         records = load_records(prompts, "train", None, None, None, cfg.num_prompts)
         ours = HFBackend(M.load_model(model, dev, dtype), tok)  # loaded as oprd rollout loads it
+        attn_used = ours.model.config._attn_implementation
         bare = {attn: AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn).to(dev).eval()
                 for attn in ("eager", "sdpa")}
         for rep in range(cfg.repeats):
@@ -160,7 +161,7 @@ def run_bench_rollout(cfg: BenchRolloutConfig, say=lambda msg: None) -> dict[str
     ratio = best["oprd"]["tok_s"] / max(best[fastest]["tok_s"], 1e-9)
     cpu_best = max(best["bare_eager"]["tok_per_cpu_s"], best["bare_sdpa"]["tok_per_cpu_s"])
     return {"benchmark": "rollout", "config": asdict(cfg), "model": cfg.model or "generated",
-            "attn_implementation": M.choose_attn_implementation(dev, dtype), "device": str(dev),
+            "attn_implementation": attn_used, "device": str(dev),
             "machine": M.machine_info(dev), "load_average": _load_average(), **best, "passes": runs,
             "fastest_bare": fastest, "ratio": ratio, "command": command,
             "ratio_cpu_time": best["oprd"]["tok_per_cpu_s"] / max(cpu_best, 1e-9),
