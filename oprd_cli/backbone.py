@@ -224,6 +224,18 @@ def _support_chunk(h: Tensor, w: Tensor, b: Tensor | None, ids: Tensor, cap: flo
     return _softcap(logits, cap)
 
 
+def _full_logprob_chunk(h: Tensor, w: Tensor, b: Tensor | None, ids: Tensor, cap: float | None) -> Tensor:
+    logits = _head_logits(h, w, b, cap)
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids)
+
+
+def full_logprobs_at(model, h: Tensor, ids: Tensor, chunk: int = 0) -> Tensor:
+    """``log_softmax(lm_head(h))`` gathered at ``ids`` ``[N, K]`` -> ``[N, K]`` float32: the verl-style
+    top-k path (full-vocabulary logits and log-softmax), chunked and checkpointed like
+    :func:`token_logprobs` so only one chunk's ``[chunk, V]`` logits live at once."""
+    return _by_chunks(_full_logprob_chunk, model, h, ids, chunk)
+
+
 def support_logits(model, h: Tensor, support_ids: Tensor, chunk: int = 0) -> Tensor:
     """Logits at the support ids only: ``h @ W[S].T`` -> ``[N, K]`` for ``h`` ``[N, d]`` and
     ``support_ids`` ``[N, K]``. Enough for a KL renormalised on the support (the full softmax

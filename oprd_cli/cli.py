@@ -420,6 +420,8 @@ def bench_loss(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16. (default: <bench_loss.dtype>)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice; on a busy CPU 1 gives steadier times)."),
     isolate: Optional[bool] = typer.Option(None, "--isolate/--no-isolate", help="Run each objective in a fresh process (honest CPU memory figures); --no-isolate runs all in this one (faster start). (default: <bench_loss.isolate>)"),
+    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute each block's activations in backward (oprd train --gradient-checkpointing). (default: <bench_loss.grad_checkpointing>)"),
+    attn: Optional[str] = typer.Option(None, "--attn", help="Attention: auto (the rule every command uses) | eager | sdpa. (default: <bench_loss.attn>)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ):
     """Actor-update step time and delta-peak memory: OPD top-1, OPD top-16 and OPRD side by side (paper Table 3).
@@ -434,7 +436,7 @@ def bench_loss(
                 prompt_len=prompt_len, topk=topk, hidden_size=hidden_size, vocab_size=vocab_size, num_heads=num_heads,
                 num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                 tie_word_embeddings=tie_word_embeddings, objectives=objectives, repeats=repeats, device=device,
-                dtype=dtype, threads=threads, isolate=isolate)
+                dtype=dtype, threads=threads, isolate=isolate, grad_checkpointing=grad_checkpointing, attn=attn)
     report = run_bench_loss(cfg)
     show(report, as_json, print_bench)
 
@@ -541,6 +543,7 @@ def demo_cmd(
 from oprd_cli.cli_bridge import bridge_app  # noqa: E402 (mounted after the main commands)
 
 app.add_typer(bridge_app, name="bridge")
+from oprd_cli import cli_bench  # noqa: E402,F401  (registers oprd bench rollout/train/sweep/all)
 
 
 def main() -> None:

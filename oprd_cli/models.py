@@ -112,17 +112,24 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def choose_attn_implementation(device: torch.device, dtype: torch.dtype | None = None) -> str:
+CPU_SDPA_MIN_HIDDEN = 512  # generation on CPU: SDPA from this model width up, eager below
+
+
+def choose_attn_implementation(device: torch.device, dtype: torch.dtype | None = None,
+                               training: bool = False, hidden_size: int | None = None) -> str:
     """The attention kernel for a model on ``device``.
 
     CUDA: ``flash_attention_2`` when the ``flash_attn`` package is installed and the dtype is
-    half precision (the kernel has no fp32 path), else ``sdpa``. CPU: ``eager``: with the torch CPU
-    build, SDPA pays a large one-off cost for every new sequence shape, which makes generation
-    5-20x slower (measured on the 2-core CI machine).
+    half precision (the kernel has no fp32 path), else ``sdpa``. CPU: ``sdpa`` for training (whole
+    sequences: torch's CPU flash kernel keeps attention memory O(T) where eager keeps
+    ``[heads, T, T]`` scores, 0.8 GB per tensor at T = 4096 with 12 heads) and for models of width
+    ``hidden_size >= 512`` (SmolLM2-135M generation: SDPA about 20% more tokens per CPU-second than
+    eager, docs/performance.md); ``eager`` otherwise: tiny models, whose generation SDPA slows down
+    (a per-shape set-up cost that dominates at their size), and callers that do not pass the width.
     """
     device = torch.device(device)
     if device.type != "cuda":
-        return "eager"
+        return "sdpa" if training or (hidden_size or 0) >= CPU_SDPA_MIN_HIDDEN else "eager"
     from transformers.utils import is_flash_attn_2_available
 
     if dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():
@@ -142,14 +149,14 @@ def load_model(
     picks it for ``device`` unless ``attn_implementation`` says otherwise."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if attn_implementation is None:
-        attn_implementation = choose_attn_implementation(device, dtype)
-
     quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)
         for k, v in (config_overrides or {}).items():
             setattr(config, k, v)
+        if attn_implementation is None:
+            width = getattr(config.get_text_config(), "hidden_size", None)
+            attn_implementation = choose_attn_implementation(device, dtype, hidden_size=width)
         kwargs = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation

@@ -333,7 +333,8 @@ def run_bench(
 
         say("loading the truncated teacher and the full one")
         tm = TeacherModel(teacher, layers=layers, need_logits=False, device=str(dev), dtype=dtype)
-        full = models.load_model(teacher, dev, tm.dtype)
+        full = models.load_model(teacher, dev, tm.dtype,  # the same attention kernel as the truncated one
+                                 attn_implementation=tm.model.config._attn_implementation)
         model_dtype = cache_store.dtype_name(tm.dtype)
         enc = cache_store.Encoding(model_dtype if store_dtype == "auto" else store_dtype, model_dtype)
         layout = cache_store.plan_layout(store.prompt_lengths, store.response_lengths, positions=positions, k=k,

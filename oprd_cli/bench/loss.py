@@ -79,6 +79,9 @@ class BenchLossConfig:
     threads: int | None = None
     seed: int = 0
     isolate: bool = True  # one fresh subprocess per objective (False: all in this process, faster)
+    grad_checkpointing: bool = False  # recompute each block's activations in backward
+    attn: str = "auto"  # auto (models.choose_attn_implementation) | eager | sdpa
+    warmup_step: bool = True  # False: allocate the AdamW state by one optimizer step on zero gradients
 
     def objective_list(self) -> list[str]:
         names = [n.strip() for n in self.objectives.split(",") if n.strip()]
@@ -93,6 +96,8 @@ class BenchLossConfig:
                      "vocab_size", "num_heads", "num_kv_heads", "intermediate_size", "repeats"):
             if getattr(self, name) < 1:
                 raise OprdError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.attn not in ("auto", "eager", "sdpa"):
+            raise OprdError(f"--attn takes auto, eager or sdpa; got {self.attn!r}")
         if self.threads is not None and self.threads < 1:
             raise OprdError(f"--threads must be at least 1, got {self.threads}")
         if self.hidden_size % self.num_heads:
@@ -179,23 +184,26 @@ def run_worker(cfg: BenchLossConfig, name: str) -> dict[str, Any]:
     autocast = None
     if device.type == "cuda" and cfg.dtype in ("auto", "bfloat16", "bf16"):
         autocast = torch.bfloat16
-    attn = "sdpa" if device.type == "cuda" else "eager"
+    attn = M.choose_attn_implementation(device, autocast, training=True) if cfg.attn == "auto" else cfg.attn
     model = _build_model(cfg, device, attn)
     spec = OBJECTIVES[name]
     layers = list(range(1, cfg.num_layers + 1))  # all layers, the paper's default
     tcfg = TrainConfig.from_flat(objective=spec["objective"], topk_logits=spec.get("topk_logits", "support"),
                        batch_size=cfg.batch_size, micro_batch_tokens=cfg.batch_size * (cfg.prompt_len + cfg.seq_len),
-                       device=str(device), seed=cfg.seed)
+                       device=str(device), seed=cfg.seed, gradient_checkpointing=cfg.grad_checkpointing)
     tcfg.validate()
     trainer = Trainer(model, tcfg, layers if tcfg.loss.uses_oprd else [], device, total_steps=cfg.repeats + 1,
                       autocast_dtype=autocast)
     mb = _batch(cfg, spec["objective"], layers).to(device)
-    times, deltas, bases = [], [], []
+    times, deltas, bases, breakdowns = [], [], [], []
     first = None
-    for i in range(cfg.repeats + 1):
+    if not cfg.warmup_step:
+        _init_optimizer_state(trainer)
+    for i in range(0 if cfg.warmup_step else 1, cfg.repeats + 1):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        trainer.mem_phases = {} if i > 0 else None
         base = memory.current_bytes(device)
         m = trainer.train_step([mb], on_policy=False)
         if i == 0:
@@ -204,14 +212,63 @@ def run_worker(cfg: BenchLossConfig, name: str) -> dict[str, Any]:
         times.append(m["step_time_s"])
         deltas.append(m["peak_mem_bytes"] - base)
         bases.append(base)
+        breakdowns.append(breakdown(trainer.mem_phases, base))
     params = sum(p.numel() for p in model.parameters())
+    mid = sorted(range(len(deltas)), key=deltas.__getitem__)[(len(deltas) - 1) // 2]  # the median step's
+    grad_bytes = breakdowns[mid]["gradients"]
     return {
+        "breakdown": breakdowns[mid], "grad_bytes": grad_bytes,
+        "trained_parameters": trainer.mem_phases.get("grad_params", 0),
+        "delta_peak_over_grads": deltas[mid] / grad_bytes if grad_bytes else None,
+        "grad_checkpointing": cfg.grad_checkpointing,
         "objective": spec["objective"], "topk_logits": spec.get("topk_logits"), "entropy": tcfg.loss.log_entropy,
-        "step_time_s": statistics.median(times), "delta_peak_bytes": int(statistics.median(deltas)),
+        "step_time_s": statistics.median(times), "delta_peak_bytes": int(deltas[mid]),
         "step_times_s": times, "delta_peaks_bytes": deltas, "start_level_bytes": int(statistics.median(bases)),
         "warmup_step": first, "parameters": params, "threads": torch.get_num_threads(),
         "device": str(device), "autocast": str(autocast) if autocast else None, "attn_implementation": attn,
     }
+
+
+def _init_optimizer_state(trainer) -> None:
+    """Allocate the AdamW moments without a forward/backward (a step on zero gradients: the weights only
+    decay), so that the first measured step starts with the optimizer state in place."""
+    import torch
+
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def breakdown(phases: dict[str, int], base: int) -> dict[str, Any]:
+    """Split a step's Δpeak (bytes above the step's starting level ``base``) by what was alive at the
+    peak, from the trainer's memory phases (:attr:`Trainer.mem_phases`). The parts add up to Δpeak:
+
+    - peak during forward/backward: ``gradients`` (bytes of every gradient the step made),
+      ``activations`` (level after the decoder forward: what it saved for backward),
+      ``lm_head`` (what the loss head added on top: logits chunks, gathered rows, losses), and
+      ``backward_other`` (the rest at the peak: backward temporaries minus what was already freed;
+      may be negative);
+    - peak during clipping + AdamW: ``gradients``, ``optimizer`` (temporaries above the level after
+      backward; the AdamW moments were allocated before the measured step) and ``backward_other``
+      (what backward left besides the gradients).
+    """
+    grads = int(phases.get("grad_bytes", 0))
+    fb, opt = phases["fwd_bwd_peak"] - base, phases["opt_peak"] - base
+    parts = {"gradients": grads, "optimizer": 0, "activations": 0, "lm_head": 0, "backward_other": 0}
+    if fb >= opt:
+        fwd = phases.get("after_forward", base) - base
+        parts["activations"] = fwd
+        parts["lm_head"] = phases.get("after_loss", base) - base - fwd
+        parts["backward_other"] = fb - grads - parts["activations"] - parts["lm_head"]
+        peak_phase = "forward/backward"
+    else:
+        after_bwd = phases["after_backward"] - base
+        parts["optimizer"] = opt - after_bwd
+        parts["backward_other"] = after_bwd - grads
+        peak_phase = "optimizer"
+    return {**parts, "delta_peak": max(fb, opt), "peak_phase": peak_phase}
 
 
 def _worker_main(argv: list[str]) -> int:

@@ -75,7 +75,7 @@ class LossConfig:
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     topk_logits: str = "support"
-    logits_chunk_tokens: int = 4096
+    logits_chunk_tokens: int = 256
     entropy: bool | None = None
     divergence: str = "rkl"
     alpha: float | None = None

@@ -160,7 +160,8 @@ class TrainRun:
         D.quiet_other_ranks(self.env)
         self.autocast = autocast_dtype(rt.dtype, self.device)
         self.tokenizer = M.load_tokenizer(path, rt.trust_remote_code)
-        self.model = M.load_model(path, self.device, torch.float32, rt.trust_remote_code, rt.attn_implementation)
+        attn = rt.attn_implementation or M.choose_attn_implementation(self.device, torch.float32, training=True)
+        self.model = M.load_model(path, self.device, torch.float32, rt.trust_remote_code, attn)
         self.student = S.Student(M.tokenizer_digest(self.tokenizer), M.num_layers(self.model.config),
                                  M.hidden_size(self.model.config))
         self.bridge = bridging.load_for_training(self.cfg.loss.bridge)

@@ -43,7 +43,7 @@ from oprd_cli.backbone import (
     autocast_context,
     backbone_hidden,
     chunked_entropy,
-    full_logits,
+    full_logprobs_at,
     support_logits,
     token_logprobs,
 )
@@ -160,6 +160,18 @@ def gather_positions(h: Tensor, seq_index: Tensor) -> Tensor:
     return h.gather(1, seq_index[:, :, None].expand(-1, -1, h.shape[-1]))
 
 
+def make_adamw(params: list[Tensor], lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+               device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one (CPU and CUDA, floating parameters): one pass per
+    parameter and no temporaries, where the foreach path (CUDA default) allocates copies of every
+    moment and the for-loop path (CPU default) a ``sqrt`` temporary as large as the largest parameter
+    (the embedding). Same update as the reference within float rounding."""
+    fused = torch.device(device).type in ("cpu", "cuda") and all(
+        p.is_floating_point() and not hasattr(p, "device_mesh") for p in params)  # DTensor (FSDP2): reference path
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             **({"fused": True} if fused and params else {}))
+
+
 class Trainer:
     """The student, its AdamW optimizer and warm-up + cosine schedule, and the step function."""
 
@@ -177,8 +189,9 @@ class Trainer:
         self.step = 0  # optimizer steps taken so far (global)
         opt = config.optim
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
-                                           eps=opt.adam_eps, weight_decay=opt.weight_decay)
+        self.optimizer = make_adamw(params, opt.lr, (opt.adam_beta1, opt.adam_beta2), opt.adam_eps,
+                                    opt.weight_decay, device)
+        self.mem_phases: dict[str, int] | None = None  # set to {} to record the step's memory phases
         if sharding is not None:
             sharding.optimizer = self.optimizer
         self.scheduler, self.warmup = warmup_cosine(self.optimizer, total_steps, opt.warmup_ratio, opt.min_lr_ratio)
@@ -198,6 +211,7 @@ class Trainer:
         with autocast_context(self.device, self.autocast_dtype):
             out = backbone_hidden(self.model, mb.input_ids, self.rep_layers if cfg.uses_oprd else [],
                                   need_final=cfg.uses_opd)
+        self._probe("after_forward")
         n_tok, n_pos = counts if counts is not None else (mb.num_tokens, mb.num_positions)
         tok_w = n_tok / max(1, totals.tokens)  # this micro-batch's share of the step's tokens
         total = torch.zeros((), device=self.device, dtype=torch.float32)
@@ -207,7 +221,13 @@ class Trainer:
             total = total + self._opd_term(out, mb, totals, on_policy, tok_w, acc)
         elif cfg.log_entropy:  # OPRD only, asked for explicitly: one LM-head pass without grad
             self._entropy(out, mb, tok_w, acc)
+        self._probe("after_loss")
         return total
+
+    def _probe(self, name: str) -> None:
+        """With ``mem_phases`` set: the highest memory level seen at this point of the step."""
+        if self.mem_phases is not None:
+            self.mem_phases[name] = max(self.mem_phases.get(name, 0), memory.current_bytes(self.device))
 
     def _weights(self, counts: Tensor, step_total: int, samples: int) -> Tensor:
         """Per-sample weights of a micro-batch in the step's mean: ``1/B_step`` (``reduction="sample"``)
@@ -268,7 +288,7 @@ class Trainer:
             raise OprdError("opd-topk needs the rollout's top-k ids and the teacher's log-probs on them")
         ids = mb.support_ids[bi, ti]  # [N, K]
         if cfg.topk_logits == "full":  # verl / the paper's baseline: full logits, log-softmax, gather
-            z = torch.log_softmax(full_logits(self.model, h).float(), dim=-1).gather(-1, ids)
+            z = full_logprobs_at(self.model, h, ids, cfg.logits_chunk_tokens)
         else:
             z = support_logits(self.model, h, ids, cfg.logits_chunk_tokens).float()
         student_z = torch.zeros((b, T, ids.shape[-1]), device=self.device, dtype=torch.float32).index_put((bi, ti), z)
@@ -341,6 +361,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(step_no, "the loss", loss_sum)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self._probe_window(params)
         grad_norm = _norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)) if params else 0.0
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -359,7 +380,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "step_time_s": dt,
             "tokens_per_s": totals.tokens / max(dt, 1e-9),
-            "peak_mem_bytes": memory.peak_bytes(dev),
+            "peak_mem_bytes": self._step_peak(),
             "num_samples": totals.samples,
             "num_tokens": totals.tokens,
             "num_positions": totals.positions,
@@ -367,6 +388,26 @@ class Trainer:
         }
         metrics.update(stats)
         return metrics
+
+    def _step_peak(self) -> int:
+        """The step's peak (both windows when ``mem_phases`` split it)."""
+        peak = memory.peak_bytes(self.device)
+        if self.mem_phases is None:
+            return peak
+        self.mem_phases["opt_peak"] = peak
+        return max(peak, self.mem_phases.get("fwd_bwd_peak", 0))
+
+    def _probe_window(self, params: list[Tensor]) -> None:
+        """With ``mem_phases`` set: close the forward/backward peak window (peak, level, gradient bytes
+        and count) and open the optimizer's (clipping + AdamW)."""
+        if self.mem_phases is None:
+            return
+        ph = self.mem_phases
+        ph["fwd_bwd_peak"] = memory.peak_bytes(self.device)
+        ph["after_backward"] = memory.current_bytes(self.device)
+        ph["grad_bytes"] = sum(p.grad.numel() * p.grad.element_size() for p in params)
+        ph["grad_params"] = sum(p.numel() for p in params)
+        memory.reset_peak(self.device)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
