@@ -57,3 +57,7 @@ def test_every_stage_on_smollm2(smollm2, aime24_path, tmp_path):
                   "--num-samples", "1", "--max-new-tokens", "16", "--json")
     report = json.loads(res.stdout)
     assert report["step"] == 2 and report["num_problems"] == 2
+
+    # every chunk of every store and the checkpoint check out (crc32c, markers, digests)
+    verified = json.loads(run_cli("verify", run, "--json").stdout)
+    assert verified["ok"] is True, verified
