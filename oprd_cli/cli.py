@@ -360,7 +360,7 @@ def train(
     logits_chunk_tokens: Optional[int] = typer.Option(None, "--logits-chunk-tokens", help="LM-head rows per checkpointed chunk for OPD log-probs, support logits and entropy; 0 = one chunk (default: <train.logits_chunk_tokens>)."),
     prefetch: Optional[int] = typer.Option(None, "--prefetch", help="Steps of teacher data read ahead by a background thread (default: <train.prefetch>)."),
     entropy: Optional[bool] = typer.Option(None, "--entropy/--no-entropy", help="Log actor/entropy (default: on for OPD objectives; for oprd it costs an LM-head pass)."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute block activations in backward (default: <train.gradient_checkpointing>)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute block activations in backward; unset: auto, on for a micro-batch whose activations would exceed 30% of the weights' fp32 bytes and 256 MiB (default: <train.gradient_checkpointing>)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: <train.device>)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 (default: <train.dtype>)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the batch order and RNG (default: <train.seed>)."),
@@ -420,7 +420,7 @@ def bench_loss(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16. (default: <bench_loss.dtype>)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice; on a busy CPU 1 gives steadier times)."),
     isolate: Optional[bool] = typer.Option(None, "--isolate/--no-isolate", help="Run each objective in a fresh process (honest CPU memory figures); --no-isolate runs all in this one (faster start). (default: <bench_loss.isolate>)"),
-    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute each block's activations in backward (oprd train --gradient-checkpointing). (default: <bench_loss.grad_checkpointing>)"),
+    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute each block's activations in backward (oprd train --gradient-checkpointing); unset: auto, the trainer's rule. (default: <bench_loss.grad_checkpointing>)"),
     attn: Optional[str] = typer.Option(None, "--attn", help="Attention: auto (the rule every command uses) | eager | sdpa. (default: <bench_loss.attn>)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ):

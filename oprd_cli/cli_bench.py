@@ -79,7 +79,7 @@ def bench_sweep(
     num_kv_heads: int = typer.Option(2, "--num-kv-heads", help="Key/value heads."),
     attn: str = typer.Option("auto", "--attn", help="auto (the rule every command uses) | eager | sdpa."),
     repeats: int = typer.Option(1, "--repeats", help="Timed steps per point."),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute block activations."),
+    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute block activations (default: auto, the trainer's rule)."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of step time and Δpeak against T."),
     device: str = _DEVICE,
     threads: Optional[int] = _THREADS,
@@ -92,7 +92,7 @@ def bench_sweep(
     base = BenchLossConfig(objectives=objectives, num_layers=num_layers, hidden_size=hidden_size,
                            vocab_size=vocab_size, intermediate_size=intermediate_size, repeats=repeats,
                            num_heads=num_heads, num_kv_heads=num_kv_heads, attn=attn,
-                           grad_checkpointing=grad_checkpointing, device=device, threads=threads, warmup_step=False)
+                           grad_checkpointing="auto" if grad_checkpointing is None else grad_checkpointing, device=device, threads=threads, warmup_step=False)
     r = run_sweep(base, parse_lengths(seq_lens), show_progress=not as_json)
     if plot:
         plot_sweep(r, plot)
@@ -109,7 +109,7 @@ def bench_all(
     hidden_size: int = typer.Option(1536, "--hidden-size", help="bench loss: d."),
     vocab_size: int = typer.Option(151936, "--vocab-size", help="bench loss: |V|."),
     small: bool = typer.Option(False, "--small", help="Tiny generated models everywhere (a smoke run, not a measurement)."),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="bench loss: recompute block activations."),
+    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing", help="bench loss: recompute block activations (default: auto, the trainer's rule)."),
     device: str = _DEVICE,
     as_json: bool = _JSON,
 ):
@@ -120,7 +120,7 @@ def bench_all(
     from oprd_cli.bench.train import BenchTrainConfig
 
     loss = BenchLossConfig(seq_len=seq_len, last_k=seq_len, num_layers=num_layers, hidden_size=hidden_size,
-                           vocab_size=vocab_size, device=device, grad_checkpointing=grad_checkpointing,
+                           vocab_size=vocab_size, device=device, grad_checkpointing="auto" if grad_checkpointing is None else grad_checkpointing,
                            objectives="opd_top1,opd_top16,oprd")
     rollout = BenchRolloutConfig(model=model, device=device)
     train = BenchTrainConfig(device=device)
@@ -128,7 +128,7 @@ def bench_all(
     if small:
         loss = BenchLossConfig(seq_len=16, last_k=16, prompt_len=4, num_layers=2, hidden_size=32, num_heads=4,
                                num_kv_heads=2, intermediate_size=64, vocab_size=300, repeats=1, isolate=False,
-                               device=device, grad_checkpointing=grad_checkpointing,
+                               device=device, grad_checkpointing="auto" if grad_checkpointing is None else grad_checkpointing,
                                objectives="opd_top1,opd_top16,oprd")
         rollout = BenchRolloutConfig(model=model, device=device, num_prompts=2, max_new_tokens=4, batch_size=2)
         train = BenchTrainConfig(device=device, steps=3, batch_size=2, tokens=3000, hidden_size=64, num_layers=2,

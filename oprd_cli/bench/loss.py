@@ -79,7 +79,7 @@ class BenchLossConfig:
     threads: int | None = None
     seed: int = 0
     isolate: bool = True  # one fresh subprocess per objective (False: all in this process, faster)
-    grad_checkpointing: bool = False  # recompute each block's activations in backward
+    grad_checkpointing: bool | str = "auto"  # recompute each block's activations in backward (auto: the trainer's rule)
     attn: str = "auto"  # auto (models.choose_attn_implementation) | eager | sdpa
     warmup_step: bool = True  # False: allocate the AdamW state by one optimizer step on zero gradients
 
@@ -220,7 +220,7 @@ def run_worker(cfg: BenchLossConfig, name: str) -> dict[str, Any]:
         "breakdown": breakdowns[mid], "grad_bytes": grad_bytes,
         "trained_parameters": trainer.mem_phases.get("grad_params", 0),
         "delta_peak_over_grads": deltas[mid] / grad_bytes if grad_bytes else None,
-        "grad_checkpointing": cfg.grad_checkpointing,
+        "grad_checkpointing": trainer.checkpointed > 0, "grad_checkpointing_mode": tcfg.runtime.checkpointing_mode,
         "objective": spec["objective"], "topk_logits": spec.get("topk_logits"), "entropy": tcfg.loss.log_entropy,
         "step_time_s": statistics.median(times), "delta_peak_bytes": int(deltas[mid]),
         "step_times_s": times, "delta_peaks_bytes": deltas, "start_level_bytes": int(statistics.median(bases)),

@@ -238,11 +238,20 @@ class RuntimeConfig:
     device: str = "auto"
     dtype: str = "auto"
     attn_implementation: str | None = None
-    gradient_checkpointing: bool = False
+    # True/"on": every block recomputed in backward; False/"off": never; "auto": per micro-batch, on when
+    # its activations would be large against the weights (:func:`oprd_cli.train.step.auto_checkpointing`)
+    gradient_checkpointing: bool | str = "auto"
     trust_remote_code: bool = False
 
     def validate(self) -> None:
-        pass
+        if self.gradient_checkpointing not in (True, False, "auto", "on", "off"):
+            raise OprdError(f"--gradient-checkpointing takes on, off or auto; got {self.gradient_checkpointing!r}")
+
+    @property
+    def checkpointing_mode(self) -> str:
+        """``on``, ``off`` or ``auto`` (booleans from the flags and oprd.toml are on/off)."""
+        g = self.gradient_checkpointing
+        return "on" if g is True or g == "on" else "off" if g is False or g == "off" else "auto"
 
 
 _GROUPS: dict[str, type] = {"loss": LossConfig, "optim": OptimConfig, "batching": BatchingConfig,

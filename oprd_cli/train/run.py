@@ -53,7 +53,7 @@ from oprd_cli.train.checkpoint import (
 from oprd_cli.train.config import TrainConfig, TrainResult
 from oprd_cli.train import distributed as D
 from oprd_cli.train.report import MetricsLog, show_step
-from oprd_cli.train.step import NonFiniteLoss, Trainer
+from oprd_cli.train.step import NonFiniteLoss, Trainer, auto_checkpointing
 
 
 def check_arguments(cfg: TrainConfig, cache: str | None, run_dir: str | None, out: str | None) -> None:
@@ -170,7 +170,8 @@ class TrainRun:
                                    self.student.num_layers, self.student.hidden_size)
         self.sharding = None
         if self.env.enabled:  # torchrun: FSDP2 over the ranks
-            if rt.gradient_checkpointing:
+            if rt.checkpointing_mode == "on" or (rt.checkpointing_mode == "auto" and auto_checkpointing(
+                    self.model, self.cfg.batching.micro_batch_tokens)):  # auto: from the planned micro-batch
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.sharding = D.Sharding(self.env, D.apply_fsdp(self.model), self.device)
             err_console.print(f"training sharded over {self.env.world_size} ranks (FSDP2, "

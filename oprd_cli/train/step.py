@@ -49,6 +49,41 @@ from oprd_cli.backbone import (
 )
 
 
+AUTO_CHECKPOINT_PARAM_FRACTION = 0.3  # auto: on when a micro-batch's activations exceed this share of the
+AUTO_CHECKPOINT_MIN_BYTES = 256 << 20  # fp32 weights' bytes and this many bytes
+
+
+def activation_bytes_per_token(config) -> int:
+    """fp32 bytes a decoder block keeps for backward per token, summed over the blocks: about 16 d-wide
+    and 3 MLP-wide vectors per token and block (norm inputs, q/k/v/o, residuals; gate, up, activation).
+    Measured at the Qwen2-1.5B geometry (``oprd bench loss`` breakdown): 0.40 MiB per token at 2 blocks,
+    this gives 0.39."""
+    cfg = getattr(config, "text_config", None) or config
+    d = int(cfg.hidden_size)
+    mlp = int(getattr(cfg, "intermediate_size", None) or 4 * d)
+    return int(cfg.num_hidden_layers) * (16 * d + 3 * mlp) * 4
+
+
+def auto_checkpointing(model, tokens: int) -> bool:
+    """``--gradient-checkpointing auto``: recompute each block in backward when the micro-batch's
+    activations (``tokens`` x :func:`activation_bytes_per_token`) would exceed both 30% of the model's
+    fp32 parameter bytes (the size of its gradients) and 256 MiB. At the Qwen2-1.5B geometry with two
+    blocks that is above about 1,630 tokens per micro-batch; with all 28 blocks above about 370."""
+    params = getattr(model, "_oprd_param_bytes", None)
+    if params is None:
+        params = 4 * sum(p.numel() for p in model.parameters())
+        model._oprd_param_bytes = params
+    act = tokens * activation_bytes_per_token(model.config)
+    return act > AUTO_CHECKPOINT_PARAM_FRACTION * params and act > AUTO_CHECKPOINT_MIN_BYTES
+
+
+def set_block_checkpointing(model, on: bool) -> None:
+    """Switch the checkpointing that ``gradient_checkpointing_enable`` set up on or off (flags only)."""
+    for m in model.modules():
+        if hasattr(m, "gradient_checkpointing") and hasattr(m, "_gradient_checkpointing_func"):
+            m.gradient_checkpointing = on
+
+
 class NonFiniteLoss(OprdError):
     """The loss or the gradient norm of a step is NaN or infinite (the step is not applied)."""
 
@@ -195,9 +230,18 @@ class Trainer:
         if sharding is not None:
             sharding.optimizer = self.optimizer
         self.scheduler, self.warmup = warmup_cosine(self.optimizer, total_steps, opt.warmup_ratio, opt.min_lr_ratio)
-        if config.runtime.gradient_checkpointing and sharding is None:  # sharded: enabled before fully_shard
+        self.checkpointing = config.runtime.checkpointing_mode  # on | off | auto (decided per micro-batch)
+        self.checkpointed = 0  # micro-batches of the last step that ran with block checkpointing
+        if self.checkpointing != "off" and sharding is None:  # sharded: enabled before fully_shard
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
+
+    def _checkpoint_blocks(self, mb: MicroBatch) -> bool:
+        """Whether this micro-batch runs with block checkpointing; ``auto`` switches it here (sharded: it
+        was decided once before ``fully_shard``, from the planned micro-batch size)."""
+        if self.checkpointing == "auto" and self.sharding is None:
+            set_block_checkpointing(self.model, auto_checkpointing(self.model, int(mb.input_ids.numel())))
+        return self.checkpointing != "off" and bool(getattr(self.model, "is_activation_checkpointing", False))
 
     # ------------------------------------------------------------------ loss of one micro-batch
     def micro_loss(self, mb: MicroBatch, totals: StepTotals, on_policy: bool, acc: _Acc,
@@ -346,8 +390,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         acc = _Acc()
         lr = self.optimizer.param_groups[0]["lr"]
+        self.checkpointed = 0
         for mb in micro_batches:
             counts = (mb.num_tokens, mb.num_positions)  # on the host, before the copy to the device
+            self.checkpointed += self._checkpoint_blocks(mb)
             if self.sharding is None:
                 loss = self.micro_loss(mb.to(dev), totals, on_policy, acc, counts)
             else:  # inside the FSDP root's forward; the loss stays out-of-place (FSDP2 and HF views)
