@@ -278,6 +278,34 @@ def test_two_shard_processes_give_the_single_worker_digest(rollouts, reference, 
     assert open_cache(str(out)).verify()
 
 
+def test_shard_worker_joins_a_store_another_worker_created_at_the_same_instant(rollouts, reference, tiny_qwen,
+                                                                               tmp_path, monkeypatch):
+    """Two shard workers started together race to create the store: the one whose create finds the other's
+    group (zarr's ContainsGroupError) joins it instead of failing. Seen once in CI as a flaky failure of
+    the two-process test; here the other worker's create is injected between zarr's check and write."""
+    from oprd_cli.stores.cache import writer as W
+
+    out = tmp_path / "raced.zarr"
+    real_open_group = zarr.open_group
+    raced = []
+
+    def open_group(path, mode="a", **kw):
+        if mode == "a" and not raced:
+            raced.append(path)
+            real_open_group(path, mode="w")  # the other worker wins the race
+            raise zarr.errors.ContainsGroupError(path)
+        return real_open_group(path, mode=mode, **kw)
+
+    monkeypatch.setattr(W.zarr, "open_group", open_group)
+    args = ["teacher-cache", "--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, "--positions", "all",
+            "--logprobs", "sampled", *UNITS]
+    run_cli(*args, "--shard", "0/2")
+    run_cli(*args, "--shard", "1/2")
+    assert raced
+    info = info_json(out)
+    assert info["complete"] and info["content_digest"] == reference[1]
+
+
 def test_shard_leaves_store_incomplete_until_every_shard_is_done(rollouts, reference, tiny_qwen, tmp_path):
     out = tmp_path / "c.zarr"
     args = ["teacher-cache", "--teacher", tiny_qwen, "--rollouts", rollouts, "--out", out, "--positions", "all",

@@ -106,7 +106,10 @@ class CacheWriter:
             parent = os.path.dirname(os.path.abspath(path))
             if os.path.exists(parent) and not os.path.isdir(parent):
                 raise OprdError(f"cannot write teacher cache {path}: {parent} is not a directory")
-        group = zarr.open_group(path, mode="a")
+        try:
+            group = zarr.open_group(path, mode="a")
+        except zarr.errors.ContainsGroupError:  # another shard worker created it between zarr's check and write
+            group = zarr.open_group(path, mode="r+")
         existing = dict(group.attrs.get(common.ATTR_KEY) or {})
         if existing:
             if layout_key(existing) != layout_key(meta):
