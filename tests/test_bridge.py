@@ -39,6 +39,13 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
     return msg
 
 
+def _load_refusal(path) -> str:
+    """``Bridge.load(path)`` is refused with one line; that line."""
+    with pytest.raises(OprdError) as e:
+        Bridge.load(str(path))
+    return _one_line(e)
+
+
 # --------------------------------------------------------------------------------------------
 # layer map (Eq. 11, as the release computes it)
 # --------------------------------------------------------------------------------------------
@@ -344,15 +351,11 @@ def test_bridge_load_refuses_missing_extra_and_non_orthonormal(tmp_path):
     tensors = b._tensors()
     del tensors["teacher_mean.1"]
     _rewrite_tensors(out, tensors)
-    with pytest.raises(OprdError) as e:
-        Bridge.load(str(out))
-    assert "teacher_mean.1" in _one_line(e)
+    assert "teacher_mean.1" in _load_refusal(out)
     tensors = b._tensors()
     tensors["teacher_proj.0"] = tensors["teacher_proj.0"] * 2
     _rewrite_tensors(out, tensors)
-    with pytest.raises(OprdError) as e:
-        Bridge.load(str(out))
-    assert "orthonormal" in _one_line(e)
+    assert "orthonormal" in _load_refusal(out)
 
 
 def test_bridge_load_refuses_tampered_missing_and_pickled_tensors(tmp_path):
@@ -362,9 +365,7 @@ def test_bridge_load_refuses_tampered_missing_and_pickled_tensors(tmp_path):
     data = bytearray((out / "bridge.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (out / "bridge.safetensors").write_bytes(bytes(data))
-    with pytest.raises(OprdError) as e:
-        Bridge.load(str(out))
-    assert "digest" in _one_line(e)
+    assert "digest" in _load_refusal(out)
 
     # A pickle under the safetensors name (with a matching digest) is refused, never unpickled.
     marker = tmp_path / "pwned"
@@ -380,22 +381,14 @@ def test_bridge_load_refuses_tampered_missing_and_pickled_tensors(tmp_path):
     doc = json.loads((out / "bridge.json").read_text())
     doc["tensors"]["sha256"] = "sha256:" + hashlib.sha256(payload).hexdigest()
     (out / "bridge.json").write_text(json.dumps(doc))
-    with pytest.raises(OprdError) as e:
-        Bridge.load(str(out))
-    assert "safetensors" in _one_line(e)
+    assert "safetensors" in _load_refusal(out)
     assert not marker.exists()
 
-    with pytest.raises(OprdError) as e:
-        Bridge.load(str(tmp_path / "nowhere"))
-    assert "bridge.json" in _one_line(e)
+    assert "bridge.json" in _load_refusal(tmp_path / "nowhere")
     (out / "bridge.json").write_text("{not json")
-    with pytest.raises(OprdError) as e:
-        Bridge.load(str(out))
-    _one_line(e)
+    _load_refusal(out)
     (out / "bridge.json").write_text(json.dumps({"format": "oprd-bridge", "format_version": 99}))
-    with pytest.raises(OprdError) as e:
-        Bridge.load(str(out))
-    assert "99" in _one_line(e)
+    assert "99" in _load_refusal(out)
 
 
 def test_bridge_save_never_overwrites_without_asking(tmp_path):
