@@ -15,6 +15,7 @@ from oprd_cli import __version__
 from oprd_cli import cli_options as O
 from oprd_cli.cli_base import DefaultsCommand, emit_json, fill_help_defaults, guarded, show  # noqa: F401
 from oprd_cli.console import console
+from oprd_cli.errors import OprdError
 
 app = typer.Typer(
     name="oprd",
@@ -524,20 +525,35 @@ def loop_cmd(
 @app.command("demo")
 @guarded
 def demo_cmd(
-    quick: bool = typer.Option(False, "--quick", help="The small configuration (a few minutes on 2 CPU cores; CI runs it)."),
+    quick: bool = typer.Option(False, "--quick", help="The small configuration: every stage and row, a short budget (CI runs it)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the JSON summary here (the PNG plot goes beside it as .png)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the task, the assets and every stage; same seed, same result. (default: 0)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds; each builds its own task sample, teacher and student start. (default: 0,1,2; --quick: 0,1)"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods to run (default: all): opd-top1, opd-top16, opd-plus-jsd, tropd, oprd, opd-top16+oprd, tropd+oprd, oprd-bridge."),
     out: Optional[Path] = typer.Option(None, "--out", help="Work folder: cached assets and the runs. (default: $OPRD_DEMO_DIR, else ~/.cache/oprd/demo)"),
-    plot: Optional[str] = typer.Option(None, "--plot", help="PNG of accuracy against training step. (default: beside --json, else in the work folder)"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads. (default: the number of cores, at most 4)"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="PNG of held-out accuracy against training step, mean and band over seeds. (default: beside --json, else in the work folder)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Runs side by side in worker processes. (default: the number of cores, at most 8)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per worker. (default: 1)"),
     resume: bool = typer.Option(False, "--resume", help="Continue the runs an interrupted demo left instead of starting them again."),
 ):
-    """The embedded demo: a teacher, a weaker student and every method distilled on a synthetic task (CPU, no network)."""
+    """The embedded demo: a teacher, a weaker student and every method distilled on a synthetic task, over several seeds (CPU, no network)."""
+    from oprd_cli.demo.methods import select_methods
     from oprd_cli.demo.run import print_summary, run_demo
 
-    summary = run_demo(out_dir=out, quick=quick, seed=seed, threads=threads, json_path=json_path, plot_path=plot,
-                       resume=resume)
+    summary = run_demo(out_dir=out, quick=quick, seeds=_int_list(seeds, "--seeds"), threads=threads, workers=workers,
+                       json_path=json_path, plot_path=plot, resume=resume, methods=select_methods(methods))
     print_summary(summary)
+
+
+def _int_list(text: Optional[str], flag: str) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise OprdError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise OprdError(f"{flag} is empty")
+    return vals
 
 
 from oprd_cli.cli_bridge import bridge_app  # noqa: E402 (mounted after the main commands)

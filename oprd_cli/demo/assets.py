@@ -7,6 +7,8 @@
     tokenizer/           byte-level BPE trained on task text (eos <|im_end|>, pad <|endoftext|>)
     teacher/             save_pretrained folder (model + tokenizer): the SFT model after all steps
     student/             save_pretrained folder: an early checkpoint of the same SFT run
+    bridge_teacher/      a teacher of another width and depth (``DemoSpec.bridge_model``), SFT'd the
+                         same way, for OPRD-Bridge
 
 One tiny Qwen2 model is fine-tuned on the reference solutions (loss on response tokens
 only, prompts rendered by :func:`oprd_cli.data.render_prompt` with the demo template so
@@ -50,7 +52,7 @@ from oprd_cli.errors import OprdError
 from oprd_cli.io import write_json
 
 # Bump when a change to this module or to the task changes what gets built.
-ASSETS_VERSION = 2
+ASSETS_VERSION = 3
 MANIFEST = "demo_assets.json"
 TEMPERATURES = {"t1.0": 1.0, "t0.7": 0.7, "greedy": 0.0}
 
@@ -98,6 +100,11 @@ class DemoSpec:
     sizes: SplitSizes = field(default_factory=SplitSizes)
     model: ModelDims = field(default_factory=ModelDims)
     sft: SftConfig = field(default_factory=SftConfig)
+    # The OPRD-Bridge teacher: another width and depth, the same tokenizer, SFT'd on the same data
+    # with ``sft`` (``bridge_steps`` steps; no student is picked from its run).
+    bridge_model: ModelDims = field(default_factory=lambda: ModelDims(hidden_size=96, num_layers=3,
+                                                                      intermediate_size=384))
+    bridge_steps: int = 400
     vocab_size: int = 300
     tokenizer_texts: int = 2000
     report_samples: int = 4  # samples per validation problem for the reported accuracies
@@ -134,6 +141,7 @@ class DemoAssets:
     tokenizer: Path
     teacher: Path
     student: Path
+    bridge_teacher: Path
     train: Path
     val: Path
     eval: Path
@@ -341,7 +349,7 @@ def build_assets(root: str | Path, seed: int = 0, quick: bool = False, spec: Dem
 
 def _init_model(out: Path, splits, template, spec: DemoSpec, seed: int):
     """The demo tokenizer (trained on the task's text) and a freshly initialised model of ``spec.model``."""
-    from oprd_cli.tiny import build_tiny_model, build_tokenizer
+    from oprd_cli.tiny import build_tokenizer
 
     texts = [r["problem"] + "\n" + template.instruction + solution_text(r["problem"])
              for r in splits["train"][: spec.tokenizer_texts]]
@@ -349,7 +357,13 @@ def _init_model(out: Path, splits, template, spec: DemoSpec, seed: int):
     tokenizer = build_tokenizer(texts, out / "tokenizer", vocab_size=spec.vocab_size, chat_template=True)
     tokenizer.padding_side = "left"
 
-    dims = spec.model
+    return tokenizer, _new_model(out, tokenizer, spec.model, seed)
+
+
+def _new_model(out: Path, tokenizer, dims: ModelDims, seed: int):
+    """A freshly initialised model of ``dims`` over ``tokenizer`` (eager attention: see below)."""
+    from oprd_cli.tiny import build_tiny_model
+
     model = build_tiny_model(
         out / "init", tokenizer, arch=dims.arch, hidden_size=dims.hidden_size, num_layers=dims.num_layers,
         num_heads=dims.num_heads, num_kv_heads=dims.num_kv_heads, intermediate_size=dims.intermediate_size,
@@ -359,7 +373,7 @@ def _init_model(out: Path, splits, template, spec: DemoSpec, seed: int):
     # On CPU, SDPA pays a large cost for every new sequence shape (10x slower SFT steps and sampling
     # here, measured); every other stage loads models with eager attention on CPU as well.
     model.set_attn_implementation("eager")
-    return tokenizer, model
+    return model
 
 
 def _max_new_tokens(splits, train, tokenizer, template, dims: ModelDims) -> int:
@@ -374,7 +388,7 @@ def _max_new_tokens(splits, train, tokenizer, template, dims: ModelDims) -> int:
 
 
 def _sft(model, tokenizer, train, val, template, cfg: SftConfig, seed: int, max_new_tokens: int,
-         show_progress: bool) -> tuple[list[dict[str, float]], dict, int]:
+         show_progress: bool, label: str = "demo SFT (teacher)") -> tuple[list[dict[str, float]], dict, int]:
     """SFT the teacher; returns the val curve and the student's state and step (the first checkpoint whose
     val accuracy reaches ``cfg.student_min_acc``, else the one at ``cfg.fallback_fraction`` of the steps)."""
     import torch
@@ -394,7 +408,7 @@ def _sft(model, tokenizer, train, val, template, cfg: SftConfig, seed: int, max_
     loss_ema = None
     cols = (TextColumn("loss {task.fields[loss]}"), TextColumn("val@t1 {task.fields[val]}"))
     with progress(*cols, transient=False) as bar:
-        task = bar.add_task("demo SFT (teacher)", total=cfg.steps, loss="-", val="-", visible=show_progress)
+        task = bar.add_task(label, total=cfg.steps, loss="-", val="-", visible=show_progress)
         for step in range(1, cfg.steps + 1):
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
@@ -448,6 +462,8 @@ def _build(out: Path, key: str, seed: int, quick: bool, spec: DemoSpec, show_pro
     model.load_state_dict(student_state)
     _save(model, tokenizer, out / "student", {**meta, "role": "student", "sft_step": student_step})
     accuracy["student"] = _report(model, tokenizer, val, template, spec, max_new_tokens, seed)
+    accuracy["bridge_teacher"] = _build_bridge_teacher(out, tokenizer, train, val, template, spec, seed,
+                                                       max_new_tokens, meta, show_progress)
 
     manifest = {
         "version": ASSETS_VERSION,
@@ -457,6 +473,7 @@ def _build(out: Path, key: str, seed: int, quick: bool, spec: DemoSpec, show_pro
         "spec": spec.to_dict(),
         "template": asdict(template),
         "paths": {"tokenizer": "tokenizer", "teacher": "teacher", "student": "student",
+                  "bridge_teacher": "bridge_teacher",
                   **{k: str(v.relative_to(out)) for k, v in files.items()}},
         "max_new_tokens": max_new_tokens,
         "teacher_step": teacher_step,
@@ -470,6 +487,21 @@ def _build(out: Path, key: str, seed: int, quick: bool, spec: DemoSpec, show_pro
         "torch_threads": torch.get_num_threads(),
     }
     write_json(out / MANIFEST, manifest, sort_keys=False)  # last write of the build
+
+
+def _build_bridge_teacher(out: Path, tokenizer, train, val, template, spec: DemoSpec, seed: int,
+                          max_new_tokens: int, meta: dict, show_progress: bool) -> dict[str, float]:
+    """SFT a model of ``spec.bridge_model`` (another width and depth) as the OPRD-Bridge teacher."""
+    from dataclasses import replace
+
+    model = _new_model(out, tokenizer, spec.bridge_model, seed + 1)
+    cfg = replace(spec.sft, steps=spec.bridge_steps, eval_start=spec.bridge_steps + 1,
+                  warmup=min(spec.sft.warmup, spec.bridge_steps))
+    _sft(model, tokenizer, train, val, template, cfg, seed + 1, max_new_tokens, show_progress,
+         label="demo SFT (bridge teacher)")
+    model.eval()
+    _save(model, tokenizer, out / "bridge_teacher", {**meta, "role": "bridge teacher", "sft_step": cfg.steps})
+    return _report(model, tokenizer, val, template, spec, max_new_tokens, seed)
 
 
 def _report(model, tokenizer, records, template, spec: DemoSpec, max_new_tokens: int, seed: int) -> dict[str, float]:

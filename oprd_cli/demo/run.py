@@ -1,17 +1,17 @@
-"""``oprd demo``: every method distilled on the embedded task, through the real stages.
+"""``oprd demo``: every method distilled on the embedded task, over several seeds, through the real stages.
 
-1. :func:`oprd_cli.demo.assets.build_assets` builds (or reuses) the task files, the tokenizer, the
-   teacher and the student start (an early checkpoint of the teacher's SFT run).
-2. The teacher and the student start are evaluated on the held-out ``eval`` split with the eval code
-   (:func:`oprd_cli.eval.evaluate_target`).
-3. For each method, :func:`oprd_cli.loop.run_loop` runs the same budget (rounds, prompts per round,
-   samples per prompt, optimizer steps, one learning-rate rule) from the same student start in its
-   own run directory, evaluating every ``eval_every`` rounds on the held-out split.
-4. A table (accuracy, share of the student-teacher gap closed, train time, peak memory), a JSON
-   summary and a PNG of accuracy against training step.
+1. **Assets**, one set per seed (:func:`oprd_cli.demo.assets.build_assets`): task files, tokenizer, the
+   teacher, the student start (an early checkpoint of the teacher's SFT run) and the OPRD-Bridge teacher
+   (another width and depth). Each seed rebuilds all of them.
+2. **References**: teacher and student start on the held-out ``eval`` split (and the bridge teacher).
+3. **Learning rate** (:class:`oprd_cli.demo.methods.Budget`): every method trains at every rate of one
+   grid on the first ``tune_seeds`` seeds, and keeps the rate with the best ``val`` accuracy.
+4. **Seeds**: every method at its rate from every seed's student start; held-out accuracy at the curve
+   steps; OPRD's last checkpoint also read out through the teacher's LM head (the ceiling of OPRD alone).
+5. The table (mean ± std over seeds of accuracy and gap closed), ``--json``, and a plot with bands.
 
-Nothing is tuned on the held-out split: the budget and the learning rate are fixed below (see
-docs/demo.md for how they were chosen, on the ``val`` split).
+Jobs run side by side in worker processes (:mod:`oprd_cli.demo.jobs`); each method and rate trains in
+its own run directory through :func:`oprd_cli.loop.run_loop` (rollout -> teacher-cache -> train).
 """
 
 from __future__ import annotations
@@ -21,70 +21,19 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from oprd_cli.console import console, err_console
+from oprd_cli.console import err_console
+from oprd_cli.demo.jobs import EvalJob, TrainJob, any_job, build_seed_assets, head_readout_job, run_jobs
+from oprd_cli.demo.methods import DEFAULT_SEEDS, METHODS, QUICK_SEEDS, Budget, Method, demo_budget
+from oprd_cli.demo.report import curve_bands, method_row, print_table, write_plot
 from oprd_cli.errors import OprdError
-from oprd_cli.io import atomic_target, write_json
+from oprd_cli.io import write_json
 
 DEFAULT_DIR_ENV = "OPRD_DEMO_DIR"
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    objective: str
-    mu: float | None = None
-    topk: int = 16
-
-    @property
-    def slug(self) -> str:
-        return (self.objective + (f"-mu{self.mu:g}" if self.mu else "")).replace(".", "p")
-
-
-METHODS = (
-    Method("OPD top-1", "opd-top1"),
-    Method("OPD top-16", "opd-topk", topk=16),
-    Method("OPRD", "oprd"),
-    Method("OPD top-1 + 1*OPRD", "opd-top1", mu=1.0),
-)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What every method gets: the same rounds, prompts, samples, optimizer steps and lr rule.
-
-    The learning rate is one number for every method: the largest of {1e-4, 3e-4, 1e-3} at which no
-    method fell below the student start on the ``val`` split (docs/demo.md has the sweep).
-    """
-
-    rounds: int = 4
-    prompts_per_round: int = 256
-    num_samples: int = 2  # per prompt, temperature 1.0 (the paper's rollout setting)
-    batch_size: int = 16  # samples per optimizer step (8 prompts x 2 samples, as in the paper)
-    lr: float = 3e-4
-    warmup_ratio: float = 0.03
-    oprd_form: str = "raw"
-    eval_every: int = 1  # rounds
-    eval_samples: int = 4  # per held-out problem (Avg@n)
-    eval_temperature: float = 0.7
-
-    @property
-    def steps_per_round(self) -> int:
-        return -(-self.prompts_per_round * self.num_samples // self.batch_size)
-
-    @property
-    def total_steps(self) -> int:
-        return self.rounds * self.steps_per_round
-
-
-def demo_budget(quick: bool) -> Budget:
-    """The default budget, or the quick one (a smoke test of every stage: too short to close much)."""
-    if quick:
-        return Budget(rounds=2, prompts_per_round=128, eval_samples=1)
-    return Budget()
+SUMMARY_VERSION = 2
 
 
 def default_dir() -> Path:
@@ -95,254 +44,226 @@ def default_dir() -> Path:
     return Path(base) / "oprd" / "demo"
 
 
-@dataclass
-class MethodResult:
-    name: str
-    objective: str
-    mu: float
-    run_dir: str
-    acc: float | None = None
-    gap_closed: float | None = None
-    train_time_s: float = 0.0
-    wall_time_s: float = 0.0
-    peak_mem_bytes: int = 0
-    steps: int = 0
-    curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "acc"}
+def default_workers() -> int:
+    """One worker per core (each with one torch thread), at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
-def _gap(acc: float | None, student: float, teacher: float) -> float | None:
-    if acc is None or teacher <= student:
-        return None
-    return (acc - student) / (teacher - student)
-
-
-def _eval_model(model: str, label: str, out: Path, data, sampling, template, grader) -> dict[str, Any]:
-    """Evaluate a model outside a run (teacher, student start); the report is kept for reuse."""
-    from oprd_cli import eval as E
-
-    target = E.EvalTarget(str(model))
-    old = E.existing_report(out, target, data, sampling)
-    if old is not None:
-        return old
-    err_console.rule(f"[bold]eval[/] · {label}", style="cyan")
-    report = E.evaluate_target(target, data, sampling, template, grader=grader)
-    E.write_report(report, out)
-    return report
-
-
-def _work_dir(root: Path, assets, budget: Budget, methods: tuple[Method, ...], eval_split: str, resume: bool) -> Path:
-    """The runs folder of this (assets, split, budget, methods); started afresh unless ``resume``."""
-    blob = json.dumps({"budget": asdict(budget), "methods": [asdict(m) for m in methods]}, sort_keys=True)
-    tag = f"{assets.key}-{eval_split}-b{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-    work = root / "runs" / tag
+def _work_dir(root: Path, assets: dict[int, Any], budget: Budget, methods: tuple[Method, ...], resume: bool) -> Path:
+    """The runs folder of this (assets, budget, methods); started afresh unless ``resume``."""
+    blob = json.dumps({"budget": asdict(budget), "methods": [asdict(m) for m in methods],
+                       "assets": {s: a.key for s, a in assets.items()}}, sort_keys=True)
+    work = root / "runs" / f"demo-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
     if work.exists() and not resume:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     return work
 
 
-def _reference(root: Path, assets, budget: Budget, eval_split: str, data, sampling) -> tuple[float, float]:
-    """Held-out accuracy of the teacher and of the starting student (reports kept across runs)."""
-    from oprd_cli.eval import Grader
-
-    ref = root / "runs" / f"{assets.key}-reference"  # kept across runs: the models do not change
-    tail = f"-n{budget.eval_samples}-t{budget.eval_temperature:g}.json"
-    with Grader(integer_answers=True) as grader:
-        teacher_rep = _eval_model(str(assets.teacher), "teacher", ref / f"{eval_split}-teacher{tail}", data,
-                                  sampling, assets.template, grader)
-        student_rep = _eval_model(str(assets.student), "student start", ref / f"{eval_split}-student{tail}", data,
-                                  sampling, assets.template, grader)
-    teacher_acc = float(teacher_rep["avg_at_n"])
-    student_acc = float(student_rep["avg_at_n"])
-    err_console.print(f"held-out eval ({len(data.records)} problems, Avg@{budget.eval_samples} at t="
-                      f"{budget.eval_temperature}): teacher {100 * teacher_acc:.1f}%, student start "
-                      f"{100 * student_acc:.1f}%")
-    if teacher_acc <= student_acc:
-        err_console.print("[yellow]warning:[/] the teacher is not above the student on the held-out split; "
-                          "the gap-closed column is undefined")
-    return teacher_acc, student_acc
+def _lr_tag(lr: float) -> str:
+    return f"lr{lr:g}".replace(".", "p").replace("-", "m")
 
 
-def _run_method(m: Method, run_dir: Path, assets, budget: Budget, data, sampling, *, seed: int, resume: bool,
-                show_progress: bool, student_acc: float, teacher_acc: float) -> MethodResult:
-    """One method through :func:`oprd_cli.loop.run_loop` with the demo budget; its curve and costs."""
-    from oprd_cli.config import DataConfig, SamplingConfig
-    from oprd_cli.loop import EvalSettings, read_log, run_loop
-    from oprd_cli.train import TrainConfig
+class _Demo:
+    """The demo's state between phases: assets, references, the lr search and the seeds' results."""
 
-    tcfg = TrainConfig.from_flat(objective=m.objective, mu=m.mu, oprd_form=budget.oprd_form, lr=budget.lr,
-                       warmup_ratio=budget.warmup_ratio, batch_size=budget.batch_size,
-                       total_steps=budget.total_steps, seed=seed, device="cpu")
-    samp = SamplingConfig(num_samples=budget.num_samples, temperature=1.0, max_new_tokens=assets.max_new_tokens,
-                          seed=seed, batch_size=256)
-    settings = {"positions": "all", "topk": m.topk, "max_batch_tokens": 8192}
-    evaluation = EvalSettings(data=data, sampling=sampling, every=budget.eval_every, start=False)
-    tm0 = time.monotonic()
-    lr = run_loop(run_dir=run_dir, model=str(assets.student), teacher=str(assets.teacher),
-                  data=DataConfig(prompts=str(assets.prompts)), sampling=samp, template=assets.template, train=tcfg,
-                  rounds=budget.rounds, cache_settings=settings, prompts_per_round=budget.prompts_per_round,
-                  evaluation=evaluation, device="cpu", show_progress=show_progress)
-    log = read_log(run_dir)
-    trains = [e for e in log if e["stage"] == "train"]
-    res = MethodResult(name=m.name, objective=m.objective, mu=float(tcfg.loss.oprd_coef), run_dir=str(run_dir))
-    res.train_time_s = round(sum(e.get("train_seconds", e["seconds"]) for e in trains), 2)
-    res.peak_mem_bytes = int(max((e.get("peak_mem_bytes") or 0 for e in trains), default=0))
-    res.wall_time_s = round(sum(e["seconds"] for e in log), 2) if resume else round(time.monotonic() - tm0, 2)
-    res.steps = lr.step
-    curve = {0: student_acc}
-    for rep in sorted((run_dir / "eval").glob("*-step-*.json")):
-        r = json.loads(rep.read_text())
-        if r.get("step") is not None and r.get("avg_at_n") is not None:
-            curve[int(r["step"])] = float(r["avg_at_n"])
-    res.curve = [{"step": s, "acc": a} for s, a in sorted(curve.items())]
-    res.acc = curve.get(lr.step)
-    res.gap_closed = _gap(res.acc, student_acc, teacher_acc)
-    err_console.print(f"{m.name}: held-out {100 * (res.acc or 0):.1f}% after {res.steps} steps "
-                      f"(train {res.train_time_s:.1f} s)")
-    return res
+    def __init__(self, *, root: Path, seeds: tuple[int, ...], budget: Budget, methods: tuple[Method, ...],
+                 quick: bool, spec, workers: int, threads: int, resume: bool):
+        self.root, self.seeds, self.budget, self.methods, self.quick = root, seeds, budget, methods, quick
+        self.spec, self.workers, self.threads, self.resume = spec, workers, threads, resume
+        self.tune = seeds[: max(1, budget.tune_seeds)]
+        self.refs: dict[int, dict[str, float]] = {}
+        self.search: dict[str, dict[float, float]] = {}
+        self.chosen: dict[str, float] = {}
+        self.curves: dict[str, dict[int, dict[int, float]]] = {m.name: {} for m in methods}
+        self.train_s: dict[str, dict[int, float]] = {m.name: {} for m in methods}
+        self.head: dict[int, float] = {}
+
+    def pool(self, fn, jobs, label, on_done=None):
+        return run_jobs(fn, jobs, workers=self.workers, threads=self.threads, label=label, on_done=on_done)
+
+    def run_dir(self, seed: int, m: Method, lr: float) -> Path:
+        return self.work / f"s{seed}" / m.name / _lr_tag(lr)
+
+    def build(self) -> None:
+        jobs = [(self.root / "assets", s, self.quick, self.spec) for s in self.seeds]
+        self.assets = dict(zip(self.seeds, self.pool(build_seed_assets, jobs, "assets (SFT per seed)")))
+        self.work = _work_dir(self.root, self.assets, self.budget, self.methods, self.resume)
+
+    def references(self) -> None:
+        roles = ("teacher", "student") + (("bridge_teacher",) if any(m.bridge for m in self.methods) else ())
+        keys = [(s, r) for s in self.seeds for r in roles]
+        jobs = [self.eval_job(s, str(getattr(self.assets[s], r)), "eval", self.work / "ref" / f"s{s}-{r}.json")
+                for s, r in keys]
+        for (s, r), acc in zip(keys, self.pool(any_job, jobs, "reference evals")):
+            self.refs.setdefault(s, {})[r] = acc
+        for s in self.seeds:
+            err_console.print(f"seed {s}: held-out teacher {100 * self.refs[s]['teacher']:.1f}%, student start "
+                              f"{100 * self.refs[s]['student']:.1f}%")
+            if self.refs[s]["teacher"] <= self.refs[s]["student"]:
+                err_console.print(f"[yellow]warning:[/] seed {s}: the teacher is not above the student; its gap "
+                                  "closed is undefined")
+
+    def eval_job(self, seed: int, model: str, split: str, report: Path, head_from: str | None = None) -> EvalJob:
+        a = self.assets[seed]
+        return EvalJob(model=model, split=split, report=str(report), data=str(a.data[split]),
+                       max_new_tokens=a.max_new_tokens, budget=self.budget, seed=seed, head_from=head_from)
+
+    def tune_lrs(self) -> None:
+        b = self.budget
+        keys = [(s, m, lr) for m in self.methods for lr in b.lr_grid for s in self.tune]
+        jobs = [TrainJob(method=m, lr=lr, seed=s, run_dir=str(self.run_dir(s, m, lr)), assets=self.assets[s],
+                         budget=b, evals=(("val", b.total_steps),)) for s, m, lr in keys]
+        vals: dict[tuple[str, float], list[float]] = {}
+        for (s, m, lr), res in zip(keys, self.pool(any_job, jobs, f"lr search ({len(b.lr_grid)} rates on val)")):
+            vals.setdefault((m.name, lr), []).append(res["acc"]["val"][b.total_steps])
+            if len(b.lr_grid) == 1:  # no search: the tuning runs are the seed's runs
+                self.train_s[m.name][s] = res["train_seconds"]
+        for m in self.methods:
+            self.search[m.name] = {lr: sum(vals[m.name, lr]) / len(vals[m.name, lr]) for lr in b.lr_grid}
+            best = max(self.search[m.name].values())
+            self.chosen[m.name] = min(lr for lr, v in self.search[m.name].items() if v == best)
+            err_console.print(f"{m.label}: lr {self.chosen[m.name]:g} (val "
+                              + ", ".join(f"{lr:g}: {100 * v:.1f}%" for lr, v in self.search[m.name].items()) + ")")
+
+    def final_runs(self) -> None:
+        """Held-out curves at the chosen rates: new runs on the other seeds, evals of the tuning runs."""
+        b = self.budget
+        steps = [st for st in b.curve_steps() if st > 0]
+        jobs: list[Any] = []
+        keys: list[tuple[str, int, Method]] = []
+        for s in self.seeds:
+            for m in self.methods:
+                lr, rd = self.chosen[m.name], self.run_dir(s, m, self.chosen[m.name])
+                job = TrainJob(method=m, lr=lr, seed=s, run_dir=str(rd), assets=self.assets[s], budget=b,
+                               evals=tuple(("eval", st) for st in steps), head_readout=m.name == "oprd")
+                if s not in self.tune:
+                    jobs.append(job)
+                    keys.append(("train", s, m))
+                    continue
+                for st in steps:
+                    ck = rd / "checkpoints" / f"step-{st:06d}"
+                    jobs.append(self.eval_job(s, str(ck), "eval", rd / "demo-eval" / f"eval-step-{st}.json"))
+                    keys.append((f"eval:{st}", s, m))
+                if m.name == "oprd":
+                    jobs.append(head_readout_job(job, str(rd / "checkpoints" / f"step-{b.total_steps:06d}"),
+                                                 b.total_steps))
+                    keys.append(("head", s, m))
+        for (kind, s, m), res in zip(keys, self.pool(any_job, jobs, "seeds at the chosen rates")):
+            curve = self.curves[m.name].setdefault(s, {0: self.refs[s]["student"]})
+            if kind == "train":
+                curve.update(res["acc"]["eval"])
+                self.train_s[m.name][s] = res["train_seconds"]
+                if "eval-teacher-head" in res["acc"]:
+                    self.head[s] = res["acc"]["eval-teacher-head"][b.total_steps]
+            elif kind == "head":
+                self.head[s] = res
+            else:
+                curve[int(kind.split(":")[1])] = res
+        for m in self.methods:  # the tuning seeds' train time: their run at the chosen rate
+            for s in self.tune:
+                if s not in self.train_s[m.name]:
+                    self.train_s[m.name][s] = _train_seconds(self.run_dir(s, m, self.chosen[m.name]))
+
+    def rows(self) -> list[dict[str, Any]]:
+        last = self.budget.total_steps
+        rows = [method_row("teacher", "teacher", None, {s: self.refs[s]["teacher"] for s in self.seeds}, self.refs),
+                method_row("student", "student (start)", None, {s: self.refs[s]["student"] for s in self.seeds},
+                           self.refs)]
+        for m in self.methods:
+            curves = self.curves[m.name]
+            row = method_row(m.name, m.label, self.chosen[m.name], {s: curves[s].get(last) for s in self.seeds},
+                             self.refs, list(self.train_s[m.name].values()))
+            row["curve"] = curve_bands(curves)
+            row["val_by_lr"] = {f"{lr:g}": round(v, 4) for lr, v in self.search[m.name].items()}
+            rows.append(row)
+        return rows
 
 
-def _summary(*, seed: int, quick: bool, teacher_acc: float, student_acc: float, results: list[MethodResult],
-             eval_split: str, data, budget: Budget, assets, threads: int, work: Path) -> dict[str, Any]:
+def _train_seconds(run_dir: Path) -> float | None:
+    from oprd_cli.loop import read_log
+
+    trains = [e for e in read_log(run_dir) if e["stage"] == "train"]
+    return round(sum(e.get("train_seconds", e["seconds"]) for e in trains), 2) if trains else None
+
+
+def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seeds: tuple[int, ...] | None = None,
+             threads: int | None = None, workers: int | None = None, json_path: str | None = None,
+             plot_path: str | None = None, resume: bool = False, methods: tuple[Method, ...] = METHODS,
+             budget: Budget | None = None, spec=None) -> dict[str, Any]:
+    """Run the demo; returns the summary (also written to ``json_path`` when given)."""
+    t0 = time.monotonic()
+    root = Path(out_dir).expanduser() if out_dir else default_dir()
+    seeds = tuple(seeds or (QUICK_SEEDS if quick else DEFAULT_SEEDS))
+    if len(set(seeds)) != len(seeds):
+        raise OprdError(f"--seeds has repeats: {','.join(map(str, seeds))}")
+    workers = workers or default_workers()
+    threads = threads or 1
+    if threads < 1 or workers < 1:
+        raise OprdError(f"--threads and --workers must be at least 1, got {threads} and {workers}")
+    budget = budget or demo_budget(quick)
+    err_console.rule(f"[bold]oprd demo[/] {'--quick ' if quick else ''}(seeds {','.join(map(str, seeds))}, "
+                     f"{workers} workers x {threads} threads, {root})")
+    d = _Demo(root=root, seeds=seeds, budget=budget, methods=methods, quick=quick, spec=spec, workers=workers,
+              threads=threads, resume=resume)
+    d.build()
+    d.references()
+    d.tune_lrs()
+    d.final_runs()
+    summary = _summary(d, t0)
+    png = Path(plot_path) if plot_path else (Path(json_path).with_suffix(".png") if json_path
+                                              else d.work / "accuracy_vs_step.png")
+    write_plot(summary, png)
+    summary["plot"] = str(png)
+    summary["total_seconds"] = round(time.monotonic() - t0, 1)
+    write_json(d.work / "summary.json", summary, sort_keys=False)
+    if json_path:
+        write_json(json_path, summary, sort_keys=False)
+    return summary
+
+
+def _summary(d: _Demo, t0: float) -> dict[str, Any]:
     from oprd_cli.models import machine_info
 
+    from oprd_cli.demo.report import mean_std
+
+    a0 = d.assets[d.seeds[0]]
+    b = d.budget
+    head = None
+    if d.head:
+        row = method_row("oprd-teacher-head", "OPRD, teacher's head", None, d.head, d.refs)
+        head = {k: row[k] for k in ("accuracy_mean", "accuracy_std", "gap_closed_mean", "gap_closed_std",
+                                    "per_seed")}
+    bt = [d.refs[s].get("bridge_teacher") for s in d.seeds]
+    bt_m, bt_s = mean_std(bt)
     return {
-        "oprd_demo_version": 1,
-        "seed": seed,
-        "quick": quick,
-        "teacher_acc": teacher_acc,
-        "student_acc": student_acc,
-        "methods": {r.name: {"acc": r.acc, "gap_closed": r.gap_closed, "train_time_s": r.train_time_s,
-                             "peak_mem_bytes": r.peak_mem_bytes, "wall_time_s": r.wall_time_s, "steps": r.steps,
-                             "objective": r.objective, "mu": r.mu, "curve": r.curve, "run_dir": r.run_dir}
-                    for r in results},
-        "eval": {"split": "eval (held out)" if eval_split == "eval" else "val (tuning)", "problems": len(data.records), "n": budget.eval_samples,
-                 "temperature": budget.eval_temperature, "max_new_tokens": assets.max_new_tokens,
-                 "metric": f"Avg@{budget.eval_samples}"},
-        "budget": {**asdict(budget), "steps_per_round": budget.steps_per_round,
-                   "total_steps": budget.total_steps},
-        "assets": {"dir": str(assets.dir), "key": assets.key, "reused": assets.reused,
-                   "teacher_step": assets.teacher_step, "student_step": assets.student_step,
-                   "val_accuracy": assets.accuracy, "build_seconds": assets.build_seconds,
-                   "task": assets.spec.get("task"), "model": assets.spec.get("model")},
-        "machine": {**machine_info("cpu"), "torch_threads": threads},
-        "work_dir": str(work),
+        "oprd_demo_version": SUMMARY_VERSION,
+        "methods": d.rows(),
+        "seeds": list(d.seeds),
+        "tune_seeds": list(d.tune),
+        "budget": {**asdict(b), "steps_per_round": b.steps_per_round, "total_steps": b.total_steps,
+                   "curve_steps": b.curve_steps()},
+        "lm_head_cap": head,
+        "bridge_teacher": {"accuracy_mean": bt_m, "accuracy_std": bt_s, "dims": a0.spec.get("bridge_model")},
+        "quick": d.quick,
+        "eval": {"split": "eval (held out)", "problems": _count_lines(a0.data["eval"]), "n": b.eval_samples,
+                 "temperature": b.eval_temperature, "max_new_tokens": a0.max_new_tokens,
+                 "metric": f"Avg@{b.eval_samples}"},
+        "assets": {str(s): {"dir": str(a.dir), "reused": a.reused, "teacher_step": a.teacher_step,
+                            "student_step": a.student_step, "build_seconds": a.build_seconds,
+                            "val_accuracy": a.accuracy} for s, a in d.assets.items()},
+        "machine": machine_info("cpu"),
+        "workers": d.workers,
+        "threads": d.threads,
+        "work_dir": str(d.work),
     }
 
 
-def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seed: int = 0, threads: int | None = None,
-             json_path: str | None = None, plot_path: str | None = None, resume: bool = False,
-             methods: tuple[Method, ...] = METHODS, budget: Budget | None = None, spec=None,
-             show_progress: bool = True, eval_split: str = "eval") -> dict[str, Any]:
-    """Run the demo; returns the summary (also written to ``json_path`` when given).
-
-    ``eval_split`` is ``eval`` (held out: what the demo reports) or ``val`` (how the budget and the
-    learning rate were chosen; see docs/demo.md)."""
-    import torch
-
-    from oprd_cli.demo.assets import build_assets, default_threads
-    from oprd_cli.eval import eval_sampling, load_eval_data
-
-    t0 = time.monotonic()
-    root = Path(out_dir).expanduser() if out_dir else default_dir()
-    threads = threads or default_threads()
-    if threads < 1:
-        raise OprdError(f"--threads must be at least 1, got {threads}")
-    budget = budget or demo_budget(quick)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        err_console.rule(f"[bold]oprd demo[/] {'--quick ' if quick else ''}(seed {seed}, {threads} threads, {root})")
-        assets = build_assets(root / "assets", seed=seed, quick=quick, spec=spec, threads=threads,
-                              show_progress=show_progress)
-        err_console.print(("reusing" if assets.reused else "built") + f" assets {assets.dir} (teacher = SFT step "
-                          f"{assets.teacher_step}, student start = step {assets.student_step}; val acc@t1.0 teacher "
-                          f"{assets.teacher_accuracy:.2f}, student {assets.student_accuracy:.2f})")
-        work = _work_dir(root, assets, budget, methods, eval_split, resume)
-        if eval_split not in ("eval", "val"):
-            raise OprdError(f"eval_split must be eval or val, got {eval_split!r}")
-        data = replace(load_eval_data(bench=f"demo-{eval_split}", data=str(assets.data[eval_split])),
-                       integer_answers=True)
-        sampling = eval_sampling(None, num_samples=budget.eval_samples, temperature=budget.eval_temperature,
-                                 max_new_tokens=assets.max_new_tokens, seed=seed, batch_size=256)
-        teacher_acc, student_acc = _reference(root, assets, budget, eval_split, data, sampling)
-        results: list[MethodResult] = []
-        for i, m in enumerate(methods):
-            err_console.rule(f"[bold magenta]method {i + 1}/{len(methods)}: {m.name}[/]", style="magenta")
-            results.append(_run_method(m, work / m.slug, assets, budget, data, sampling, seed=seed, resume=resume,
-                                       show_progress=show_progress, student_acc=student_acc,
-                                       teacher_acc=teacher_acc))
-        summary = _summary(seed=seed, quick=quick, teacher_acc=teacher_acc, student_acc=student_acc,
-                           results=results, eval_split=eval_split, data=data, budget=budget, assets=assets,
-                           threads=threads, work=work)
-        png = Path(plot_path) if plot_path else (Path(json_path).with_suffix(".png") if json_path
-                                                  else work / "accuracy_vs_step.png")
-        write_plot(summary, png)
-        summary["plot"] = str(png)
-        summary["total_seconds"] = round(time.monotonic() - t0, 1)
-        write_json(work / "summary.json", summary, sort_keys=False)
-        if json_path:
-            write_json(json_path, summary, sort_keys=False)
-        return summary
-    finally:
-        torch.set_num_threads(old_threads)
+def _count_lines(path: Path) -> int:
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
 
 
-def write_plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
+print_summary = print_table
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for name, m in summary["methods"].items():
-        xs = [c["step"] for c in m["curve"]]
-        ys = [100 * c["acc"] for c in m["curve"]]
-        ax.plot(xs, ys, marker="o", ms=3, label=name)
-    ax.axhline(100 * summary["teacher_acc"], color="black", ls="--", lw=1, label="teacher")
-    ax.axhline(100 * summary["student_acc"], color="gray", ls=":", lw=1, label="student start")
-    ax.set_xlabel("training step")
-    ax.set_ylabel(f"held-out accuracy, {summary['eval']['metric']} (%)")
-    ax.set_title("oprd demo" + (" --quick" if summary["quick"] else "") + f" (seed {summary['seed']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    with atomic_target(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB" if n else "-"
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    ev = summary["eval"]
-    t = Table(title=f"oprd demo: held-out {ev['metric']} on {ev['problems']} problems (t={ev['temperature']}), "
-                    f"{summary['budget']['total_steps']} steps per method",
-              title_justify="left")
-    t.add_column("method")
-    t.add_column("accuracy", justify="right")
-    t.add_column("gap closed", justify="right")
-    t.add_column("train time", justify="right")
-    t.add_column("peak mem", justify="right")
-    t.add_row("teacher", f"{100 * summary['teacher_acc']:.1f}", "", "", "", style="bold")
-    t.add_row("student (start)", f"{100 * summary['student_acc']:.1f}", "0%", "", "")
-    for name, m in summary["methods"].items():
-        acc = "-" if m["acc"] is None else f"{100 * m['acc']:.1f}"
-        g = m["gap_closed"]
-        gap = "n/a" if g is None else f"{100 * g:.0f}%"
-        if g is not None and g <= 0:
-            gap = f"[red]{gap}[/]"
-        t.add_row(name, acc, gap, f"{m['train_time_s']:.1f} s", _mib(m["peak_mem_bytes"]))
-    console.print(t)
-    mach = summary["machine"]
-    console.print(f"{mach['cpu_cores']}-core CPU ({mach['torch_threads']} torch threads), no GPU; total "
-                  f"{summary['total_seconds']:.0f} s (assets {'reused' if summary['assets']['reused'] else 'built'}). "
-                  f"Peak mem is the process's peak RSS during a train step (CPU), not a per-method delta.")
-    console.print(f"plot {summary['plot']}")
-
-
-__all__ = ["Budget", "METHODS", "Method", "default_dir", "demo_budget", "print_summary", "run_demo", "write_plot"]
+__all__ = ["default_dir", "default_workers", "print_summary", "run_demo"]
