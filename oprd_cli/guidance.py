@@ -85,10 +85,11 @@ def load_teacher_backend(g: GuidanceConfig, student_backend, student_tokenizer_d
 
 
 def _sample_batches(backend, seqs: list[list[int]], budgets: list[int], sampling: SamplingConfig, salt: int,
-                    done, share=None) -> list:
+                    done, share=None, everywhere: bool = True) -> list:
     """Generate for each sequence up to its own budget (batched; each batch runs to its largest
     budget and every sample keeps its first ``budget`` tokens), seeded per batch. ``share``
-    (:class:`oprd_cli.rollout_ranks.BatchShare`): this rank's batches only, the others' gathered."""
+    (:class:`oprd_cli.rollout_ranks.BatchShare`): this rank's batches only, the others' gathered (on
+    every rank, or on rank 0 alone with ``everywhere`` False)."""
     from oprd_cli.rollout import GeneratedSample
 
     out: list = [None] * len(seqs)
@@ -111,7 +112,7 @@ def _sample_batches(backend, seqs: list[list[int]], budgets: list[int], sampling
             out[i] = _cut(s, budgets[i])
         if done is not None:
             done(len(batch), sum(len(out[i].response_ids) for i in batch))
-    return out if share is None else share.merge(out, done)
+    return out if share is None else share.merge(out, done, everywhere)
 
 
 def _cut(s, n: int):
@@ -140,7 +141,8 @@ def guided_generate(student, teacher, prompts: list[list[int]], sampling: Sampli
     """Per prompt, ``sampling.num_samples`` samples of teacher prefix + student continuation, and the
     prefix lengths actually written (shorter than planned when the teacher stopped on EOS).
     ``--record-topk`` ids are the sampling model's top-k at each position. ``share``: this rank's
-    batches of each pass (see :func:`_sample_batches`)."""
+    batches of each pass (see :func:`_sample_batches`): the prefixes are gathered on every rank, the
+    samples on rank 0 alone (another rank's result holds its own continuations only)."""
     n = sampling.num_samples
     plan = prefix_lengths(g, sampling.max_new_tokens, sampling.seed, len(prompts), n)
     jobs = [(p, j) for p in range(len(prompts)) for j in range(n)]
@@ -152,7 +154,7 @@ def guided_generate(student, teacher, prompts: list[list[int]], sampling: Sampli
         ended = pre.finish_reason == "eos"
         conts_in.append(list(prompts[p]) + pre.response_ids.tolist())
         budgets.append(0 if ended else sampling.max_new_tokens - len(pre.response_ids))
-    conts = _sample_batches(student, conts_in, budgets, sampling, 2, on_sequences_done, share)
+    conts = _sample_batches(student, conts_in, budgets, sampling, 2, on_sequences_done, share, everywhere=False)
     out = [[None] * n for _ in prompts]
     lens = [[0] * n for _ in prompts]
     for (p, j), pre, cont, budget in zip(jobs, pres, conts, budgets):

@@ -222,7 +222,7 @@ class HFBackend:
     def generate(self, prompts, sampling, on_sequences_done=None, share=None):
         """``share`` (:class:`oprd_cli.rollout_ranks.BatchShare`): sample only this rank's batches of
         the global order, each with its global seed, then gather the others' (the result is the one
-        process's)."""
+        process's on rank 0; another rank keeps its own share, the rest None)."""
         n = sampling.num_samples
         # Longest prompts first, so padding stays low and memory peaks early.
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
@@ -241,8 +241,8 @@ class HFBackend:
             got[start:start + len(batch)] = results
             if on_sequences_done:
                 on_sequences_done(len(batch), sum(len(s.response_ids) for s in results))
-        if share is not None:
-            got = share.merge(got, on_sequences_done)
+        if share is not None:  # rank 0 (the writer) receives every rank's samples
+            got = share.merge(got, on_sequences_done, everywhere=False)
         out: list[list[GeneratedSample | None]] = [[None] * n for _ in prompts]
         for (p, j), sample in zip(jobs, got):
             out[p][j] = sample

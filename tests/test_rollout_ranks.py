@@ -43,7 +43,8 @@ def test_each_rank_samples_its_seeded_batches_and_the_union_is_one_process(backe
     parts = {}
 
     def capture(rank):
-        def gather(obj):
+        def gather(obj, dst):
+            assert dst == 0  # the samples go to the writer alone
             parts[rank] = obj
             raise Gathered
         return gather
@@ -58,22 +59,29 @@ def test_each_rank_samples_its_seeded_batches_and_the_union_is_one_process(backe
         for i, s in parts[rank]:
             p, j = jobs[i]
             assert same(s, one[p][j]), (rank, p, j)
-    # with every rank's part gathered, each rank holds the one-process samples; the progress counts them all
+    # rank 0 receives every rank's part and holds the one-process samples; its progress counts them all
     seen.clear()
     got = backend.generate(prompts, sampling, on_sequences_done=lambda n, t: seen.append(n),
-                           share=BatchShare(1, 2, gather=lambda obj: [parts[0], obj]))
+                           share=BatchShare(0, 2, gather=lambda obj, dst: [obj, parts[1]]))
     assert sum(seen) == 10
     assert all(same(a, b) for ga, gb in zip(got, one) for a, b in zip(ga, gb))
+    # rank 1 receives nothing: it keeps its own samples, the rest None
+    got = backend.generate(prompts, sampling, share=BatchShare(1, 2, gather=lambda obj, dst: None))
+    assert [i for i, (p, j) in enumerate(jobs) if got[p][j] is not None] == [3, 4, 5, 9]
 
 
 def test_a_rank_without_a_batch_still_joins_the_gather(backend):
     sampling = SamplingConfig(num_samples=1, max_new_tokens=3, batch_size=4, seed=0)
     one = backend.generate([[5, 6, 7]], sampling)
-    calls = []
+    sent = {}
 
-    def gather(obj):
-        calls.append(obj)
-        return [[(0, one[0][0])], obj]
+    def gather(rank):
+        def run(obj, dst):
+            sent[rank] = obj
+            return [sent[0], []] if rank == dst else None
+        return run
 
-    got = backend.generate([[5, 6, 7]], sampling, share=BatchShare(1, 2, gather=gather))
-    assert calls == [[]] and same(got[0][0], one[0][0])
+    got = backend.generate([[5, 6, 7]], sampling, share=BatchShare(0, 2, gather=gather(0)))
+    assert [i for i, _ in sent[0]] == [0] and same(got[0][0], one[0][0])
+    got = backend.generate([[5, 6, 7]], sampling, share=BatchShare(1, 2, gather=gather(1)))
+    assert sent[1] == [] and got == [[None]]  # rank 1 had no batch, sampled nothing, and still joined
