@@ -70,6 +70,19 @@ def test_fsdp2_over_two_ranks_gives_the_losses_of_one_process(cache, tiny_dir, t
 
 
 @pytest.mark.slow
+def test_only_rank_0_reports_to_wandb(cache, tiny_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from wandb_offline import history, no_wandb_account
+
+    no_wandb_account(monkeypatch, tmp_path)  # offline: no key, no mode
+    torchrun("train", "--model", tiny_dir / "qwen2", "--cache", cache, "--max-steps", 2, *COMMON,
+             "--out", tmp_path / "two", "--report-to", "wandb")
+    got, _ = history(tmp_path / "two")  # one offline run (rank 0's), with the global losses
+    assert [h["_step"] for h in got] == [1, 2]
+    assert [h["train/loss"] for h in got] == pytest.approx(losses(tmp_path / "two"), rel=1e-6)
+
+
+@pytest.mark.slow
 def test_sharded_resume_continues_one_schedule_across_world_sizes(cache, tiny_dir, tmp_path):
     """DCP shards resume under torchrun and in one process; a one-process checkpoint resumes sharded."""
     args = ["train", "--model", tiny_dir / "qwen2", "--cache", cache, *COMMON]
