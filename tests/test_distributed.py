@@ -77,7 +77,8 @@ def test_only_rank_0_reports_to_wandb(cache, tiny_dir, tmp_path, monkeypatch):
     no_wandb_account(monkeypatch, tmp_path)  # offline: no key, no mode
     torchrun("train", "--model", tiny_dir / "qwen2", "--cache", cache, "--max-steps", 2, *COMMON,
              "--out", tmp_path / "two", "--report-to", "wandb")
-    got, _ = history(tmp_path / "two")  # one offline run (rank 0's), with the global losses
+    got, _, ids = history(tmp_path / "two")  # one offline run (rank 0's), with the global losses
+    assert len(ids) == 1
     assert [h["_step"] for h in got] == [1, 2]
     assert [h["train/loss"] for h in got] == pytest.approx(losses(tmp_path / "two"), rel=1e-6)
 

@@ -62,9 +62,12 @@ def test_train_and_eval_report_to_wandb_offline_without_a_key(tiny_dir, aime24_p
                    layers="all", show_progress=False)
     run_cli("train", "--run-dir", run, "--model", tiny_dir / "qwen2", "--max-steps", 2, "--batch-size", 2,
             "--report-to", "wandb")
-    got, config = history(run)  # offline, in RUN/wandb/
+    # a second invocation (a round of `oprd loop`) continues the same wandb run
+    run_cli("train", "--run-dir", run, "--max-steps", 3, "--batch-size", 2, "--report-to", "wandb")
+    got, config, ids = history(run)  # offline, in RUN/wandb/
+    assert len(ids) == 2 and ids[0] == ids[1] == (run / "wandb" / "oprd-train.id").read_text().strip()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [h["_step"] for h in got] == [m["step"] for m in lines] == [1, 2]
+    assert [h["_step"] for h in got] == [m["step"] for m in lines] == [1, 2, 3]
     assert [h["train/loss"] for h in got] == pytest.approx([m["loss"] for m in lines], rel=1e-6)
     assert [h["train/lr"] for h in got] == pytest.approx([m["lr"] for m in lines], rel=1e-6)
     assert "train/rep/cosine_similarity" in got[0]
@@ -76,5 +79,5 @@ def test_train_and_eval_report_to_wandb_offline_without_a_key(tiny_dir, aime24_p
                                         "finished_by": "eos"}) + "\n" for r in rows for _ in range(2)))
     run_cli("eval", "--data", aime24_path, "--limit", 2, "--responses", resp, "--out", tmp_path / "e" / "r.json",
             "--report-to", "wandb")
-    got, _ = history(tmp_path / "e")
-    assert [(h["_step"], h["eval/aime24/pass_at_1"], h["eval/aime24/avg_at_n"]) for h in got] == [(0, 1.0, 1.0)]
+    got, _, _ = history(tmp_path / "e")
+    assert [(h["checkpoint_step"], h["eval/aime24/pass_at_1"], h["eval/aime24/avg_at_n"]) for h in got] == [(0, 1, 1)]

@@ -41,22 +41,25 @@ def records(path: Path):
 
 def run_files(root: Path) -> list[Path]:
     """The ``.wandb`` files of the offline runs under ``root/wandb/``, oldest first."""
-    return sorted((Path(root) / "wandb").glob("offline-run-*/run-*.wandb"))
+    return sorted((Path(root) / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda f: f.stat().st_mtime)
 
 
-def history(root: Path) -> tuple[list[dict], dict]:
-    """The logged rows and the config of the one offline run under ``root/wandb/``."""
+def history(root: Path) -> tuple[list[dict], dict, list[str]]:
+    """The logged rows, the config and the run id of each part (one ``oprd`` invocation) of the offline
+    runs under ``root/wandb/``, oldest part first."""
     import wandb
 
     # what the CLI's exit does (wandb's atexit hook): wait until wandb-core has written everything;
     # run.finish() can return before the last records reach the file
     wandb.teardown()
-    files = run_files(root)
-    assert len(files) == 1, [str(f) for f in files]
-    recs = list(records(files[0]))
-    rows = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-            for r in recs if r.WhichOneof("record_type") == "history"]
-    kinds = [r.WhichOneof("record_type") for r in recs]
-    assert "run" in kinds and kinds[-1] == "exit", kinds  # the whole run, finished
-    run = recs[kinds.index("run")].run
-    return rows, {i.key: json.loads(i.value_json) for i in run.config.update}
+    rows, config, ids = [], {}, []
+    for f in run_files(root):
+        recs = list(records(f))
+        kinds = [r.WhichOneof("record_type") for r in recs]
+        assert "run" in kinds and kinds[-1] == "exit", kinds  # the whole part, finished
+        run = recs[kinds.index("run")].run
+        ids.append(run.run_id)
+        config.update({i.key: json.loads(i.value_json) for i in run.config.update})
+        rows += [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                 for r in recs if r.WhichOneof("record_type") == "history"]
+    return rows, config, ids
