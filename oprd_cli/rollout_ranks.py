@@ -15,12 +15,12 @@ is ragged and ordered by (prompt, sample), while the units are batches of jobs s
 across prompts. A rank's samples are scattered over the flat token arrays, their offsets are known
 only once every rank has finished, and one 2**18-token chunk holds samples of every rank, so
 chunk-safe writes by several ranks would need another layout (or a writer per chunk, fed by the
-same exchange of samples). What is gathered is token ids and
-log-probs (8 bytes a token, plus 4 K with ``--record-topk K``), small next to sampling them; the
-last gather goes to rank 0 alone, so the other ranks never hold the whole round.
+same exchange of samples). What is gathered is token ids and log-probs (8 bytes a token, plus 4 K
+with ``--record-topk K``), small next to sampling them; the last gather goes to rank 0 alone, so the
+other ranks never hold the whole round.
 
 Backends without batches (``--import``) keep the older split: rank ``r`` takes prompts ``r, r+N,
-...``; imported samples do not depend on the split.
+...``, gathered on every rank; imported samples do not depend on the split.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class BatchShare:
 
 
 class RankedBackend:
-    """A generation backend whose work is split over torchrun's ranks and gathered on every rank."""
+    """A generation backend whose work is split over torchrun's ranks and gathered on rank 0."""
 
     def __init__(self, inner, env: DistEnv):
         self.inner, self.env = inner, env

@@ -4,9 +4,9 @@
   needs the ``tensorboard`` package): every numeric metric as a scalar at its global step.
 - ``wandb``: files in ``RUN/wandb/``; offline (synced later with ``wandb sync``) unless
   ``WANDB_MODE`` says otherwise or an API key is configured (``WANDB_API_KEY``). One wandb run per
-  run directory and kind (``train``, ``eval``): its id is kept in ``RUN/wandb/oprd-KIND.id`` and every
-  later ``oprd train`` (each round of ``oprd loop``) resumes it, so the rounds make one curve, as
-  they do in TensorBoard (``wandb sync`` uploads a run's offline parts in order). Eval metrics are
+  run directory and kind (``train``, ``eval``): its id is kept in ``RUN/wandb/oprd-KIND.id`` (write
+  one there to choose it) and every later ``oprd train`` (each round of ``oprd loop``) resumes it,
+  so the rounds make one curve, as they do in TensorBoard (``wandb sync`` uploads a run's offline parts in order). Eval metrics are
   plotted against ``checkpoint_step``, so a report of an older checkpoint is never dropped.
 - ``none``: nothing but ``metrics.jsonl``.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,13 @@ def wandb_run_id(log_dir: Path, kind: str) -> str:
     from oprd_cli.io import atomic_write_text
 
     path = Path(log_dir) / "wandb" / f"oprd-{kind}.id"
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, secrets.token_hex(4) + "\n")
-    return path.read_text().strip()
+    if not (path.is_file() and path.read_text().strip()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, secrets.token_hex(4) + "\n")
+    run_id = path.read_text().strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", run_id):
+        raise OprdError(f"{path} must hold one wandb run id (letters, digits, '_', '-', '.'), not {run_id[:40]!r}")
+    return run_id
 
 
 class WandbTracker(NoTracker):
@@ -89,7 +92,7 @@ class WandbTracker(NoTracker):
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         self.wandb, self.kind = wandb, kind
-        run_id = os.environ.get("WANDB_RUN_ID") or wandb_run_id(Path(log_dir), kind)
+        run_id = wandb_run_id(Path(log_dir), kind)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "oprd"), name=f"{name}-{kind}", id=run_id,
                               group=name, job_type=kind, dir=str(log_dir), mode=mode, config=config or {},
                               resume="allow")

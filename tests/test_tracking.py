@@ -72,6 +72,13 @@ def test_train_and_eval_report_to_wandb_offline_without_a_key(tiny_dir, aime24_p
     assert [h["train/lr"] for h in got] == pytest.approx([m["lr"] for m in lines], rel=1e-6)
     assert "train/rep/cosine_similarity" in got[0]
     assert config["report_to"] == "wandb" and config["batch_size"] == 2  # the run config
+    # an id file that is not a wandb id: one line, before any step
+    (run / "wandb" / "oprd-train.id").write_text("my run/1\n")
+    before = sorted(p.name for p in run.glob("checkpoints/step-*"))
+    res = run_cli("train", "--run-dir", run, "--max-steps", 4, "--batch-size", 2, "--report-to", "wandb", expect=2)
+    assert res.stderr.strip().splitlines()[-1].startswith("error:") and "oprd-train.id" in res.stderr
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in run.glob("checkpoints/step-*")) == before
     # eval: the report's metrics at the checkpoint's step
     resp = tmp_path / "resp.jsonl"
     rows = [json.loads(x) for x in aime24_path.read_text().splitlines()][:2]
