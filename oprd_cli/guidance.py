@@ -85,9 +85,11 @@ def load_teacher_backend(g: GuidanceConfig, student_backend, student_tokenizer_d
 
 
 def _sample_batches(backend, seqs: list[list[int]], budgets: list[int], sampling: SamplingConfig, salt: int,
-                    done) -> list:
+                    done, share=None, everywhere: bool = True) -> list:
     """Generate for each sequence up to its own budget (batched; each batch runs to its largest
-    budget and every sample keeps its first ``budget`` tokens), seeded per batch."""
+    budget and every sample keeps its first ``budget`` tokens), seeded per batch. ``share``
+    (:class:`oprd_cli.rollout_ranks.BatchShare`): this rank's batches only, the others' gathered (on
+    every rank, or on rank 0 alone with ``everywhere`` False)."""
     from oprd_cli.rollout import GeneratedSample
 
     out: list = [None] * len(seqs)
@@ -99,6 +101,8 @@ def _sample_batches(backend, seqs: list[list[int]], budgets: list[int], sampling
     if done is not None and len(todo) < len(seqs):
         done(len(seqs) - len(todo), 0)
     for b, start in enumerate(range(0, len(todo), sampling.batch_size)):
+        if share is not None and not share.mine(b):
+            continue
         batch = todo[start:start + sampling.batch_size]
         max_new = max(budgets[i] for i in batch)
         if backend.context_length:
@@ -108,7 +112,7 @@ def _sample_batches(backend, seqs: list[list[int]], budgets: list[int], sampling
             out[i] = _cut(s, budgets[i])
         if done is not None:
             done(len(batch), sum(len(out[i].response_ids) for i in batch))
-    return out
+    return out if share is None else share.merge(out, done, everywhere)
 
 
 def _cut(s, n: int):
@@ -133,22 +137,24 @@ def _join(pre, cont, tokenizer):
 
 
 def guided_generate(student, teacher, prompts: list[list[int]], sampling: SamplingConfig, g: GuidanceConfig,
-                    on_sequences_done=None) -> tuple[list[list], list[list[int]]]:
+                    on_sequences_done=None, share=None) -> tuple[list[list], list[list[int]]]:
     """Per prompt, ``sampling.num_samples`` samples of teacher prefix + student continuation, and the
     prefix lengths actually written (shorter than planned when the teacher stopped on EOS).
-    ``--record-topk`` ids are the sampling model's top-k at each position."""
+    ``--record-topk`` ids are the sampling model's top-k at each position. ``share``: this rank's
+    batches of each pass (see :func:`_sample_batches`): the prefixes are gathered on every rank, the
+    samples on rank 0 alone (another rank's result holds its own continuations only)."""
     n = sampling.num_samples
     plan = prefix_lengths(g, sampling.max_new_tokens, sampling.seed, len(prompts), n)
     jobs = [(p, j) for p in range(len(prompts)) for j in range(n)]
     teacher_done = None if on_sequences_done is None else (lambda _n, tokens: on_sequences_done(0, tokens))
     pres = _sample_batches(teacher, [prompts[p] for p, _ in jobs], [int(plan[p, j]) for p, j in jobs], sampling, 1,
-                           teacher_done)
+                           teacher_done, share)
     conts_in, budgets = [], []
     for (p, _), pre in zip(jobs, pres):
         ended = pre.finish_reason == "eos"
         conts_in.append(list(prompts[p]) + pre.response_ids.tolist())
         budgets.append(0 if ended else sampling.max_new_tokens - len(pre.response_ids))
-    conts = _sample_batches(student, conts_in, budgets, sampling, 2, on_sequences_done)
+    conts = _sample_batches(student, conts_in, budgets, sampling, 2, on_sequences_done, share, everywhere=False)
     out = [[None] * n for _ in prompts]
     lens = [[0] * n for _ in prompts]
     for (p, j), pre, cont, budget in zip(jobs, pres, conts, budgets):
@@ -167,7 +173,9 @@ class GuidedBackend:
         self.eos_ids = student.eos_ids
         self.prefix_lengths: list[list[int]] = []
 
-    def generate(self, prompts, sampling, on_sequences_done=None):
+    shares_batches = True  # under torchrun each rank samples its share of both passes' batches
+
+    def generate(self, prompts, sampling, on_sequences_done=None, share=None):
         out, self.prefix_lengths = guided_generate(self.student, self.teacher, prompts, sampling, self.g,
-                                                   on_sequences_done)
+                                                   on_sequences_done, share)
         return out

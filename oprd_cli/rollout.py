@@ -217,13 +217,20 @@ class HFBackend:
             ))
         return results
 
-    def generate(self, prompts, sampling, on_sequences_done=None):
+    shares_batches = True  # under torchrun each rank samples its share of the seeded batches
+
+    def generate(self, prompts, sampling, on_sequences_done=None, share=None):
+        """``share`` (:class:`oprd_cli.rollout_ranks.BatchShare`): sample only this rank's batches of
+        the global order, each with its global seed, then gather the others' (the result is the one
+        process's on rank 0; another rank keeps its own share, the rest None)."""
         n = sampling.num_samples
         # Longest prompts first, so padding stays low and memory peaks early.
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
         jobs = [(p, j) for p in order for j in range(n)]
-        out: list[list[GeneratedSample | None]] = [[None] * n for _ in prompts]
+        got: list[GeneratedSample | None] = [None] * len(jobs)
         for b, start in enumerate(range(0, len(jobs), sampling.batch_size)):
+            if share is not None and not share.mine(b):
+                continue
             batch = jobs[start:start + sampling.batch_size]
             seqs = [prompts[p] for p, _ in batch]
             max_new = sampling.max_new_tokens
@@ -231,10 +238,14 @@ class HFBackend:
                 max_new = max(1, min(max_new, self.context_length - max(len(s) for s in seqs)))
             torch.manual_seed(sampling.seed * 1_000_003 + b)  # each batch seeded: reproducible
             results = self._generate_batch(seqs, sampling, max_new)
-            for (p, j), sample in zip(batch, results):
-                out[p][j] = sample
+            got[start:start + len(batch)] = results
             if on_sequences_done:
                 on_sequences_done(len(batch), sum(len(s.response_ids) for s in results))
+        if share is not None:  # rank 0 (the writer) receives every rank's samples
+            got = share.merge(got, on_sequences_done, everywhere=False)
+        out: list[list[GeneratedSample | None]] = [[None] * n for _ in prompts]
+        for (p, j), sample in zip(jobs, got):
+            out[p][j] = sample
         return out  # type: ignore[return-value]
 
 
@@ -385,7 +396,7 @@ def _run_rollout(
     from oprd_cli.torchrun import dist_env, rank_device
 
     dev = M.resolve_device(rank_device(device, dist_env()))
-    env = init_rollout_ranks(dev)  # under torchrun: the ranks sample one round together, rank 0 writes
+    env = init_rollout_ranks(dev)  # under torchrun: the ranks share the seeded batches, rank 0 writes
     tok = M.load_tokenizer(model_name, trust_remote_code)
     lm = M.load_model(model_name, dev, M.resolve_dtype(dtype, dev), trust_remote_code)
     if import_path is not None and guidance is not None:

@@ -2,7 +2,8 @@
 
 Read by the stages that run one process per device: ``oprd train`` (FSDP2 over the ranks, see
 :mod:`oprd_cli.train.distributed`) and ``oprd teacher-cache`` (rank ``I`` of ``N`` fills shard
-``I/N`` of each store on ``cuda:LOCAL_RANK``, the same units ``--shard I/N`` gives).
+``I/N`` of each store on ``cuda:LOCAL_RANK``, the same units ``--shard I/N`` gives) and ``oprd
+rollout`` (rank ``r`` samples the seeded batches ``b % N == r``, see :mod:`oprd_cli.rollout_ranks`).
 """
 
 from __future__ import annotations
