@@ -80,7 +80,7 @@ class SftConfig:
     of the steps.
     """
 
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 30
@@ -104,7 +104,7 @@ class DemoSpec:
     # with ``sft`` (``bridge_steps`` steps; no student is picked from its run).
     bridge_model: ModelDims = field(default_factory=lambda: ModelDims(hidden_size=96, num_layers=3,
                                                                       intermediate_size=384))
-    bridge_steps: int = 400
+    bridge_steps: int = 250
     vocab_size: int = 300
     tokenizer_texts: int = 2000
     report_samples: int = 4  # samples per validation problem for the reported accuracies
@@ -119,7 +119,8 @@ def demo_spec(quick: bool) -> DemoSpec:
         return DemoSpec(
             task=TaskConfig(min_steps=3, max_steps=3, max_operand=9, max_value=19),
             sizes=SplitSizes(eval=128, val=128, prompts=256, train=10000),
-            sft=SftConfig(steps=400, batch_size=32, lr=3e-3, warmup=20, eval_every=20, eval_start=80),
+            sft=SftConfig(steps=250, batch_size=32, lr=3e-3, warmup=20, eval_every=20, eval_start=60),
+            bridge_steps=150,
         )
     return DemoSpec()
 

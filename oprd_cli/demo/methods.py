@@ -105,7 +105,7 @@ QUICK_SEEDS = (0, 1)
 def demo_budget(quick: bool) -> Budget:
     """The default budget, or the quick one (a smoke test of every stage: too short to close much)."""
     if quick:
-        return Budget(rounds=2, prompts_per_round=32, lr_grid=(1e-3, 2e-3), eval_every=1, eval_samples=1)
+        return Budget(rounds=2, prompts_per_round=32, lr_grid=(1e-3, 2e-3), eval_every=2, eval_samples=1)
     return Budget()
 
 
