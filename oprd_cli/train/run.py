@@ -117,12 +117,26 @@ class TrainRun:
                                  latest=str(latest.path) if latest is not None else None,
                                  saved_step=self.trainer.step if marker is not None else None)
         self.metrics = MetricsLog(self.target.metrics_path)
+        self._check_object_storage()
         from oprd_cli.tracking import open_tracker
 
         self.tracker = open_tracker(self.cfg.run.report_to, self.target.root, name=self.target.root.name,
                                     config=self.cfg.to_flat(), is_main=self.env.is_main)
         if self.env.is_main:
             self.metrics.truncate(self.trainer.step)
+
+    def _check_object_storage(self) -> None:
+        """What a run directory on object storage does not support yet, refused in one line."""
+        from oprd_cli.urlpath import UrlPath
+
+        if not isinstance(self.target.root, UrlPath):
+            return
+        if getattr(self.trainer, "sharding", None) is not None:
+            raise OprdError(f"{self.target.root}: training under torchrun writes its checkpoints to a local or "
+                            "shared folder; use --out on one (a run directory on object storage is for one process)")
+        if self.cfg.run.report_to != "none":
+            raise OprdError(f"--report-to {self.cfg.run.report_to} writes local files beside metrics.jsonl; with "
+                            f"a run directory on object storage ({self.target.root}) use --report-to none")
 
     def _resume_point(self):
         """The checkpoint this invocation continues from, and its marker (None, None: a fresh start)."""

@@ -1,0 +1,124 @@
+"""A whole run directory on object storage (``--run-dir s3://bucket/run``): rounds, caches, checkpoints,
+metrics, locks and ``oprd.toml`` as objects on a moto S3 server started by the test (``test_s3.s3``),
+reached through the standard AWS variables. Worker processes share the server (``memory://`` would not)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from helpers import info_json, run_cli
+
+pytest.importorskip("s3fs")
+from test_s3 import BUCKET, _oprd_proc, s3  # noqa: E402,F401  (the moto server fixture)
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    s3.invalidate_cache()
+    return sorted(k[len(prefix) + 1:] for k in s3.find(prefix))
+
+
+def _rollout(run: str, model, prompts, *extra):
+    return run_cli("rollout", "--run-dir", run, "--prompts", prompts, "--limit", 3, "--num-samples", 2,
+                   "--max-new-tokens", 10, *(["--model", model] if model is not None else []), *extra)
+
+
+@pytest.mark.slow  # about 40-70 s on 2 shared cores (three processes load models)
+def test_loop_over_a_run_directory_on_s3(s3, tiny_dir, aime24_path, tmp_path, monkeypatch):
+    """rollout -> teacher-cache by two shard worker processes -> train -> rollout from the checkpoint."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # where checkpoints are copied to load them
+    run, key = f"s3://{BUCKET}/rd1", f"{BUCKET}/rd1"
+    _rollout(run, tiny_dir / "qwen2", aime24_path)
+    assert info_json(f"{run}/rollouts/r000001.zarr")["complete"]
+    assert "student" in s3.cat(f"{key}/oprd.toml").decode()
+    procs = [_oprd_proc("teacher-cache", "--teacher", tiny_dir / "qwen2-b", "--run-dir", run, "--logprobs", "sampled",
+                        "--unit-tokens", 16, "--shard", f"{i}/2") for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    cache = info_json(f"{run}/cache/r000001.zarr")
+    assert cache["complete"]
+    workers = {json.loads(s3.cat(f))["worker"] for f in s3.glob(f"{key}/cache/r000001.zarr/units/u*.json")}
+    assert workers == {"0/2", "1/2"}
+
+    res = run_cli("train", "--run-dir", run, "--max-steps", 2, "--batch-size", 4)  # student from oprd.toml
+    assert "trained steps 1..2" in res.stderr
+    keys = _keys(s3, key)
+    assert "checkpoints/step-000002/oprd_checkpoint.json" in keys
+    assert "checkpoints/step-000002/model.safetensors" in keys
+    assert not [k for k in keys if k.endswith(".lock")]  # the writer locks were released
+    lines = s3.cat(f"{key}/metrics.jsonl").decode().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    assert {json.loads(x)["cache_path"] for x in lines} == {f"{run}/cache/r000001.zarr"}
+
+    _rollout(run, None, aime24_path)  # the next round samples from the checkpoint on S3
+    second = info_json(f"{run}/rollouts/r000002.zarr")
+    assert second["complete"]
+    assert second["policy"]["step"] == 2 and second["policy"]["model"] == f"{run}/checkpoints/step-000002"
+    desc = info_json(run)
+    assert desc["kind"] == "run" and desc["rollouts"] == ["r000001.zarr", "r000002.zarr"]
+    assert desc["latest_checkpoint"] == f"{run}/checkpoints/step-000002"
+    res = run_cli("verify", run)
+    assert res.stdout.count("ok") >= 4, res.stdout  # three stores and the checkpoint
+
+    res = run_cli("train", "--run-dir", run, "--max-steps", 3, "--batch-size", 4, "--resume", expect=None)
+    assert res.exit_code in (0, 2), res.stderr  # continues from the S3 checkpoint (or says there is no new cache)
+
+
+@pytest.mark.slow
+def test_killed_worker_in_a_run_directory_on_s3_resumes(s3, tiny_dir, aime24_path, tmp_path):
+    run, key = f"s3://{BUCKET}/rd-killed", f"{BUCKET}/rd-killed"
+    _rollout(run, tiny_dir / "qwen2", aime24_path)
+    ref = tmp_path / "ref.zarr"
+    run_cli("teacher-cache", "--teacher", tiny_dir / "qwen2-b", "--rollouts", f"{run}/rollouts/r000001.zarr",
+            "--out", ref, "--logprobs", "sampled", "--unit-tokens", 16)
+    args = ["teacher-cache", "--teacher", tiny_dir / "qwen2-b", "--run-dir", run, "--logprobs", "sampled",
+            "--unit-tokens", 16]
+    p = _oprd_proc(*args, pause_before_marker=4)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and p.poll() is None and not s3.glob(f"{key}/cache/r000001.zarr/units/u*.json"):
+        time.sleep(0.2)
+        s3.invalidate_cache()
+    assert p.poll() is None, p.communicate()[1]
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    assert info_json(f"{run}/cache/r000001.zarr")["complete"] is False
+    run_cli(*args)  # resumes the round: keeps the finished units, redoes the rest
+    info = info_json(f"{run}/cache/r000001.zarr")
+    assert info["complete"] and info["content_digest"] == info_json(ref)["content_digest"]
+
+
+def test_writer_lock_on_s3_is_exclusive(s3):
+    """The lock object is created with a conditional PUT: a second writer is refused in one line."""
+    from oprd_cli.errors import OprdError
+    from oprd_cli.lock import WriterLock
+
+    url = f"s3://{BUCKET}/locks/oprd-train.lock"
+    with WriterLock(url, "oprd train", "run directory s3://x"):
+        assert s3.exists(url[5:])
+        with pytest.raises(OprdError, match="is in use by oprd train"):
+            WriterLock(url, "oprd rollout", "run directory s3://x").acquire()
+    s3.invalidate_cache()
+    assert not s3.exists(url[5:])
+
+
+def test_run_directory_on_s3_lists_rounds_and_checkpoints(s3):
+    """``RunDir`` on a URL (also one that ``Path`` collapsed to ``s3:/``) lists through fsspec."""
+    from pathlib import Path
+
+    from oprd_cli.stores.rundir import RunDir
+
+    key = f"{BUCKET}/rd-list"
+    for name in ("rollouts/r000001.zarr/zarr.json", "rollouts/r000001.zarr/oprd_complete.json",
+                 "rollouts/r000002.zarr/zarr.json", "checkpoints/step-000003/oprd_checkpoint.json",
+                 "checkpoints/step-000004/config.json"):
+        s3.pipe(f"{key}/{name}", b"{}")
+    run = RunDir(Path(f"s3://{key}"))
+    assert str(run.root) == f"s3://{key}"
+    assert [i for i, _ in run.rollout_rounds()] == [1]
+    assert str(run.next_rollout_path()) == f"s3://{key}/rollouts/r000003.zarr"
+    assert [c.step for c in run.checkpoints()] == [3]  # step 4 has no marker: incomplete
+    assert str(run.cache_path_for(run.rollout_rounds()[0][1])) == f"s3://{key}/cache/r000001.zarr"
