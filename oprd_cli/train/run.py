@@ -64,8 +64,10 @@ def check_arguments(cfg: TrainConfig, cache: str | None, run_dir: str | None, ou
         raise OprdError("--follow waits for new caches in a run directory: pass --run-dir RUN without --cache")
     if cache is not None and out is None and run_dir is None:
         raise OprdError("pass --out DIR (where checkpoints and metrics go) with --cache")
-    if run_dir is not None and not Path(run_dir).is_dir():
-        raise OprdError(f"run directory {run_dir} does not exist" if not Path(run_dir).exists()
+    from oprd_cli.urlpath import as_path
+
+    if run_dir is not None and not as_path(run_dir).is_dir():
+        raise OprdError(f"run directory {as_path(run_dir)} does not exist" if not as_path(run_dir).exists()
                         else f"run directory {run_dir} is a file, not a folder")
     if out is not None:
         check_output(out, "--out", inputs=[cache])
