@@ -182,6 +182,29 @@ def upload_folder(local: Path, dest: UrlPath, last: str | None = None) -> None:
     fs.invalidate_cache(root)
 
 
+def append_text(path: Path | UrlPath, text: str) -> None:
+    """Append to a small log file; an object cannot be appended to, so it is rewritten (one PUT)."""
+    if isinstance(path, UrlPath):
+        old = path.read_text() if path.exists() else ""
+        path.write_text(old + text)
+        return
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def local_file(path: Path | UrlPath) -> str:
+    """A local path with the content of ``path`` (the path itself when it is local), for readers that
+    only take local files (``datasets``)."""
+    if not isinstance(path, UrlPath):
+        return str(path)
+    dest = cache_root() / "files" / f"{hashlib.sha256(path.url.encode()).hexdigest()[:16]}-{path.name}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(path.read_bytes())
+    os.replace(tmp, dest)
+    return str(dest)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "oprd" / "remote"
 
