@@ -7,7 +7,7 @@ run directory, checkpoints, locks and metrics use on object storage.
 - :class:`UrlPath` is the handful of ``pathlib`` operations the run directory needs (``/``, ``name``,
   ``parent``, ``exists``, ``is_dir``, ``iterdir``, ``read_text``, ``unlink``, exclusive create),
   through ``fsspec``. Listings and existence checks drop fsspec's listing cache first, so a follower
-  sees objects written by other processes.
+  (``--follow``) sees objects written by other processes.
 - :func:`local_copy`: transformers cannot ``from_pretrained`` a URL; a model folder on object
   storage (a checkpoint) is downloaded once into ``$XDG_CACHE_HOME/oprd/remote/`` (keyed by its URL;
   fetched again when its checkpoint marker changed) and loaded from there.
@@ -79,8 +79,10 @@ class UrlPath:
         return url_to_fs(self.url)
 
     def _fresh(self):
+        """The filesystem with its listing cache dropped (all of it: a cached listing of a child
+        prefix would hide a marker another process wrote since)."""
         fs, p = self._fs()
-        fs.invalidate_cache(p)
+        fs.invalidate_cache()
         return fs, p
 
     def exists(self) -> bool:

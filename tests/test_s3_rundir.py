@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from helpers import info_json, run_cli
 
 pytest.importorskip("s3fs")
-from test_s3 import BUCKET, _oprd_proc, s3  # noqa: E402,F401  (the moto server fixture)
+from test_s3 import BUCKET, _oprd_proc, s3  # noqa: E402,F401,F811  (the moto server fixture)
 
 
 def _keys(s3, prefix: str) -> list[str]:
@@ -63,7 +64,7 @@ def test_loop_over_a_run_directory_on_s3(s3, tiny_dir, aime24_path, tmp_path, mo
     assert desc["latest_checkpoint"] == f"{run}/checkpoints/step-000002"
     res = run_cli("verify", run)
     assert res.stdout.count("ok") >= 4, res.stdout  # three stores and the checkpoint
-
+    assert list((tmp_path / "xdg" / "oprd" / "remote").glob("*-step-000002/model.safetensors"))  # the local copy
 
 
 @pytest.mark.slow
@@ -144,3 +145,60 @@ def test_oprd_loop_over_a_run_directory_on_s3(s3, tiny_dir, aime24_path, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name != "xdg"]  # nothing written to a local ./s3:/ folder
     res = run_cli(*args, "--eval-data", aime24_path, "--eval-limit", 1, expect=2)
     assert "evaluate checkpoints with `oprd eval`" in res.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # about 30-50 s on 2 shared cores
+def test_teacher_cache_follows_a_run_directory_on_s3(s3, tiny_dir, aime24_path):
+    """``teacher-cache --follow`` in another process sees a round that appears on S3 after it started."""
+    run, key = f"s3://{BUCKET}/rd-follow", f"{BUCKET}/rd-follow"
+    _rollout(run, tiny_dir / "qwen2", aime24_path)
+    common = ["--teacher", tiny_dir / "qwen2-b", "--run-dir", run, "--logprobs", "sampled", "--unit-tokens", 16]
+    run_cli("teacher-cache", *common)  # round 1
+    p = _oprd_proc("teacher-cache", *common, "--follow", "--poll-seconds", 0.3, "--max-rounds", 1)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None and not any("watching" in x for x in lines):
+            time.sleep(0.2)
+        assert any("watching" in x for x in lines), lines  # it listed the run and found nothing to do
+        _rollout(run, tiny_dir / "qwen2", aime24_path)  # round 2 appears
+        p.wait(timeout=240)
+        reader.join(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = "".join(lines)
+    assert p.returncode == 0, err
+    s3.invalidate_cache()
+    assert s3.exists(f"{key}/cache/r000002.zarr/oprd_complete.json")
+
+
+def test_checkpoint_on_s3_uploads_its_marker_last_in_one_put(s3, tiny_dir, monkeypatch):
+    """A checkpoint on object storage: files uploaded first, then the marker in one PUT; pruning keeps
+    the newest; a second save of the same step replaces it."""
+    from oprd_cli import models as M
+    from oprd_cli import urlpath
+    from oprd_cli.stores.rundir import RunDir
+    from oprd_cli.train.checkpoint import prune_checkpoints, read_marker, save_checkpoint
+
+    model = M.load_model(tiny_dir / "qwen2", M.resolve_device("cpu"), M.resolve_dtype("float32", M.resolve_device("cpu")))
+    order: list[str] = []
+    put, pipe = type(s3).put_file, urlpath.atomic_write_bytes
+    monkeypatch.setattr(type(s3), "put_file", lambda self, lpath, rpath, **kw: (order.append(rpath.rsplit("/", 1)[-1]),
+                                                                                put(self, lpath, rpath, **kw))[1])
+    monkeypatch.setattr(urlpath, "atomic_write_bytes", lambda path, data: (order.append("PUT " + str(path).rsplit(
+        "/", 1)[-1]), pipe(path, data))[1])
+    run = RunDir(f"s3://{BUCKET}/rd-ckpt")
+    for step in (1, 2, 2):
+        order.clear()
+        path = save_checkpoint(run.checkpoints_dir, step, model, None, {"step": step}, {"note": step})
+        assert order[-1] == "PUT oprd_checkpoint.json" and "model.safetensors" in order
+        assert "oprd_checkpoint.json" not in order[:-1]
+    assert str(path) == f"s3://{BUCKET}/rd-ckpt/checkpoints/step-000002"
+    assert read_marker(path)["step"] == 2 and [c.step for c in run.checkpoints()] == [1, 2]
+    assert [p.name for p in prune_checkpoints(run.checkpoints_dir, 1, protect=path)] == ["step-000001"]
+    assert [c.step for c in run.checkpoints()] == [2]
+    s3.invalidate_cache()
+    assert not s3.exists(f"{BUCKET}/rd-ckpt/checkpoints/step-000001")
