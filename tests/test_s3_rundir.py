@@ -145,6 +145,11 @@ def test_oprd_loop_over_a_run_directory_on_s3(s3, tiny_dir, aime24_path, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name != "xdg"]  # nothing written to a local ./s3:/ folder
     res = run_cli(*args, "--eval-data", aime24_path, "--eval-limit", 1, expect=2)
     assert "evaluate checkpoints with `oprd eval`" in res.stderr.strip().splitlines()[-1]
+    ckpt = info_json(run)["latest_checkpoint"]
+    assert ckpt.startswith(f"{run}/checkpoints/step-")
+    run_cli("eval", "--data", aime24_path, "--model", ckpt, "--limit", 1, "--num-samples", 1, "--max-new-tokens", 4,
+            "--out", tmp_path / "e.json")  # a checkpoint on S3 evaluated through its local copy
+    assert json.loads((tmp_path / "e.json").read_text())["model"] == ckpt
 
 
 @pytest.mark.slow  # about 30-50 s on 2 shared cores
