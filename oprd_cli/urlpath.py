@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from oprd_cli.errors import OprdError
 from oprd_cli.io import atomic_write_bytes, is_local, url_to_fs
 
 __all__ = ["UrlPath", "as_path", "is_url", "local_copy", "remove_tree", "upload_folder"]
@@ -227,15 +228,22 @@ def local_copy(name: str, marker: str = "oprd_checkpoint.json") -> str:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         fs, root = src._fresh()
-        for f in fs.find(root):
+        files = fs.find(root)
+        if not files:
+            raise OprdError(f"{name} does not exist (no objects under it)")
+        for f in files:
             rel = f[len(root):].lstrip("/")
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f, str(tmp / rel))
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(dest, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, dest)
+        try:
+            if dest.exists():  # an older copy (the checkpoint was written again): set aside, then replaced
+                old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+                os.replace(dest, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, dest)
+        except OSError:  # another process put its copy in place meanwhile
+            if not dest.is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)

@@ -45,6 +45,8 @@ def test_loop_over_a_run_directory_on_s3(s3, tiny_dir, aime24_path, tmp_path, mo
     workers = {json.loads(s3.cat(f))["worker"] for f in s3.glob(f"{key}/cache/r000001.zarr/units/u*.json")}
     assert workers == {"0/2", "1/2"}
 
+    res = run_cli("train", "--run-dir", run, "--max-steps", 2, "--report-to", "tensorboard", expect=2)
+    assert "use --report-to none" in res.stderr.strip().splitlines()[-1]  # local event files: refused
     res = run_cli("train", "--run-dir", run, "--max-steps", 2, "--batch-size", 4)  # student from oprd.toml
     assert "trained steps 1..2" in res.stderr
     keys = _keys(s3, key)
@@ -190,9 +192,20 @@ def test_checkpoint_on_s3_uploads_its_marker_last_in_one_put(s3, tiny_dir, monke
 
     model = M.load_model(tiny_dir / "qwen2", M.resolve_device("cpu"), M.resolve_dtype("float32", M.resolve_device("cpu")))
     order: list[str] = []
-    put, pipe = type(s3).put_file, urlpath.atomic_write_bytes
-    monkeypatch.setattr(type(s3), "put_file", lambda self, lpath, rpath, **kw: (order.append(rpath.rsplit("/", 1)[-1]),
-                                                                                put(self, lpath, rpath, **kw))[1])
+
+    class Logged:  # the filesystem urlpath uses, recording each file upload
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def put_file(self, lpath, rpath, **kw):
+            order.append(rpath.rsplit("/", 1)[-1])
+            return self.fs.put_file(lpath, rpath, **kw)
+
+    to_fs, pipe = urlpath.url_to_fs, urlpath.atomic_write_bytes
+    monkeypatch.setattr(urlpath, "url_to_fs", lambda url: (lambda fs, p: (Logged(fs), p))(*to_fs(url)))
     monkeypatch.setattr(urlpath, "atomic_write_bytes", lambda path, data: (order.append("PUT " + str(path).rsplit(
         "/", 1)[-1]), pipe(path, data))[1])
     run = RunDir(f"s3://{BUCKET}/rd-ckpt")
