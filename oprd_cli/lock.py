@@ -69,11 +69,11 @@ def _create(path: Path | UrlPath, info: dict[str, Any]) -> bool:
     if isinstance(path, UrlPath):
         try:
             return path.create_exclusive(json.dumps(info).encode())
-        except (NotImplementedError, ValueError):  # this filesystem has no exclusive create
-            from oprd_cli.console import err_console
+        except NotImplementedError:  # this filesystem has no (known) exclusive create
+            from oprd_cli.console import warn
 
-            err_console.print(f"warning: {path.url.split(':')[0]}:// has no exclusive create; a second writer of "
-                              f"{path.parent} is not refused (see docs/scale-out.md)")
+            warn(f"{path.url.split(':')[0]}:// has no exclusive create; a second writer of {path.parent} is not "
+                 "refused (see docs/scale-out.md)")
             path.write_text(json.dumps(info))
             return True
     try:

@@ -30,6 +30,8 @@ from oprd_cli.io import atomic_write_bytes, is_local, url_to_fs
 
 __all__ = ["UrlPath", "as_path", "is_url", "local_copy", "remove_tree", "upload_folder"]
 
+# filesystems whose fsspec "xb" is a real exclusive create (s3fs: a PUT with If-None-Match: *)
+EXCLUSIVE_PROTOCOLS = {"s3", "s3a", "file", "local", "memory"}
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")
 
 
@@ -132,8 +134,12 @@ class UrlPath:
 
     def create_exclusive(self, data: bytes) -> bool:
         """Create the object only if it does not exist (S3: a conditional PUT, ``If-None-Match: *``);
-        False when it exists."""
+        False when it exists. ``NotImplementedError`` on a filesystem not known to honour fsspec's
+        ``"xb"`` (fsspec lets a backend treat it as a plain write)."""
         fs, p = self._fs()
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        if not protocols & EXCLUSIVE_PROTOCOLS:
+            raise NotImplementedError(f"{self.url}: no exclusive create")
         try:
             with fs.open(p, "xb") as f:
                 f.write(data)

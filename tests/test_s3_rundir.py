@@ -106,6 +106,21 @@ def test_writer_lock_on_s3_is_exclusive(s3):
     assert not s3.exists(url[5:])
 
 
+def test_writer_lock_without_exclusive_create_warns_in_one_line(monkeypatch, capsys):
+    """A filesystem not known to honour exclusive create: the lock is written, and one warning line
+    says that a second writer is not refused."""
+    from oprd_cli import urlpath
+    from oprd_cli.lock import WriterLock
+
+    monkeypatch.setattr(urlpath, "EXCLUSIVE_PROTOCOLS", {"s3"})
+    url = "memory://oprd-lock-test/run/oprd-train.lock"
+    with WriterLock(url, "oprd train", "run directory memory://oprd-lock-test/run"):
+        assert urlpath.as_path(url).exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no exclusive create" in err and "not refused" in err
+    assert not urlpath.as_path(url).exists()
+
+
 def test_run_directory_on_s3_lists_rounds_and_checkpoints(s3):
     """``RunDir`` on a URL (also one that ``Path`` collapsed to ``s3:/``) lists through fsspec."""
     from pathlib import Path
