@@ -145,6 +145,9 @@ class UrlPath:
                 f.write(data)
         except FileExistsError:
             return False
+        except OSError as e:  # no such bucket, no permission, ...
+            raise OprdError(f"cannot write {self.url}: {e.strerror or str(e) or type(e).__name__} (does the "
+                            "bucket exist, and may these credentials write to it?)") from None
         finally:
             fs.invalidate_cache(p)
         return True

@@ -235,3 +235,14 @@ def test_checkpoint_on_s3_uploads_its_marker_last_in_one_put(s3, tiny_dir, monke
     assert [c.step for c in run.checkpoints()] == [2]
     s3.invalidate_cache()
     assert not s3.exists(f"{BUCKET}/rd-ckpt/checkpoints/step-000001")
+
+
+def test_run_directory_in_a_missing_bucket_is_one_line(s3, tiny_dir, aime24_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = "s3://no-such-bucket/run"
+    res = run_cli("rollout", "--model", tiny_dir / "qwen2", "--prompts", aime24_path, "--run-dir", run, expect=2)
+    assert "bucket does not exist" in res.stderr.strip().splitlines()[-1] and "Traceback" not in res.stderr
+    for args in (["train"], ["teacher-cache", "--teacher", tiny_dir / "qwen2-b"]):
+        res = run_cli(*args, "--run-dir", run, expect=2)
+        assert res.stderr.strip().splitlines()[-1] == f"error: run directory {run} does not exist"
+    assert not any(tmp_path.iterdir())
