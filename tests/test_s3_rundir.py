@@ -5,7 +5,10 @@ reached through the standard AWS variables. Worker processes share the server (`
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +17,7 @@ import pytest
 from helpers import info_json, run_cli
 
 pytest.importorskip("s3fs")
-from test_s3 import BUCKET, _oprd_proc, s3  # noqa: E402,F401,F811  (the moto server fixture)
+from test_s3 import BUCKET, ROOT, _oprd_proc, s3  # noqa: E402,F401,F811  (the moto server fixture)
 
 
 def _keys(s3, prefix: str) -> list[str]:
@@ -67,6 +70,25 @@ def test_loop_over_a_run_directory_on_s3(s3, tiny_dir, aime24_path, tmp_path, mo
     res = run_cli("verify", run)
     assert res.stdout.count("ok") >= 4, res.stdout  # three stores and the checkpoint
     assert list((tmp_path / "xdg" / "oprd" / "remote").glob("*-step-000002/model.safetensors"))  # the local copy
+
+    # the trainer's lock object excludes a second trainer on another process; a killed holder's lock is taken over
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    holder = subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_stall_worker.py"), "300", "--run-dir", run,
+                               "--max-steps", "2"], env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "lock held", holder.stderr.read()
+        res = run_cli("train", "--run-dir", run, "--max-steps", 2, expect=2)
+        assert "is in use by oprd train" in res.stderr.strip().splitlines()[-1]
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    s3.invalidate_cache()
+    assert s3.exists(f"{key}/oprd-train.lock")  # left behind by the killed process
+    res = run_cli("train", "--run-dir", run, "--max-steps", 2)  # takes the stale lock over; nothing new to train
+    assert "in use" not in res.stderr
+    s3.invalidate_cache()
+    assert not s3.exists(f"{key}/oprd-train.lock")
 
 
 @pytest.mark.slow
