@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from oprd_cli.errors import OprdError
 from oprd_cli.io import atomic_write_text
+from oprd_cli.urlpath import as_path
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,7 +51,7 @@ def load_run_config(run_dir: str | Path | None) -> dict[str, Any]:
     """The parsed ``oprd.toml`` of a run directory ({} when there is none)."""
     if run_dir is None:
         return {}
-    path = Path(run_dir) / "oprd.toml"
+    path = as_path(run_dir) / "oprd.toml"  # a local folder or an fsspec URL
     if not path.exists():
         return {}
     try:
@@ -66,7 +67,7 @@ def load_run_config(run_dir: str | Path | None) -> dict[str, Any]:
 
 def write_initial_config(run_dir: str | Path, sections: dict[str, dict[str, Any]]) -> None:
     """Create ``oprd.toml`` recording how a run started; an existing file is never touched."""
-    path = Path(run_dir) / "oprd.toml"
+    path = as_path(run_dir) / "oprd.toml"  # a local folder or an fsspec URL
     if path.exists():
         return
     lines = ["# written by oprd when this run started; edit freely, CLI flags override it", ""]
@@ -78,7 +79,7 @@ def write_initial_config(run_dir: str | Path, sections: dict[str, dict[str, Any]
         for k, v in values.items():
             lines.append(f"{k} = {_toml_value(v)}")
         lines.append("")
-    atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(str(path), "\n".join(lines))
 
 
 def _toml_value(v: Any) -> str:

@@ -5,7 +5,6 @@ Dispatches on the store's recorded kind to the module that owns that format.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from rich.table import Table
@@ -14,13 +13,14 @@ from oprd_cli.console import console
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import common
 from oprd_cli.stores.rundir import CHECKPOINT_MARKER, RunDir
+from oprd_cli.urlpath import as_path
 
 
 def describe(path: str, verify: bool = False) -> dict[str, Any]:
-    p = Path(str(path))
-    if common.is_local(str(path)) and p.is_dir() and (p / CHECKPOINT_MARKER).exists():
+    p = as_path(str(path))  # a local folder or an fsspec URL (a run directory on object storage)
+    if p.is_dir() and (p / CHECKPOINT_MARKER).exists():
         return {"path": str(path), "kind": "checkpoint", **(common.read_json(str(p / CHECKPOINT_MARKER)) or {})}
-    if common.is_local(str(path)) and p.is_dir() and not (p / "zarr.json").exists():
+    if p.is_dir() and not (p / "zarr.json").exists():
         if any((p / d).is_dir() for d in ("rollouts", "cache", "checkpoints")) or (p / "oprd.toml").exists():
             return _describe_run(RunDir(p))
         raise OprdError(f"{path} is neither an oprd store, a checkpoint nor a run directory")

@@ -8,6 +8,11 @@ differs) is stale and is taken over: under a short ``.takeover`` guard file (its
 ``O_EXCL``) the taker re-reads the lock, checks that it is still the same stale one, removes it and
 creates its own, so two processes that find one stale lock never both win. A lock of another host is
 never taken over automatically: its message says how to remove it.
+
+On object storage (a run directory at an fsspec URL) the lock is an object created with a
+conditional PUT (``If-None-Match: *``, fsspec's exclusive mode ``"xb"``), S3's equivalent of
+``O_EXCL``: of two writers, exactly one PUT succeeds. A filesystem without exclusive create is told
+in one warning line (writer exclusion is then not enforced there).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from oprd_cli.errors import OprdError
+from oprd_cli.urlpath import UrlPath, as_path
 
 __all__ = ["WriterLock", "holder_alive"]
 
@@ -50,7 +56,7 @@ def holder_alive(info: dict[str, Any]) -> bool:
     return started is None or _start_ticks(pid) in (None, started)
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def _read(path: Path | UrlPath) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -59,7 +65,17 @@ def _read(path: Path) -> dict[str, Any] | None:
         return {}  # being written this instant, or damaged
 
 
-def _create(path: Path, info: dict[str, Any]) -> bool:
+def _create(path: Path | UrlPath, info: dict[str, Any]) -> bool:
+    if isinstance(path, UrlPath):
+        try:
+            return path.create_exclusive(json.dumps(info).encode())
+        except NotImplementedError:  # this filesystem has no (known) exclusive create
+            from oprd_cli.console import warn
+
+            warn(f"{path.url.split(':')[0]}:// has no exclusive create; a second writer of {path.parent} is not "
+                 "refused (see docs/scale-out.md)")
+            path.write_text(json.dumps(info))
+            return True
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -75,7 +91,7 @@ class WriterLock:
     """``with WriterLock(path, "oprd train", what="run directory RUN"):`` ... (refuses a live holder)."""
 
     def __init__(self, path: str | os.PathLike, command: str, what: str):
-        self.path, self.command, self.what = Path(path), command, what
+        self.path, self.command, self.what = as_path(path), command, what
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_ticks(os.getpid()),
                      "command": command, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 

@@ -35,6 +35,7 @@ from oprd_cli.errors import OprdError
 from oprd_cli.io import atomic_write_text
 from oprd_cli.stores import common
 from oprd_cli.stores.rundir import RunDir, round_name
+from oprd_cli.urlpath import UrlPath, append_text, as_path, local_file
 
 LOG_NAME = "loop.jsonl"
 
@@ -133,13 +134,12 @@ def _metrics_since(run: RunDir, step: int) -> list[dict[str, Any]]:
 
 def log_stage(run: RunDir, entry: dict[str, Any]) -> None:
     """Append one finished stage to ``RUN/loop.jsonl``."""
-    with open(run.root / LOG_NAME, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    append_text(run.root / LOG_NAME, json.dumps(entry) + "\n")  # on object storage: rewritten, one PUT
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """The stage log of a run directory (``RUN/loop.jsonl``), one dict per finished stage."""
-    path = Path(run_dir) / LOG_NAME
+    path = as_path(run_dir) / LOG_NAME
     if not path.exists():
         return []
     out = []
@@ -167,8 +167,8 @@ def _round_prompts(run: RunDir, records, index: int, per_round: int) -> DataConf
                 row["problem"] = r.problem
             row["answer"] = r.answer
             lines.append(json.dumps(row, ensure_ascii=False))
-        atomic_write_text(path, "\n".join(lines) + "\n")
-    return DataConfig(prompts=str(path), split="train")
+        atomic_write_text(str(path), "\n".join(lines) + "\n")
+    return DataConfig(prompts=local_file(path), split="train")  # on object storage: read from a local copy
 
 
 def steps_per_round(samples: int, batch_size: int, epochs: int) -> int:
@@ -513,6 +513,9 @@ def run_loop(
     t_start = time.monotonic()
     _check_counts(rounds, prompts_per_round, evaluation)
     run = RunDir(Path(run_dir).expanduser())
+    if isinstance(run.root, UrlPath) and evaluation is not None:
+        raise OprdError(f"{run.root}: evaluation inside the loop writes local reports; on object storage run the "
+                        "loop without --eval-bench/--eval-data and evaluate checkpoints with `oprd eval`")
     file_cfg = load_run_config(run.root) if run.root.is_dir() else {}
     model, teacher = _models(run, file_cfg, model, teacher)
     if data.prompts is None:

@@ -99,9 +99,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     """Tokenizer with a pad token (EOS when it has none) and left padding for generation."""
     from transformers import AutoTokenizer
 
+    from oprd_cli.urlpath import local_copy
+
     quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(local_copy(str(name)), trust_remote_code=trust_remote_code)
     except Exception as e:  # OSError, ValueError, HF hub errors
         raise _load_error("tokenizer", name, e) from None
     if tok.pad_token is None:
@@ -149,9 +151,12 @@ def load_model(
     picks it for ``device`` unless ``attn_implementation`` says otherwise."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from oprd_cli.urlpath import local_copy
+
     quiet_transformers()
     try:
-        config = AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+        local = local_copy(str(name))  # a checkpoint on object storage: loaded from a local copy
+        config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
         for k, v in (config_overrides or {}).items():
             setattr(config, k, v)
         if attn_implementation is None:
@@ -160,7 +165,7 @@ def load_model(
         kwargs = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(str(name), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
     except OprdError:
         raise
     except Exception as e:

@@ -302,12 +302,13 @@ def resolve_student(model: str | None, run_dir: str | Path | None) -> tuple[str,
     """The policy to sample from, and its training step (0 for an initial model)."""
     from oprd_cli.config import load_run_config
     from oprd_cli.stores.rundir import RunDir
+    from oprd_cli.urlpath import as_path
 
     if run_dir is not None:
         run = RunDir(Path(run_dir))
         latest = run.latest_checkpoint()
         if model is not None:
-            return model, 0 if latest is None or Path(model).resolve() != latest.path.resolve() else latest.step
+            return model, 0 if latest is None or as_path(model).resolve() != latest.path.resolve() else latest.step
         if latest is not None:
             return str(latest.path), latest.step
         student = (load_run_config(run_dir).get("models") or {}).get("student")
@@ -335,7 +336,7 @@ def rollout_lock(out: str | None, run_dir: str | None):
         return WriterLock(p.parent / f".{p.name}.lock", "oprd rollout", f"rollout store {out}")
     from oprd_cli.stores.rundir import RunDir
 
-    run = RunDir(Path(run_dir))  # refuses a URL (a run directory is a local folder) before anything is created
+    run = RunDir(Path(run_dir))  # a local folder or an fsspec URL (the lock: a conditional PUT there)
     return WriterLock(run.rollouts_dir / ".oprd-rollout.lock", "oprd rollout",
                       f"the rollouts of run {run_dir}")
 

@@ -17,6 +17,7 @@ from oprd_cli.console import console, progress
 from oprd_cli.errors import OprdError
 from oprd_cli.stores import common, integrity
 from oprd_cli.stores.rundir import CHECKPOINT_MARKER, RunDir
+from oprd_cli.urlpath import UrlPath, as_path, local_copy
 
 _CHECKPOINT_FILES = ("config.json", "trainer_state.pt")
 
@@ -82,7 +83,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     for name in _CHECKPOINT_FILES:
         if not (path / name).is_file():
             problems.append(f"{path}: {name} is missing")
-    problems += _check_weights(path)
+    problems += _check_weights(Path(local_copy(str(path))) if isinstance(path, UrlPath) else path)
     return {"path": str(path), "kind": "checkpoint", "complete": not problems, "problems": problems, "notes": []}
 
 
@@ -114,8 +115,8 @@ def _check_weights(path: Path) -> list[str]:
 
 def verify_path(path: str) -> list[dict[str, Any]]:
     """One result per store or checkpoint at ``path`` (a store, a checkpoint folder or a run directory)."""
-    p = Path(str(path))
-    if common.is_local(str(path)) and p.is_dir() and not (p / "zarr.json").exists():
+    p = as_path(str(path))  # a local folder or an fsspec URL (a run directory on object storage)
+    if p.is_dir() and not (p / "zarr.json").exists():
         if (p / CHECKPOINT_MARKER).exists() or (p / "config.json").exists():
             return [verify_checkpoint(p)]
         run = RunDir(p)

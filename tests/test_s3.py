@@ -46,7 +46,7 @@ def s3():
 
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"])
-        fs.mkdir(BUCKET)
+        fs.makedirs(BUCKET, exist_ok=True)  # moto keeps its state per process: another module may have made it
         yield fs
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
@@ -121,12 +121,16 @@ def test_killed_worker_on_s3_resumes_to_the_same_store(s3, rollouts, reference, 
     assert info["complete"] and info["content_digest"] == reference
 
 
-def test_run_directory_on_object_storage_is_refused_with_one_line(tiny_dir, aime24_path, tmp_path, monkeypatch):
-    """Stores take URLs; the run directory (checkpoints, metrics) is a local folder: say so, create nothing."""
+def test_rollout_into_a_run_directory_on_object_storage(s3, tiny_dir, aime24_path, tmp_path, monkeypatch):
+    """``--run-dir s3://...`` works (it was refused in one line): the round, its marker and ``oprd.toml``
+    are objects, and nothing is created locally (no ``./s3:/bucket/run`` folder)."""
     monkeypatch.chdir(tmp_path)
-    for args in (["rollout", "--model", tiny_dir / "qwen2", "--prompts", aime24_path],
-                 ["teacher-cache", "--teacher", tiny_dir / "qwen2-b"]):
-        res = run_cli(*args, "--run-dir", "s3://bucket/run", expect=2)
-        last = res.stderr.strip().splitlines()[-1]
-        assert last.startswith("error:") and "local folder" in last and "Traceback" not in res.stderr
-    assert not any(tmp_path.iterdir())  # no ./s3:/bucket/run folder
+    run = f"s3://{BUCKET}/rd-fast"
+    run_cli("rollout", "--model", tiny_dir / "qwen2", "--prompts", aime24_path, "--run-dir", run, "--limit", 2,
+            "--num-samples", 1, "--max-new-tokens", 4)
+    s3.invalidate_cache()
+    assert s3.exists(f"{BUCKET}/rd-fast/rollouts/r000001.zarr/oprd_complete.json")
+    assert s3.exists(f"{BUCKET}/rd-fast/oprd.toml")
+    assert not s3.exists(f"{BUCKET}/rd-fast/rollouts/.oprd-rollout.lock")  # released
+    assert info_json(run)["rollouts"] == ["r000001.zarr"]
+    assert not any(tmp_path.iterdir())

@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from oprd_cli.errors import OprdError
 from oprd_cli.stores.common import is_complete, read_json
+from oprd_cli.urlpath import UrlPath, as_path
 
 ROUND_RE = re.compile(r"^r(\d{6})\.zarr$")
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -50,15 +50,15 @@ def checkpoint_name(step: int) -> str:
 @dataclass(frozen=True)
 class Checkpoint:
     step: int
-    path: Path
+    path: Path | UrlPath
 
     @property
     def state(self) -> dict:
         return read_json(str(self.path / CHECKPOINT_MARKER)) or {}
 
 
-def is_checkpoint(path: Path) -> bool:
-    return (Path(path) / CHECKPOINT_MARKER).exists()
+def is_checkpoint(path: Path | UrlPath) -> bool:
+    return (as_path(path) / CHECKPOINT_MARKER).exists()
 
 
 def _under(name: str) -> property:
@@ -68,13 +68,13 @@ def _under(name: str) -> property:
 
 @dataclass(frozen=True)
 class RunDir:
-    root: Path
+    """A run directory: a local folder (``root`` a ``Path``) or an fsspec URL (``root`` a ``UrlPath``,
+    also when the caller wrapped ``s3://b/run`` in ``Path``); the layout is the same."""
+
+    root: Path | UrlPath
 
     def __post_init__(self) -> None:
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(self.root)):  # s3://b/run (Path() makes it s3:/b/run)
-            raise OprdError(f"run directory {self.root}: a run directory is a local folder (stores can live on "
-                            "object storage through explicit URLs, e.g. --out s3://...; see docs/scale-out.md)")
-        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "root", as_path(self.root))
 
     # ---- fixed paths
     config_path = _under("oprd.toml")
@@ -85,7 +85,7 @@ class RunDir:
     eval_dir = _under("eval")
 
     # ---- rounds
-    def _rounds(self, folder: Path, complete_only: bool) -> list[tuple[int, Path]]:
+    def _rounds(self, folder, complete_only: bool) -> list[tuple[int, Path]]:
         if not folder.is_dir():
             return []
         out = []

@@ -11,6 +11,11 @@ Layout of one checkpoint::
 Everything is written into a hidden temporary folder next to the final one (``.step-000050.tmp-PID``),
 the marker last, and the folder is then renamed into place, so a crash never leaves a folder that
 looks complete (readers only trust folders with the marker, see :mod:`oprd_cli.stores.rundir`).
+
+On object storage (``checkpoints_dir`` an fsspec URL) there is no rename: the checkpoint is written
+into a local temporary folder, its files are uploaded, and the marker is uploaded last in one PUT
+(an older write of the same step loses its marker first). Readers load it through a local copy
+(:func:`oprd_cli.urlpath.local_copy`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from oprd_cli.errors import OprdError
 from oprd_cli.io import read_json, write_json
 from oprd_cli.stores.common import now_iso
 from oprd_cli.stores.rundir import CHECKPOINT_MARKER, STEP_RE, checkpoint_name, is_checkpoint
+from oprd_cli.urlpath import UrlPath, as_path, local_copy, remove_tree, upload_folder
 
 TRAINER_STATE = "trainer_state.pt"
 CHECKPOINT_FORMAT = 1
@@ -63,7 +69,9 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model, tokenizer, trainer_
                     marker: dict[str, Any], tmp: Path | None = None) -> Path:
     """Write ``checkpoints_dir/step-NNNNNN`` atomically (temp folder, marker last, rename). ``tmp``: a
     temporary folder that already holds part of it (a sharded run's DCP shards)."""
-    checkpoints_dir = Path(checkpoints_dir)
+    checkpoints_dir = as_path(checkpoints_dir)
+    if isinstance(checkpoints_dir, UrlPath):
+        return _save_remote(checkpoints_dir, step, model, tokenizer, trainer_state, marker, tmp)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / checkpoint_name(step)
     made = tmp is None
@@ -90,10 +98,31 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model, tokenizer, trainer_
     return final
 
 
+def _save_remote(checkpoints_dir: UrlPath, step: int, model, tokenizer, trainer_state: dict,
+                 marker: dict[str, Any], tmp: Path | None) -> UrlPath:
+    """The checkpoint written locally (:func:`save_checkpoint`), then uploaded, its marker last."""
+    import tempfile
+
+    final = checkpoints_dir / checkpoint_name(step)
+    staging = Path(tempfile.mkdtemp(prefix="oprd-checkpoint-"))
+    try:
+        local = save_checkpoint(staging, step, model, tokenizer, trainer_state, marker, tmp=tmp)
+        (final / CHECKPOINT_MARKER).unlink(missing_ok=True)  # an older write of this step: incomplete first
+        remove_tree(final)
+        upload_folder(local, final, last=CHECKPOINT_MARKER)
+    except OSError as e:
+        raise OprdError(f"cannot write checkpoint {final}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def clean_temporaries(checkpoints_dir: Path) -> None:
     """Remove temporary folders that an interrupted writer left behind."""
-    d = Path(checkpoints_dir)
-    if not d.is_dir():
+    d = as_path(checkpoints_dir)
+    if isinstance(d, UrlPath) or not d.is_dir():  # on object storage the temporaries are local
         return
     for p in d.iterdir():
         if p.name.startswith(".step-") and (".tmp-" in p.name or ".old-" in p.name):
@@ -104,7 +133,7 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int | None, protect: Pat
     """Delete all but the newest ``keep_last`` complete checkpoints; returns what was deleted."""
     if not keep_last:
         return []
-    d = Path(checkpoints_dir)
+    d = as_path(checkpoints_dir)
     found = []
     for p in d.iterdir() if d.is_dir() else []:
         m = STEP_RE.match(p.name)
@@ -113,21 +142,21 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int | None, protect: Pat
     found.sort()
     removed = []
     for _, p in found[:-keep_last]:
-        if protect is not None and p.resolve() == Path(protect).resolve():
+        if protect is not None and p.resolve() == as_path(protect).resolve():
             continue
         # drop the marker first so that a half-deleted folder never looks complete
         try:
             (p / CHECKPOINT_MARKER).unlink()
         except OSError:
             pass
-        shutil.rmtree(p, ignore_errors=True)
+        remove_tree(p)
         removed.append(p)
     return removed
 
 
 def read_marker(path: Path) -> dict[str, Any]:
     """The marker of a complete checkpoint; a folder without one is refused with a message."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_dir():
         raise OprdError(f"checkpoint {path} does not exist")
     if not is_checkpoint(path):
@@ -141,7 +170,7 @@ def read_marker(path: Path) -> dict[str, Any]:
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    f = Path(path) / TRAINER_STATE
+    f = Path(local_copy(str(path))) / TRAINER_STATE  # a checkpoint on object storage: its local copy
     if not f.exists():
         raise OprdError(f"checkpoint {path} has no {TRAINER_STATE}; it cannot be resumed (it can still be used as "
                         "--model for a new run)")
@@ -166,7 +195,7 @@ class Checkpointer:
 
     def __init__(self, checkpoints_dir: Path, trainer, tokenizer, marker, steps: list[int], *,
                  save_every: int | None, keep_last: int | None, latest: str | None, saved_step: int | None):
-        self.dir = Path(checkpoints_dir)
+        self.dir = as_path(checkpoints_dir)
         self.trainer, self.tokenizer, self.marker, self.steps = trainer, tokenizer, marker, steps
         self.save_every, self.keep_last = save_every, keep_last
         self.last = latest  # newest complete checkpoint of this run

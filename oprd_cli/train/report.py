@@ -1,5 +1,9 @@
 """What a training run tells: ``metrics.jsonl`` (one JSON object per optimizer step; a resumed run
-drops the lines of steps after its checkpoint), the live progress line, and the final summary."""
+drops the lines of steps after its checkpoint), the live progress line, and the final summary.
+
+On object storage (a run directory at an fsspec URL) an object cannot be appended to: the log keeps
+the file's lines in memory and rewrites the object after each step, one PUT (atomic: a reader sees
+the previous or the new version, never a torn line)."""
 
 from __future__ import annotations
 
@@ -13,13 +17,15 @@ import torch
 from oprd_cli.console import err_console
 from oprd_cli.io import atomic_write_text
 from oprd_cli.train.config import TrainResult
+from oprd_cli.urlpath import UrlPath, as_path
 
 
 class MetricsLog:
     """``metrics.jsonl`` of a run."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path | UrlPath):
+        self.path = as_path(path)
+        self._text: str | None = None  # on object storage: the object's content, rewritten per step
 
     def truncate(self, step: int) -> None:
         """Drop metric lines of steps after ``step`` (a crashed run's tail beyond its checkpoint)."""
@@ -37,8 +43,15 @@ class MetricsLog:
                 dropped += 1
         if dropped:
             atomic_write_text(str(self.path), "".join(line + "\n" for line in keep))
+        self._text = None
 
     def append(self, m: dict[str, Any]) -> None:
+        if isinstance(self.path, UrlPath):
+            if self._text is None:
+                self._text = self.path.read_text() if self.path.exists() else ""
+            self._text += json.dumps(jsonable(m), sort_keys=False) + "\n"
+            atomic_write_text(str(self.path), self._text)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(jsonable(m), sort_keys=False) + "\n")

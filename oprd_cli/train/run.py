@@ -64,8 +64,10 @@ def check_arguments(cfg: TrainConfig, cache: str | None, run_dir: str | None, ou
         raise OprdError("--follow waits for new caches in a run directory: pass --run-dir RUN without --cache")
     if cache is not None and out is None and run_dir is None:
         raise OprdError("pass --out DIR (where checkpoints and metrics go) with --cache")
-    if run_dir is not None and not Path(run_dir).is_dir():
-        raise OprdError(f"run directory {run_dir} does not exist" if not Path(run_dir).exists()
+    from oprd_cli.urlpath import as_path
+
+    if run_dir is not None and not as_path(run_dir).is_dir():
+        raise OprdError(f"run directory {as_path(run_dir)} does not exist" if not as_path(run_dir).exists()
                         else f"run directory {run_dir} is a file, not a folder")
     if out is not None:
         check_output(out, "--out", inputs=[cache])
@@ -117,12 +119,26 @@ class TrainRun:
                                  latest=str(latest.path) if latest is not None else None,
                                  saved_step=self.trainer.step if marker is not None else None)
         self.metrics = MetricsLog(self.target.metrics_path)
+        self._check_object_storage()
         from oprd_cli.tracking import open_tracker
 
         self.tracker = open_tracker(self.cfg.run.report_to, self.target.root, name=self.target.root.name,
                                     config=self.cfg.to_flat(), is_main=self.env.is_main)
         if self.env.is_main:
             self.metrics.truncate(self.trainer.step)
+
+    def _check_object_storage(self) -> None:
+        """What a run directory on object storage does not support yet, refused in one line."""
+        from oprd_cli.urlpath import UrlPath
+
+        if not isinstance(self.target.root, UrlPath):
+            return
+        if getattr(self.trainer, "sharding", None) is not None:
+            raise OprdError(f"{self.target.root}: training under torchrun writes its checkpoints to a local or "
+                            "shared folder; use --out on one (a run directory on object storage is for one process)")
+        if self.cfg.run.report_to != "none":
+            raise OprdError(f"--report-to {self.cfg.run.report_to} writes local files beside metrics.jsonl; with "
+                            f"a run directory on object storage ({self.target.root}) use --report-to none")
 
     def _resume_point(self):
         """The checkpoint this invocation continues from, and its marker (None, None: a fresh start)."""

@@ -54,8 +54,10 @@ class Student:
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:
+    from oprd_cli.urlpath import as_path
+
     try:
-        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+        return as_path(a).expanduser().resolve() == as_path(b).expanduser().resolve()
     except OSError:
         return False
 
