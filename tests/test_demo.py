@@ -7,13 +7,20 @@ import statistics
 from pathlib import Path
 
 import pytest
-
 from helpers import run_cli
+
 from oprd_cli.demo.assets import DemoSpec, ModelDims, SftConfig, build_assets
 from oprd_cli.demo.jobs import with_teacher_head
 from oprd_cli.demo.methods import METHODS, Budget, select_methods
 from oprd_cli.demo.report import gap_closed, mean_std, method_row
-from oprd_cli.demo.task import SplitSizes, TaskConfig, answer_of, generate_splits, is_correct, solution_text
+from oprd_cli.demo.task import (
+    SplitSizes,
+    TaskConfig,
+    answer_of,
+    generate_splits,
+    is_correct,
+    solution_text,
+)
 
 NAMES = ["teacher", "student", "opd-top1", "opd-top16", "opd-plus-jsd", "tropd", "oprd", "opd-top16+oprd", "tropd+oprd",
          "oprd-bridge"]

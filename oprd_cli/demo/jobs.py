@@ -19,9 +19,10 @@ the same question is asked again (``--resume``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from oprd_cli.demo.methods import Budget, Method
 
@@ -54,10 +55,14 @@ class TrainJob:
 
 def build_seed_assets(args: tuple) -> Any:
     """(root, seed, quick, spec) -> DemoAssets."""
+    import torch
+
     from oprd_cli.demo.assets import build_assets
 
     root, seed, quick, spec = args
-    return build_assets(root, seed=seed, quick=quick, spec=spec, threads=None, show_progress=False)
+    # the worker's thread count (build_assets would otherwise take up to 4: oversubscribed cores stall OpenMP)
+    return build_assets(root, seed=seed, quick=quick, spec=spec, threads=torch.get_num_threads(),
+                        show_progress=False)
 
 
 def _sampling(budget: Budget, max_new_tokens: int, seed: int):
@@ -204,56 +209,86 @@ def _init_worker(threads: int) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per stage
 
 
-def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], *, workers: int, threads: int, label: str,
-             on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
-    """``[fn(job) for job in jobs]``, on ``workers`` spawned processes of ``threads`` torch threads each
-    (in this process when ``workers`` is 1), with one rich progress bar; the first error stops the rest."""
-    from oprd_cli.console import err_console, progress
+class JobPool:
+    """Jobs on ``workers`` spawned processes of ``threads`` torch threads each (in this process when
+    ``workers`` is 1), behind one rich progress bar. A job's ``then(result)`` runs here when it is done
+    and may submit further jobs, so that a phase starts as soon as what it needs exists (no worker waits
+    for a whole phase to end). The first error stops the rest and is raised by :meth:`run`."""
 
-    results: list[Any] = [None] * len(jobs)
-    if not jobs:
-        return results
-    t0 = time.monotonic()
-    with progress() as bar:
-        task = bar.add_task(label, total=len(jobs))
-        if workers <= 1:
-            import torch
+    def __init__(self, *, workers: int, threads: int):
+        self.workers, self.threads = workers, threads
+        self._queue: list[tuple[Callable, Any, Callable | None]] = []
+        self._submitted = 0
 
-            old_quiet, old_threads = err_console.quiet, torch.get_num_threads()
-            _init_worker(threads)
-            err_console.quiet = old_quiet
-            bar.stop()  # the stages' own bars take over in this process
-            try:
-                for i, job in enumerate(jobs):
-                    results[i] = fn(job)
-                    if on_done:
-                        on_done(i, results[i])
-                    bar.update(task, advance=1)
-            finally:
-                torch.set_num_threads(old_threads)
-        else:
-            import multiprocessing as mp
-            from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    def submit(self, fn: Callable[[Any], Any], job: Any, then: Callable[[Any], None] | None = None) -> None:
+        self._queue.append((fn, job, then))
+        self._submitted += 1
 
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(threads,)) as pool:
-                futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for f in done:
-                        if f.exception() is not None:
-                            for p in pending:
-                                p.cancel()
-                            raise f.exception()  # type: ignore[misc]
-                        i = futures[f]
-                        results[i] = f.result()
-                        if on_done:
-                            on_done(i, results[i])
-                        bar.update(task, advance=1)
-    err_console.print(f"{label}: {len(jobs)} done in {time.monotonic() - t0:.0f} s")
-    return results
+    def run(self, label: str) -> None:
+        from oprd_cli.console import err_console, progress
+
+        t0 = time.monotonic()
+        with progress() as bar:
+            task = bar.add_task(label, total=self._submitted)
+            tick = lambda: bar.update(task, advance=1, total=self._submitted)
+            if self.workers <= 1:
+                self._run_here(bar, tick)
+            else:
+                self._run_pool(tick)
+        err_console.print(f"{label}: {self._submitted} jobs in {time.monotonic() - t0:.0f} s")
+
+    def _run_here(self, bar, tick) -> None:
+        import torch
+
+        from oprd_cli.console import err_console
+
+        old_threads = torch.get_num_threads()
+        old_quiet = err_console.quiet
+        _init_worker(self.threads)
+        err_console.quiet = old_quiet  # in this process the stages' own bars show
+        bar.stop()
+        try:
+            while self._queue:
+                fn, job, then = self._queue.pop(0)
+                result = fn(job)
+                if then:
+                    then(result)
+                tick()
+        finally:
+            torch.set_num_threads(old_threads)
+
+    def _run_pool(self, tick) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(self.threads,)) as pool:
+            running: dict[Any, Callable | None] = {}
+            while self._queue or running:
+                while self._queue:
+                    fn, job, then = self._queue.pop(0)
+                    running[pool.submit(fn, job)] = then
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    then = running.pop(f)
+                    if f.exception() is not None:
+                        for other in running:
+                            other.cancel()
+                        raise f.exception()  # type: ignore[misc]
+                    if then:
+                        then(f.result())
+                    tick()
 
 
-__all__ = ["EVAL_SPLITS", "EvalJob", "any_job", "head_readout_job", "TrainJob", "build_seed_assets", "eval_job", "run_jobs", "train_job",
-           "with_teacher_head"]
+__all__ = [
+    "EVAL_SPLITS",
+    "EvalJob",
+    "JobPool",
+    "TrainJob",
+    "any_job",
+    "build_seed_assets",
+    "eval_job",
+    "head_readout_job",
+    "train_job",
+    "with_teacher_head",
+]

@@ -9,8 +9,9 @@ standard deviation (``ddof = 1``; 0 with one seed) of both over the seeds.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from oprd_cli.io import atomic_target
 

@@ -26,8 +26,22 @@ from pathlib import Path
 from typing import Any
 
 from oprd_cli.console import err_console
-from oprd_cli.demo.jobs import EvalJob, TrainJob, any_job, build_seed_assets, head_readout_job, run_jobs
-from oprd_cli.demo.methods import DEFAULT_SEEDS, METHODS, QUICK_SEEDS, Budget, Method, demo_budget
+from oprd_cli.demo.jobs import (
+    EvalJob,
+    JobPool,
+    TrainJob,
+    any_job,
+    build_seed_assets,
+    head_readout_job,
+)
+from oprd_cli.demo.methods import (
+    DEFAULT_SEEDS,
+    METHODS,
+    QUICK_SEEDS,
+    Budget,
+    Method,
+    demo_budget,
+)
 from oprd_cli.demo.report import curve_bands, method_row, print_table, write_plot
 from oprd_cli.errors import OprdError
 from oprd_cli.io import write_json
@@ -49,10 +63,13 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _work_dir(root: Path, assets: dict[int, Any], budget: Budget, methods: tuple[Method, ...], resume: bool) -> Path:
-    """The runs folder of this (assets, budget, methods); started afresh unless ``resume``."""
+def _work_dir(root: Path, seeds, quick: bool, spec, budget: Budget, methods: tuple[Method, ...],
+              resume: bool) -> Path:
+    """The runs folder of this (seeds' assets, budget, methods); started afresh unless ``resume``."""
+    from oprd_cli.demo.assets import assets_name
+
     blob = json.dumps({"budget": asdict(budget), "methods": [asdict(m) for m in methods],
-                       "assets": {s: a.key for s, a in assets.items()}}, sort_keys=True)
+                       "assets": [assets_name(s, quick, spec) for s in seeds]}, sort_keys=True)
     work = root / "runs" / f"demo-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
     if work.exists() and not resume:
         shutil.rmtree(work)
@@ -65,105 +82,111 @@ def _lr_tag(lr: float) -> str:
 
 
 class _Demo:
-    """The demo's state between phases: assets, references, the lr search and the seeds' results."""
+    """The demo's jobs and what they found. One :class:`JobPool` runs everything; each finished job
+    submits what it unblocks (a seed's assets -> its references and, on a tuning seed, its lr search;
+    the whole lr search -> every seed's runs at the chosen rates)."""
 
     def __init__(self, *, root: Path, seeds: tuple[int, ...], budget: Budget, methods: tuple[Method, ...],
                  quick: bool, spec, workers: int, threads: int, resume: bool):
         self.root, self.seeds, self.budget, self.methods, self.quick = root, seeds, budget, methods, quick
-        self.spec, self.workers, self.threads, self.resume = spec, workers, threads, resume
+        self.spec, self.resume = spec, resume
+        self.pool = JobPool(workers=workers, threads=threads)
+        self.workers, self.threads = workers, threads
         self.tune = seeds[: max(1, budget.tune_seeds)]
-        self.refs: dict[int, dict[str, float]] = {}
+        self.work = _work_dir(root, seeds, quick, spec, budget, methods, resume)
+        self.assets: dict[int, Any] = {}
+        self.refs: dict[int, dict[str, float]] = {s: {} for s in seeds}
+        self.val: dict[tuple[str, float], dict[int, float]] = {}
         self.search: dict[str, dict[float, float]] = {}
         self.chosen: dict[str, float] = {}
-        self.curves: dict[str, dict[int, dict[int, float]]] = {m.name: {} for m in methods}
+        self.curves: dict[str, dict[int, dict[int, float]]] = {m.name: {s: {} for s in seeds} for m in methods}
         self.train_s: dict[str, dict[int, float]] = {m.name: {} for m in methods}
         self.head: dict[int, float] = {}
 
-    def pool(self, fn, jobs, label, on_done=None):
-        return run_jobs(fn, jobs, workers=self.workers, threads=self.threads, label=label, on_done=on_done)
+    def run(self) -> None:
+        for s in self.seeds:  # tuning seeds first: their lr search gates everything after it
+            self.pool.submit(build_seed_assets, (self.root / "assets", s, self.quick, self.spec),
+                             then=lambda a, s=s: self._on_assets(s, a))
+        self.pool.run(f"oprd demo: {len(self.seeds)} seeds x {len(self.methods)} methods")
 
     def run_dir(self, seed: int, m: Method, lr: float) -> Path:
         return self.work / f"s{seed}" / m.name / _lr_tag(lr)
-
-    def build(self) -> None:
-        jobs = [(self.root / "assets", s, self.quick, self.spec) for s in self.seeds]
-        self.assets = dict(zip(self.seeds, self.pool(build_seed_assets, jobs, "assets (SFT per seed)")))
-        self.work = _work_dir(self.root, self.assets, self.budget, self.methods, self.resume)
-
-    def references(self) -> None:
-        roles = ("teacher", "student") + (("bridge_teacher",) if any(m.bridge for m in self.methods) else ())
-        keys = [(s, r) for s in self.seeds for r in roles]
-        jobs = [self.eval_job(s, str(getattr(self.assets[s], r)), "eval", self.work / "ref" / f"s{s}-{r}.json")
-                for s, r in keys]
-        for (s, r), acc in zip(keys, self.pool(any_job, jobs, "reference evals")):
-            self.refs.setdefault(s, {})[r] = acc
-        for s in self.seeds:
-            err_console.print(f"seed {s}: held-out teacher {100 * self.refs[s]['teacher']:.1f}%, student start "
-                              f"{100 * self.refs[s]['student']:.1f}%")
-            if self.refs[s]["teacher"] <= self.refs[s]["student"]:
-                err_console.print(f"[yellow]warning:[/] seed {s}: the teacher is not above the student; its gap "
-                                  "closed is undefined")
 
     def eval_job(self, seed: int, model: str, split: str, report: Path, head_from: str | None = None) -> EvalJob:
         a = self.assets[seed]
         return EvalJob(model=model, split=split, report=str(report), data=str(a.data[split]),
                        max_new_tokens=a.max_new_tokens, budget=self.budget, seed=seed, head_from=head_from)
 
-    def tune_lrs(self) -> None:
-        b = self.budget
-        keys = [(s, m, lr) for m in self.methods for lr in b.lr_grid for s in self.tune]
-        jobs = [TrainJob(method=m, lr=lr, seed=s, run_dir=str(self.run_dir(s, m, lr)), assets=self.assets[s],
-                         budget=b, evals=(("val", b.total_steps),)) for s, m, lr in keys]
-        vals: dict[tuple[str, float], list[float]] = {}
-        for (s, m, lr), res in zip(keys, self.pool(any_job, jobs, f"lr search ({len(b.lr_grid)} rates on val)")):
-            vals.setdefault((m.name, lr), []).append(res["acc"]["val"][b.total_steps])
-            if len(b.lr_grid) == 1:  # no search: the tuning runs are the seed's runs
-                self.train_s[m.name][s] = res["train_seconds"]
+    # ---- a seed's assets are built: its references, and its lr search (tuning seeds) or its runs
+    def _on_assets(self, s: int, a) -> None:
+        self.assets[s] = a
+        roles = ("teacher", "student") + (("bridge_teacher",) if any(m.bridge for m in self.methods) else ())
+        for r in roles:
+            self.pool.submit(any_job, self.eval_job(s, str(getattr(a, r)), "eval", self.work / "ref" / f"s{s}-{r}.json"),
+                             then=lambda acc, s=s, r=r: self._on_ref(s, r, acc))
+        if s in self.tune:
+            b = self.budget
+            for m in self.methods:
+                for lr in b.lr_grid:
+                    job = TrainJob(method=m, lr=lr, seed=s, run_dir=str(self.run_dir(s, m, lr)), assets=a, budget=b,
+                                   evals=(("val", b.total_steps),))
+                    self.pool.submit(any_job, job, then=lambda res, s=s, m=m, lr=lr: self._on_tuned(s, m, lr, res))
+        elif self.chosen:
+            self._submit_final(s)
+
+    def _on_ref(self, s: int, role: str, acc: float) -> None:
+        self.refs[s][role] = acc
+        if role == "student":
+            for m in self.methods:
+                self.curves[m.name][s][0] = acc
+        if role in ("teacher", "student") and {"teacher", "student"} <= set(self.refs[s]):
+            err_console.print(f"seed {s}: held-out teacher {100 * self.refs[s]['teacher']:.1f}%, student start "
+                              f"{100 * self.refs[s]['student']:.1f}%")
+
+    # ---- the lr search
+    def _on_tuned(self, s: int, m: Method, lr: float, res: dict[str, Any]) -> None:
+        self.val.setdefault((m.name, lr), {})[s] = res["acc"]["val"][self.budget.total_steps]
+        if len(self.val) == len(self.methods) * len(self.budget.lr_grid) and \
+                all(len(v) == len(self.tune) for v in self.val.values()):
+            self._choose()
+            for seed in self.assets:
+                self._submit_final(seed)
+
+    def _choose(self) -> None:
         for m in self.methods:
-            self.search[m.name] = {lr: sum(vals[m.name, lr]) / len(vals[m.name, lr]) for lr in b.lr_grid}
+            self.search[m.name] = {lr: sum(self.val[m.name, lr].values()) / len(self.tune)
+                                   for lr in self.budget.lr_grid}
             best = max(self.search[m.name].values())
             self.chosen[m.name] = min(lr for lr, v in self.search[m.name].items() if v == best)
             err_console.print(f"{m.label}: lr {self.chosen[m.name]:g} (val "
                               + ", ".join(f"{lr:g}: {100 * v:.1f}%" for lr, v in self.search[m.name].items()) + ")")
 
-    def final_runs(self) -> None:
-        """Held-out curves at the chosen rates: new runs on the other seeds, evals of the tuning runs."""
+    # ---- every seed at the chosen rates: held-out curves (and OPRD through the teacher's head)
+    def _submit_final(self, s: int) -> None:
         b = self.budget
         steps = [st for st in b.curve_steps() if st > 0]
-        jobs: list[Any] = []
-        keys: list[tuple[str, int, Method]] = []
-        for s in self.seeds:
-            for m in self.methods:
-                lr, rd = self.chosen[m.name], self.run_dir(s, m, self.chosen[m.name])
-                job = TrainJob(method=m, lr=lr, seed=s, run_dir=str(rd), assets=self.assets[s], budget=b,
-                               evals=tuple(("eval", st) for st in steps), head_readout=m.name == "oprd")
-                if s not in self.tune:
-                    jobs.append(job)
-                    keys.append(("train", s, m))
-                    continue
-                for st in steps:
-                    ck = rd / "checkpoints" / f"step-{st:06d}"
-                    jobs.append(self.eval_job(s, str(ck), "eval", rd / "demo-eval" / f"eval-step-{st}.json"))
-                    keys.append((f"eval:{st}", s, m))
-                if m.name == "oprd":
-                    jobs.append(head_readout_job(job, str(rd / "checkpoints" / f"step-{b.total_steps:06d}"),
-                                                 b.total_steps))
-                    keys.append(("head", s, m))
-        for (kind, s, m), res in zip(keys, self.pool(any_job, jobs, "seeds at the chosen rates")):
-            curve = self.curves[m.name].setdefault(s, {0: self.refs[s]["student"]})
-            if kind == "train":
-                curve.update(res["acc"]["eval"])
-                self.train_s[m.name][s] = res["train_seconds"]
-                if "eval-teacher-head" in res["acc"]:
-                    self.head[s] = res["acc"]["eval-teacher-head"][b.total_steps]
-            elif kind == "head":
-                self.head[s] = res
-            else:
-                curve[int(kind.split(":")[1])] = res
-        for m in self.methods:  # the tuning seeds' train time: their run at the chosen rate
-            for s in self.tune:
-                if s not in self.train_s[m.name]:
-                    self.train_s[m.name][s] = _train_seconds(self.run_dir(s, m, self.chosen[m.name]))
+        for m in self.methods:
+            lr, rd = self.chosen[m.name], self.run_dir(s, m, self.chosen[m.name])
+            job = TrainJob(method=m, lr=lr, seed=s, run_dir=str(rd), assets=self.assets[s], budget=b,
+                           evals=tuple(("eval", st) for st in steps), head_readout=m.name == "oprd")
+            if s not in self.tune:
+                self.pool.submit(any_job, job, then=lambda res, s=s, m=m: self._on_final(s, m, res))
+                continue
+            for st in steps:
+                ev = self.eval_job(s, str(rd / "checkpoints" / f"step-{st:06d}"), "eval",
+                                   rd / "demo-eval" / f"eval-step-{st}.json")
+                self.pool.submit(any_job, ev, then=lambda acc, s=s, m=m, st=st: self.curves[m.name][s].update({st: acc}))
+            if m.name == "oprd":
+                ck = str(rd / "checkpoints" / f"step-{b.total_steps:06d}")
+                self.pool.submit(any_job, head_readout_job(job, ck, b.total_steps),
+                                 then=lambda acc, s=s: self.head.update({s: acc}))
+            self.train_s[m.name][s] = _train_seconds(rd)
+
+    def _on_final(self, s: int, m: Method, res: dict[str, Any]) -> None:
+        self.curves[m.name][s].update(res["acc"]["eval"])
+        self.train_s[m.name][s] = res["train_seconds"]
+        if "eval-teacher-head" in res["acc"]:
+            self.head[s] = res["acc"]["eval-teacher-head"][self.budget.total_steps]
 
     def rows(self) -> list[dict[str, Any]]:
         last = self.budget.total_steps
@@ -206,10 +229,11 @@ def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seeds: t
                      f"{workers} workers x {threads} threads, {root})")
     d = _Demo(root=root, seeds=seeds, budget=budget, methods=methods, quick=quick, spec=spec, workers=workers,
               threads=threads, resume=resume)
-    d.build()
-    d.references()
-    d.tune_lrs()
-    d.final_runs()
+    d.run()
+    for s in seeds:
+        if d.refs[s]["teacher"] <= d.refs[s]["student"]:
+            err_console.print(f"[yellow]warning:[/] seed {s}: the teacher is not above the student; its gap closed "
+                              "is undefined")
     summary = _summary(d, t0)
     png = Path(plot_path) if plot_path else (Path(json_path).with_suffix(".png") if json_path
                                               else d.work / "accuracy_vs_step.png")
@@ -223,9 +247,8 @@ def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seeds: t
 
 
 def _summary(d: _Demo, t0: float) -> dict[str, Any]:
-    from oprd_cli.models import machine_info
-
     from oprd_cli.demo.report import mean_std
+    from oprd_cli.models import machine_info
 
     a0 = d.assets[d.seeds[0]]
     b = d.budget
