@@ -70,13 +70,13 @@ def test_quick_demo_reports_every_method_over_seeds(tmp_path):
         assert set(JSON_KEYS) <= set(m)
         accs = [p["accuracy"] for p in m["per_seed"]]
         assert [p["seed"] for p in m["per_seed"]] == s["seeds"]
-        assert all(abs(a * graded - round(a * graded)) < 1e-6 for a in accs)
+        assert all(abs(a * graded - round(a * graded)) < 0.02 for a in accs)  # counts (rounded to 4 places)
         assert m["accuracy_mean"] == pytest.approx(statistics.mean(accs), abs=1e-4)
         assert m["accuracy_std"] == pytest.approx(statistics.stdev(accs), abs=1e-4)
         for p in m["per_seed"]:
             t, st = refs[p["seed"]]["teacher"], refs[p["seed"]]["student"]
             want = None if t <= st else (p["accuracy"] - st) / (t - st)
-            assert p["gap_closed"] == (None if want is None else pytest.approx(want, abs=1e-4))
+            assert p["gap_closed"] == (None if want is None else pytest.approx(want, rel=0.01, abs=2e-3))
         if m["name"] in ("teacher", "student"):
             assert m["lr"] is None
             continue

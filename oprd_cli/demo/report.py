@@ -102,35 +102,43 @@ def print_table(summary: Mapping[str, Any]) -> None:
 
 
 def write_plot(summary: Mapping[str, Any], path: Path) -> None:
-    """Held-out accuracy against training step: mean over seeds, a band of ± one standard deviation."""
+    """Two panels against training step, mean over seeds with a band of ± one standard deviation:
+    the share of the gap closed (each seed against its own teacher and student start), and the held-out
+    accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    fig, (ax_gap, ax_acc) = plt.subplots(1, 2, figsize=(12, 5.4), dpi=100)
     refs = {m["name"]: m for m in summary["methods"] if m["name"] in ("teacher", "student")}
     for m in summary["methods"]:
-        curve = m.get("curve")
-        if not curve:
-            continue
-        xs = [c["step"] for c in curve]
-        ys = [100 * (c["mean"] or 0) for c in curve]
-        sd = [100 * (c["std"] or 0) for c in curve]
-        line, = ax.plot(xs, ys, marker="o", ms=3, label=f"{m['label']} (lr {m['lr']:g})")
-        ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
-                        color=line.get_color(), alpha=0.12, lw=0)
+        for ax, key in ((ax_gap, "gap_curve"), (ax_acc, "curve")):
+            pts = [c for c in m.get(key) or [] if c["mean"] is not None]
+            if not pts:
+                continue
+            xs = [c["step"] for c in pts]
+            ys = [100 * c["mean"] for c in pts]
+            sd = [100 * (c["std"] or 0) for c in pts]
+            line, = ax.plot(xs, ys, marker="o", ms=3, label=f"{m['label']} (lr {m['lr']:g})")
+            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                            color=line.get_color(), alpha=0.10, lw=0)
+    ax_gap.axhline(100, color="black", ls="--", lw=1, label="teacher")
+    ax_gap.axhline(0, color="gray", ls=":", lw=1, label="student start")
     if "teacher" in refs:
-        ax.axhline(100 * refs["teacher"]["accuracy_mean"], color="black", ls="--", lw=1, label="teacher")
+        ax_acc.axhline(100 * refs["teacher"]["accuracy_mean"], color="black", ls="--", lw=1)
     if "student" in refs:
-        ax.axhline(100 * refs["student"]["accuracy_mean"], color="gray", ls=":", lw=1, label="student start")
-    ax.set_xlabel("training step")
-    ax.set_ylabel(f"held-out accuracy, {summary['eval']['metric']} (%)")
-    ax.set_title("oprd demo" + (" --quick" if summary["quick"] else "") +
+        ax_acc.axhline(100 * refs["student"]["accuracy_mean"], color="gray", ls=":", lw=1)
+    ax_gap.set_ylabel("share of the student-teacher gap closed (%)")
+    ax_acc.set_ylabel(f"held-out accuracy, {summary['eval']['metric']} (%)")
+    for ax in (ax_gap, ax_acc):
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    handles, labels = ax_gap.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7)
+    fig.suptitle("oprd demo" + (" --quick" if summary["quick"] else "") +
                  f": mean ± std over seeds {summary['seeds']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     with atomic_target(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)

@@ -42,7 +42,7 @@ from oprd_cli.demo.methods import (
     Method,
     demo_budget,
 )
-from oprd_cli.demo.report import curve_bands, method_row, print_table, write_plot
+from oprd_cli.demo.report import curve_bands, gap_closed, method_row, print_table, write_plot
 from oprd_cli.errors import OprdError
 from oprd_cli.io import write_json
 
@@ -198,6 +198,8 @@ class _Demo:
             row = method_row(m.name, m.label, self.chosen[m.name], {s: curves[s].get(last) for s in self.seeds},
                              self.refs, list(self.train_s[m.name].values()))
             row["curve"] = curve_bands(curves)
+            row["gap_curve"] = curve_bands({s: {st: gap_closed(a, self.refs[s]["student"], self.refs[s]["teacher"])
+                                                for st, a in c.items()} for s, c in curves.items()})
             row["val_by_lr"] = {f"{lr:g}": round(v, 4) for lr, v in self.search[m.name].items()}
             rows.append(row)
         return rows
