@@ -760,3 +760,24 @@ def test_fit_bridge_shares_one_pca_per_teacher_layer_and_reports_progress():
     with pytest.raises(OprdError) as e:
         fit_bridge(student_rows, {1: teacher_rows[1]}, [1, 2, 3], t_layers, rank=2)
     assert "teacher layer 2" in _one_line(e)
+
+
+def test_bridge_identity_is_the_content_not_where_it_was_fitted(tmp_path):
+    """A cache records the bridge's digest and the trainer's batch order hangs on the cache's content digest,
+    so the same bridge fitted from rollouts at another path, or from models at other paths, must keep it."""
+    from oprd_cli.bridge.command import bridge_identity
+
+    b = _small_bridge()
+    b.stats["rollouts"] = "/somewhere/run-a/rollouts.zarr"
+    b.save(str(tmp_path / "a"))
+    moved = json.loads((tmp_path / "a" / "bridge.json").read_text())
+    moved["stats"]["rollouts"] = "/elsewhere/run-b/rollouts.zarr"
+    moved["student"]["name"], moved["teacher"]["name"] = "/other/s", "/other/t"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "bridge.json").write_text(json.dumps(moved))
+    (tmp_path / "b" / "bridge.safetensors").write_bytes((tmp_path / "a" / "bridge.safetensors").read_bytes())
+    ida, idb = (bridge_identity(str(tmp_path / k), Bridge.load(str(tmp_path / k))) for k in "ab")
+    assert ida["digest"] == idb["digest"] and ida["path"] != idb["path"]
+    moved["student"]["weights_digest"] = "sha256:another-student"  # what the bridge is for does count
+    (tmp_path / "b" / "bridge.json").write_text(json.dumps(moved))
+    assert bridge_identity(str(tmp_path / "b"), Bridge.load(str(tmp_path / "b")))["digest"] != ida["digest"]

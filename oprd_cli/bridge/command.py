@@ -11,6 +11,7 @@ text under its own tokenizer when the tokenizers differ (:mod:`oprd_cli.bridge.v
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,22 @@ def model_identity(tm) -> dict[str, Any]:
 
 
 def bridge_identity(folder: str, bridge: Bridge) -> dict[str, Any]:
-    """What a cache records of the bridge it was projected with: ``digest`` (sha256 of ``bridge.json``,
-    which holds the tensors' sha256), rank, layers, path."""
+    """What a cache records of the bridge it was projected with: ``digest``, rank, layers, path.
+
+    ``digest`` is the sha256 of ``bridge.json``'s content without where things were (the fit's rollout
+    path, the models' names): the tensors' sha256, the layers, the rank and both models' digests. So
+    the same bridge fitted in another folder, or from models at other paths, has the same identity,
+    and a cache (whose content digest, and so the trainer's batch order, includes it) does not depend
+    on where the run lives."""
     from oprd_cli.io import url_to_fs
 
     fs, root = url_to_fs(str(folder).rstrip("/"))
     with fs.open(f"{root}/{BRIDGE_JSON}", "rb") as f:
-        digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+        doc = json.loads(f.read())
+    (doc.get("stats") or {}).pop("rollouts", None)
+    for side in ("student", "teacher"):
+        (doc.get(side) or {}).pop("name", None)
+    digest = "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
     local = Path(str(folder))
     return {"digest": digest, "rank": bridge.rank, "path": str(local.resolve()) if local.exists() else str(folder),
             "student_layers": list(bridge.student_layers), "teacher_layers": list(bridge.teacher_layers),

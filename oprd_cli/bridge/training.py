@@ -1,7 +1,7 @@
 """The bridge in ``oprd train --bridge``: which caches it accepts and the teacher targets it trains on.
 
 - A cache projected with a bridge (``meta["bridge"]``) is accepted only with ``--bridge`` and only
-  with that same bridge (same ``bridge.json`` digest); its ``hidden`` rows are ``z_T`` already.
+  with that same bridge (same :func:`~oprd_cli.bridge.command.bridge_identity` digest); its ``hidden`` rows are ``z_T`` already.
 - An unprojected cache of the bridge's teacher (same hidden size, holding every mapped teacher layer)
   is projected on the fly with the bridge's ``P_T``, ``mu_T`` (:func:`project_teacher`, the function the
   cache pass uses, so both give the same ``z_T`` bit for bit from the same states).
