@@ -210,10 +210,7 @@ def local_file(path: Path | UrlPath) -> str:
     if not isinstance(path, UrlPath):
         return str(path)
     dest = cache_root() / "files" / f"{hashlib.sha256(path.url.encode()).hexdigest()[:16]}-{path.name}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(path.read_bytes())
-    os.replace(tmp, dest)
+    atomic_write_bytes(str(dest), path.read_bytes())
     return str(dest)
 
 
