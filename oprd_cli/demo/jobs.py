@@ -26,8 +26,6 @@ from typing import Any
 
 from oprd_cli.demo.methods import Budget, Method
 
-EVAL_SPLITS = ("val", "eval")
-
 
 @dataclass(frozen=True)
 class EvalJob:
@@ -147,8 +145,8 @@ def train_job(job: TrainJob) -> dict[str, Any]:
     """Train ``job.method`` at ``job.lr`` (resuming what its run directory holds), then evaluate."""
     from oprd_cli.config import DataConfig, SamplingConfig
     from oprd_cli.demo.task import demo_template
-    from oprd_cli.loop import read_log, run_loop
-    from oprd_cli.stores.rundir import RunDir, checkpoint_name
+    from oprd_cli.loop import run_loop
+    from oprd_cli.stores.rundir import RunDir
     from oprd_cli.train import TrainConfig
 
     m, a, b = job.method, job.assets, job.budget
@@ -166,29 +164,35 @@ def train_job(job: TrainJob) -> dict[str, Any]:
     run_loop(run_dir=run_dir, model=str(a.student), teacher=teacher, data=DataConfig(prompts=str(a.prompts)),
              sampling=samp, template=demo_template(), train=tcfg, rounds=b.rounds, cache_settings=settings,
              prompts_per_round=b.prompts_per_round, device="cpu", show_progress=False, guidance=guidance)
-    trains = [e for e in read_log(run_dir) if e["stage"] == "train"]
-    run = RunDir(run_dir)
     accs: dict[str, dict[int, float]] = {}
     for split, step in job.evals:
-        ck = run.checkpoint(step)
-        model = str(ck.path) if ck else str(run.checkpoints_dir / checkpoint_name(step))
-        accs.setdefault(split, {})[step] = eval_job(EvalJob(
-            model=model, split=split, report=str(run_dir / "demo-eval" / f"{split}-step-{step}.json"),
-            data=str(a.data[split]), max_new_tokens=a.max_new_tokens, budget=b, seed=job.seed))
-    last = run.latest_checkpoint()
+        accs.setdefault(split, {})[step] = eval_job(checkpoint_eval_job(job, split, step))
+    last = RunDir(run_dir).latest_checkpoint()
     if job.head_readout and last is not None:
-        accs["eval-teacher-head"] = {last.step: eval_job(head_readout_job(job, str(last.path), last.step))}
-    return {"train_seconds": round(sum(e.get("train_seconds", e["seconds"]) for e in trains), 2),
-            "steps": last.step if last else 0, "checkpoint": str(last.path) if last else None, "acc": accs}
+        accs["eval-teacher-head"] = {last.step: eval_job(checkpoint_eval_job(job, "eval", last.step, head=True))}
+    return {"train_seconds": train_seconds(run_dir), "steps": last.step if last else 0,
+            "checkpoint": str(last.path) if last else None, "acc": accs}
 
 
-def head_readout_job(job: TrainJob, checkpoint: str, step: int) -> EvalJob:
-    """The held-out eval of ``checkpoint`` read out through the (same-width) teacher's LM head."""
-    a = job.assets
-    return EvalJob(model=checkpoint, split="eval", report=str(Path(job.run_dir) / "demo-eval" /
-                                                              f"eval-teacher-head-step-{step}.json"),
-                   data=str(a.data["eval"]), max_new_tokens=a.max_new_tokens, budget=job.budget, seed=job.seed,
-                   head_from=str(a.teacher))
+def train_seconds(run_dir: str | Path) -> float | None:
+    """Time in the loop's ``train`` stages of a run (None before any)."""
+    from oprd_cli.loop import read_log
+
+    trains = [e for e in read_log(Path(run_dir)) if e["stage"] == "train"]
+    return round(sum(e.get("train_seconds", e["seconds"]) for e in trains), 2) if trains else None
+
+
+def checkpoint_eval_job(job: TrainJob, split: str, step: int, head: bool = False) -> EvalJob:
+    """The evaluation of ``job``'s checkpoint at ``step`` on ``split`` (``head``: read out through the
+    same-width teacher's LM head); its report goes to ``RUN/demo-eval/``."""
+    from oprd_cli.stores.rundir import checkpoint_name
+
+    a, run_dir = job.assets, Path(job.run_dir)
+    name = f"{split}-teacher-head" if head else split
+    return EvalJob(model=str(run_dir / "checkpoints" / checkpoint_name(step)), split=split,
+                   report=str(run_dir / "demo-eval" / f"{name}-step-{step}.json"), data=str(a.data[split]),
+                   max_new_tokens=a.max_new_tokens, budget=job.budget, seed=job.seed,
+                   head_from=str(a.teacher) if head else None)
 
 
 def any_job(job: TrainJob | EvalJob) -> Any:
@@ -281,14 +285,14 @@ class JobPool:
 
 
 __all__ = [
-    "EVAL_SPLITS",
     "EvalJob",
     "JobPool",
     "TrainJob",
     "any_job",
     "build_seed_assets",
+    "checkpoint_eval_job",
     "eval_job",
-    "head_readout_job",
     "train_job",
+    "train_seconds",
     "with_teacher_head",
 ]

@@ -35,7 +35,6 @@ class Method:
         return out
 
 
-REFERENCE_ROWS = ("teacher", "student")
 METHODS: tuple[Method, ...] = (
     Method("opd-top1", "OPD top-1", "opd-top1"),
     Method("opd-top16", "OPD top-16", "opd-topk", topk=16),
@@ -116,7 +115,6 @@ __all__ = [
     "METHODS",
     "METHOD_NAMES",
     "QUICK_SEEDS",
-    "REFERENCE_ROWS",
     "Budget",
     "Method",
     "demo_budget",

@@ -32,7 +32,8 @@ from oprd_cli.demo.jobs import (
     TrainJob,
     any_job,
     build_seed_assets,
-    head_readout_job,
+    checkpoint_eval_job,
+    train_seconds,
 )
 from oprd_cli.demo.methods import (
     DEFAULT_SEEDS,
@@ -42,7 +43,13 @@ from oprd_cli.demo.methods import (
     Method,
     demo_budget,
 )
-from oprd_cli.demo.report import curve_bands, gap_closed, method_row, print_table, write_plot
+from oprd_cli.demo.report import (
+    curve_bands,
+    gap_closed,
+    method_row,
+    print_table,
+    write_plot,
+)
 from oprd_cli.errors import OprdError
 from oprd_cli.io import write_json
 
@@ -173,14 +180,12 @@ class _Demo:
                 self.pool.submit(any_job, job, then=lambda res, s=s, m=m: self._on_final(s, m, res))
                 continue
             for st in steps:
-                ev = self.eval_job(s, str(rd / "checkpoints" / f"step-{st:06d}"), "eval",
-                                   rd / "demo-eval" / f"eval-step-{st}.json")
-                self.pool.submit(any_job, ev, then=lambda acc, s=s, m=m, st=st: self.curves[m.name][s].update({st: acc}))
+                self.pool.submit(any_job, checkpoint_eval_job(job, "eval", st),
+                                 then=lambda acc, s=s, m=m, st=st: self.curves[m.name][s].update({st: acc}))
             if m.name == "oprd":
-                ck = str(rd / "checkpoints" / f"step-{b.total_steps:06d}")
-                self.pool.submit(any_job, head_readout_job(job, ck, b.total_steps),
+                self.pool.submit(any_job, checkpoint_eval_job(job, "eval", b.total_steps, head=True),
                                  then=lambda acc, s=s: self.head.update({s: acc}))
-            self.train_s[m.name][s] = _train_seconds(rd)
+            self.train_s[m.name][s] = train_seconds(rd)
 
     def _on_final(self, s: int, m: Method, res: dict[str, Any]) -> None:
         self.curves[m.name][s].update(res["acc"]["eval"])
@@ -203,13 +208,6 @@ class _Demo:
             row["val_by_lr"] = {f"{lr:g}": round(v, 4) for lr, v in self.search[m.name].items()}
             rows.append(row)
         return rows
-
-
-def _train_seconds(run_dir: Path) -> float | None:
-    from oprd_cli.loop import read_log
-
-    trains = [e for e in read_log(run_dir) if e["stage"] == "train"]
-    return round(sum(e.get("train_seconds", e["seconds"]) for e in trains), 2) if trains else None
 
 
 def run_demo(*, out_dir: str | Path | None = None, quick: bool = False, seeds: tuple[int, ...] | None = None,
